@@ -1,0 +1,224 @@
+"""Start an MQTT broker for run_all.py and the tests.
+
+Mosquitto from ``mosquitto/`` when the binary is on PATH; otherwise the
+embedded Python broker (amqtt), so a plain ``pip install`` still gives a
+working single-machine cluster. The log says which one runs and what the
+embedded one cannot do.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO_DIR = PROJECT_ROOT / "mosquitto"
+DEFAULT_CONFIG = MOSQUITTO_DIR / "mosquitto.conf"
+SECURE_CONFIG = MOSQUITTO_DIR / "mosquitto.secure.conf"
+
+EMBEDDED_LIMITS = (
+    "embedded broker (amqtt) in use: MQTT 3.1.1 only (no v5 reason codes, so refused publishes are silent), "
+    "no ACL or password file from mosquitto/, no TLS, less throughput. Install Mosquitto for real use "
+    "(apt-get install mosquitto / brew install mosquitto)."
+)
+
+_PATH_DIRECTIVES = ("password_file", "acl_file", "cafile", "certfile", "keyfile", "capath", "include_dir")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_binary() -> str | None:
+    """Path of the mosquitto binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def render_mosquitto_config(
+    template: Path,
+    *,
+    port: int,
+    host: str,
+    data_dir: Path,
+    overrides: dict[str, str] | None = None,
+    extra: str = "",
+) -> str:
+    """Copy of ``template`` with our listener, persistence folder, absolute paths and the current user."""
+    lines: list[str] = []
+    listener_done = False
+    for raw in template.read_text().splitlines():
+        line = raw.strip()
+        key = line.split(None, 1)[0] if line and not line.startswith("#") else ""
+        if key == "listener":
+            if listener_done:
+                continue  # extra listeners (e.g. TLS) come from ``extra``
+            lines.append(f"listener {port} {host}")
+            listener_done = True
+            continue
+        if key == "persistence_location":
+            lines.append(f"persistence_location {data_dir}/")
+            continue
+        if key in ("user", "pid_file"):
+            continue
+        if overrides and key in overrides:
+            lines.append(f"{key} {overrides[key]}")
+            continue
+        if key in _PATH_DIRECTIVES:
+            value = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
+            path = Path(value)
+            if not path.is_absolute():
+                path = (PROJECT_ROOT / path).resolve()
+            lines.append(f"{key} {path}")
+            continue
+        lines.append(raw)
+    if not listener_done:
+        lines.insert(0, f"listener {port} {host}")
+    # Started as root, mosquitto drops to its own user and then cannot read our files.
+    lines.append(f"user {getpass.getuser()}")
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines) + "\n"
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"broker exited with code {process.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.1f}s")
+
+
+@dataclass
+class RunningBroker:
+    """A broker process we started."""
+
+    kind: Literal["mosquitto", "embedded"]
+    host: str
+    port: int
+    command: list[str]
+    log_path: Path
+    config_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+        try:
+            wait_for_port(self.host, self.port, timeout, self.process)
+        except Exception:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+            raise RuntimeError(f"{self.kind} broker failed to start on {self.host}:{self.port}:\n{tail}") from None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM), then force."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+
+def start_broker(
+    data_dir: Path,
+    *,
+    port: int = 1883,
+    host: str = "127.0.0.1",
+    prefer: Literal["auto", "mosquitto", "embedded"] = "auto",
+    config: Path = DEFAULT_CONFIG,
+    overrides: dict[str, str] | None = None,
+    extra_config: str = "",
+    timeout: float = 10.0,
+) -> RunningBroker:
+    """Start Mosquitto (rendered from ``config``) or the embedded broker, and wait until it listens."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    binary = mosquitto_binary() if prefer != "embedded" else None
+    if prefer == "mosquitto" and binary is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    if binary is not None:
+        state_dir = data_dir / "mosquitto"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        config_path = state_dir / f"mosquitto-{port}.conf"
+        config_path.write_text(
+            render_mosquitto_config(config, port=port, host=host, data_dir=state_dir, overrides=overrides,
+                                    extra=extra_config)
+        )
+        broker = RunningBroker(
+            kind="mosquitto",
+            host=host,
+            port=port,
+            command=[binary, "-c", str(config_path)],
+            log_path=state_dir / f"mosquitto-{port}.log",
+            config_path=config_path,
+        )
+        broker.start(timeout)
+        logger.info("broker: Mosquitto (%s) on %s:%d, config %s, log %s", binary, host, port, config_path,
+                    broker.log_path)
+        return broker
+    broker = RunningBroker(
+        kind="embedded",
+        host=host,
+        port=port,
+        command=[sys.executable, "-m", "broker.embedded_broker", "--host", host, "--port", str(port)],
+        log_path=data_dir / f"embedded-broker-{port}.log",
+    )
+    env_note = "" if prefer == "embedded" else " (mosquitto not found on PATH)"
+    broker.start(timeout)
+    logger.warning("broker: embedded amqtt on %s:%d%s. %s", host, port, env_note, EMBEDDED_LIMITS)
+    return broker
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not re.match(r"\s*#", line))

@@ -1,0 +1,530 @@
+"""The one MQTT connection layer, shared by agent and coordinator (paho-mqtt 2.x).
+
+Why it looks like this:
+
+* paho's network thread must never block, so callbacks only hand messages to
+  a dispatcher (an asyncio loop via ``call_soon_threadsafe``, or a dispatcher
+  thread reading a queue).
+* MQTT v5 by default (a refused publish comes back as a reason code), with a
+  fall back to 3.1.1 for brokers that only speak that (the embedded amqtt).
+* On every (re)connect: subscribe to everything again, then publish the birth
+  message, then flush what was queued while offline. The last will says
+  ``offline``; a clean stop publishes ``offline`` itself.
+* TCP_NODELAY on the socket: a QoS 1 round trip is ~0.35 ms instead of ~87 ms.
+* Refused credentials stop the client with a clear message instead of
+  retrying forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from broker.protocol.codec import encode
+from broker.protocol.messages import Message
+from broker.settings import MqttSettings
+
+logger = logging.getLogger(__name__)
+
+_AUTH_FAILURES = {134: "bad user name or password", 135: "not authorized", 138: "banned"}
+_UNSUPPORTED_PROTOCOL = 132
+_client_counter = itertools.count(1)
+
+
+class MqttError(RuntimeError):
+    """Base of this layer's errors."""
+
+
+class MqttAuthError(MqttError):
+    """The broker refused our credentials; retrying will not help."""
+
+
+class MqttPublishRefused(MqttError):
+    """The broker acknowledged a publish with a failure reason code (e.g. the ACL denied it)."""
+
+    def __init__(self, topic: str, reason_code: int, reason: str) -> None:
+        self.topic = topic
+        self.reason_code = reason_code
+        self.reason = reason
+        super().__init__(f"broker refused publish to {topic}: {reason} (0x{reason_code:02x})")
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A received message, as handed to the dispatcher."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """A message to publish (used for the will and the birth message)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+    @classmethod
+    def of(cls, topic: str, message: Message, *, qos: int = 1, retain: bool = True) -> OutboundMessage:
+        return cls(topic, encode(message), qos, retain)
+
+
+class PublishTicket:
+    """Tracks one publish until the broker acknowledges it (QoS 1/2) or it is sent (QoS 0)."""
+
+    def __init__(self, topic: str, qos: int) -> None:
+        self.topic = topic
+        self.qos = qos
+        self.reason_code: int | None = None
+        self.reason: str = ""
+        self._done = threading.Event()
+
+    def _complete(self, reason_code: int = 0, reason: str = "Success") -> None:
+        self.reason_code = reason_code
+        self.reason = reason
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the acknowledgement; return the reason code or raise on refusal / timeout."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"no acknowledgement for publish to {self.topic} within {timeout:.1f}s")
+        if self.reason_code is not None and self.reason_code >= 0x80:
+            raise MqttPublishRefused(self.topic, self.reason_code, self.reason)
+        return self.reason_code or 0
+
+
+MessageHandler = Callable[[InboundMessage], None]
+Hook = Callable[[], None]
+
+
+class MqttConnection:
+    """A resilient MQTT client: subscriptions, presence, offline queue, acknowledged publishes."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str,
+        *,
+        on_message: MessageHandler,
+        subscriptions: list[tuple[str, int]] | None = None,
+        will: OutboundMessage | None = None,
+        birth: OutboundMessage | Callable[[], OutboundMessage | None] | None = None,
+        on_ready: Hook | None = None,
+        on_disconnected: Hook | None = None,
+        on_fatal: Callable[[Exception], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        max_offline_queue: int = 1000,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self._address = settings.broker
+        self._on_message = on_message
+        self._subscriptions: dict[str, int] = dict(subscriptions or [])
+        self._will = will
+        self._birth = birth
+        self._on_ready = on_ready
+        self._on_disconnected = on_disconnected
+        self._on_fatal = on_fatal
+        self._loop = loop
+        self._offline: collections.deque[tuple[str, bytes, int, bool, PublishTicket]] = collections.deque()
+        self._max_offline_queue = max_offline_queue
+        self.offline_dropped = 0
+        self._reconnect = (reconnect_min_s, reconnect_max_s)
+        self._lock = threading.RLock()
+        self._ack_lock = threading.Lock()
+        self._tickets: dict[int, PublishTicket] = {}
+        self._early_acks: dict[int, tuple[int, str]] = {}
+        self._pending_subscribe_mid: int | None = None
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._socket_opened_at: float | None = None
+        self._fell_back = False
+        self._stopping = False
+        self.fatal_error: Exception | None = None
+        self.connect_count = 0
+        self._protocol = self._initial_protocol()
+        self._inbox: queue.SimpleQueue[InboundMessage | Hook | None] = queue.SimpleQueue()
+        self._dispatcher: threading.Thread | None = None
+        self._client = self._make_client()
+
+    # ------------------------------------------------------------------ setup
+
+    def _initial_protocol(self) -> MQTTProtocolVersion:
+        return MQTTProtocolVersion.MQTTv311 if self.settings.mqtt_protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
+
+    @property
+    def protocol(self) -> str:
+        return "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=self._protocol,
+            reconnect_on_failure=True,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        username = self.settings.mqtt_username or self._address.username
+        password = (
+            self.settings.mqtt_password.get_secret_value() if self.settings.mqtt_password else self._address.password
+        )
+        if username:
+            client.username_pw_set(username, password)
+        if self._address.tls:
+            context = ssl.create_default_context(
+                cafile=str(self.settings.mqtt_tls_ca) if self.settings.mqtt_tls_ca else None
+            )
+            if self.settings.mqtt_tls_insecure:
+                context.check_hostname = False
+            client.tls_set_context(context)
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain)
+        client.reconnect_delay_set(min_delay=self._reconnect[0], max_delay=self._reconnect[1])  # type: ignore[arg-type]
+        client.max_inflight_messages_set(100)
+        client.on_socket_open = self._handle_socket_open
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        return client
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; reconnects forever with back-off until :meth:`stop`."""
+        if self._loop is None and self._dispatcher is None:
+            self._dispatcher = threading.Thread(target=self._dispatch_forever, name=f"mqtt-dispatch-{self.client_id}",
+                                                daemon=True)
+            self._dispatcher.start()
+        logger.info("connecting to %s as %s (MQTT %s)", self._address, self.client_id, self.protocol)
+        self._client.connect_async(self._address.host, self._address.port, keepalive=self.settings.mqtt_keepalive,
+                                   clean_start=True if self._protocol == MQTTProtocolVersion.MQTTv5 else
+                                   mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+        self._client.loop_start()
+        if self._can_fall_back():
+            threading.Thread(target=self._watch_connack, name="mqtt-connack-watch", daemon=True).start()
+
+    def _watch_connack(self, patience_s: float = 1.0) -> None:
+        """A 3.1.1-only broker may sit silent on a v5 CONNECT until keepalive; don't wait that long."""
+        while not self._stopping and not self._ever_connected and self._can_fall_back():
+            opened = self._socket_opened_at
+            if opened is not None and time.monotonic() - opened > patience_s:
+                self._fall_back()
+                return
+            time.sleep(0.1)
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until subscribed and the birth message is out; raise :class:`MqttAuthError` if refused."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.fatal_error is not None:
+                raise self.fatal_error
+            if self._connected.wait(0.05):
+                return True
+        if self.fatal_error is not None:
+            raise self.fatal_error
+        return False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, final: OutboundMessage | None = None, timeout: float = 2.0) -> None:
+        """Stop cleanly: publish ``final`` (e.g. retained offline status) and wait for it, then disconnect."""
+        self._stopping = True
+        if final is not None and self.connected:
+            try:
+                self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(timeout)
+            except (MqttError, TimeoutError) as error:
+                logger.warning("final message not acknowledged: %s", error)
+        try:
+            self._client.disconnect()
+        except Exception:  # noqa: BLE001 - best effort while shutting down
+            logger.debug("disconnect failed", exc_info=True)
+        self._client.loop_stop()
+        self._connected.clear()
+        self._inbox.put(None)
+
+    def kill(self) -> None:
+        """Drop the connection without DISCONNECT, so the broker publishes the will (tests, crash drills)."""
+        self._stopping = True
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._client.loop_stop()
+        self._inbox.put(None)
+
+    # ------------------------------------------------------------------ API
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription; it is also renewed on every reconnect."""
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if self.connected:
+            self._client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        if self.connected:
+            self._client.unsubscribe(topic)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | Message,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        queue_if_offline: bool = True,
+    ) -> PublishTicket:
+        """Publish without blocking; the ticket can wait for the broker's acknowledgement.
+
+        While disconnected the message waits in a bounded queue (oldest dropped
+        first) unless ``queue_if_offline`` is false (telemetry: stale is useless).
+        """
+        data = encode(payload) if isinstance(payload, Message) else payload
+        ticket = PublishTicket(topic, qos)
+        # Never call into paho while holding our lock: paho calls back into us holding its own.
+        with self._lock:
+            if not self.connected:
+                if not queue_if_offline or self._stopping:
+                    ticket._complete(-1, "dropped while disconnected")
+                    return ticket
+                if len(self._offline) >= self._max_offline_queue:
+                    *_, old_ticket = self._offline.popleft()
+                    old_ticket._complete(-1, "dropped: offline queue full")
+                    self.offline_dropped += 1
+                self._offline.append((topic, data, qos, retain, ticket))
+                return ticket
+        self._send(topic, data, qos, retain, ticket)
+        return ticket
+
+    def publish_and_wait(
+        self, topic: str, payload: bytes | Message, *, qos: int = 1, retain: bool = False, timeout: float = 5.0
+    ) -> int:
+        """Publish and wait for the acknowledgement; raises :class:`MqttPublishRefused` or ``TimeoutError``."""
+        return self.publish(topic, payload, qos=qos, retain=retain).wait(timeout)
+
+    @property
+    def offline_queue_length(self) -> int:
+        return len(self._offline)
+
+    # ------------------------------------------------------------------ internals (any thread)
+
+    def _send(self, topic: str, data: bytes, qos: int, retain: bool, ticket: PublishTicket) -> None:
+        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            ticket._complete(-1, mqtt.error_string(info.rc))
+            return
+        if qos == 0:
+            ticket._complete(0, "sent")
+            return
+        with self._ack_lock:
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._tickets[info.mid] = ticket
+        if early is not None:  # acknowledged before we registered the ticket
+            ticket._complete(*early)
+
+    def _dispatch(self, item: InboundMessage | Hook) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._run_item, item)
+            except RuntimeError:
+                logger.debug("event loop closed; dropping %s", item)
+        else:
+            self._inbox.put(item)
+
+    def _run_item(self, item: InboundMessage | Hook) -> None:
+        try:
+            if isinstance(item, InboundMessage):
+                self._on_message(item)
+            else:
+                item()
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the dispatcher
+            logger.exception("MQTT handler failed")
+
+    def _dispatch_forever(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            self._run_item(item)
+
+    # ------------------------------------------------------------------ paho callbacks (network thread: stay thin)
+
+    def _handle_socket_open(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+        self._socket_opened_at = time.monotonic()
+        if not self.settings.mqtt_tcp_nodelay:
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            logger.debug("could not set TCP_NODELAY on %r", sock)
+
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode, properties: object
+    ) -> None:
+        code = int(reason_code.value)
+        if reason_code.is_failure:
+            if code in _AUTH_FAILURES:
+                self._fail(MqttAuthError(
+                    f"broker {self._address} refused client {self.client_id!r}: {_AUTH_FAILURES[code]} "
+                    f"(check SLB_MQTT_USERNAME / SLB_MQTT_PASSWORD and the broker's password file and ACL)"
+                ))
+                return
+            if code in (_UNSUPPORTED_PROTOCOL, 1) and self._can_fall_back():
+                self._fall_back()
+                return
+            logger.warning("broker %s refused connection: %s", self._address, reason_code)
+            return
+        self._ever_connected = True
+        self.connect_count += 1
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        if subscriptions:
+            result, mid = client.subscribe(subscriptions)
+            self._pending_subscribe_mid = mid
+        else:
+            self._on_subscribed()
+        logger.info("connected to %s (MQTT %s, connection #%d)", self._address, self.protocol, self.connect_count)
+
+    def _handle_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, reason_codes: list[ReasonCode], properties: object
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            logger.error("broker refused %d subscription(s): %s", len(refused), ", ".join(refused))
+        if mid == self._pending_subscribe_mid:
+            self._pending_subscribe_mid = None
+            self._on_subscribed()
+
+    def _on_subscribed(self) -> None:
+        birth = self._birth() if callable(self._birth) else self._birth
+        if birth is not None:
+            self._send(birth.topic, birth.payload, birth.qos, birth.retain, PublishTicket(birth.topic, birth.qos))
+        with self._lock:
+            self._connected.set()
+            backlog = list(self._offline)
+            self._offline.clear()
+        for topic, data, qos, retain, ticket in backlog:
+            self._send(topic, data, qos, retain, ticket)
+        if self._on_ready is not None:
+            self._dispatch(self._on_ready)
+
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode, properties: object
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if self._stopping:
+            return
+        if not self._ever_connected and self._can_fall_back():
+            self._fall_back()
+            return
+        if was_connected:
+            logger.warning("disconnected from %s (%s); reconnecting", self._address, reason_code)
+            if self._on_disconnected is not None:
+                self._dispatch(self._on_disconnected)
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        logger.debug("connection to %s failed; retrying with back-off", self._address)
+
+    def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        self._dispatch(InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
+
+    def _handle_publish(
+        self, client: mqtt.Client, userdata: object, mid: int, reason_code: ReasonCode, properties: object
+    ) -> None:
+        with self._ack_lock:
+            ticket = self._tickets.pop(mid, None)
+            if ticket is None:
+                self._early_acks[mid] = (int(reason_code.value), str(reason_code))
+        if ticket is not None:
+            ticket._complete(int(reason_code.value), str(reason_code))
+
+    # ------------------------------------------------------------------ fallback and fatal errors
+
+    def _can_fall_back(self) -> bool:
+        return (
+            self.settings.mqtt_protocol == "auto"
+            and self._protocol == MQTTProtocolVersion.MQTTv5
+            and not self._ever_connected
+        )
+
+    def _fall_back(self) -> None:
+        with self._lock:
+            if self._fell_back:
+                return
+            self._fell_back = True
+        logger.warning("broker %s does not speak MQTT 5; falling back to 3.1.1", self._address)
+        old = self._client
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        self._client = self._make_client()
+
+        def restart() -> None:
+            old.loop_stop()
+            try:
+                old.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+            if not self._stopping:
+                self._client.connect_async(self._address.host, self._address.port,
+                                           keepalive=self.settings.mqtt_keepalive)
+                self._client.loop_start()
+
+        threading.Thread(target=restart, name="mqtt-fallback", daemon=True).start()
+
+    def _fail(self, error: Exception) -> None:
+        logger.error("%s", error)
+        self.fatal_error = error
+        self._stopping = True
+        client = self._client
+
+        def halt() -> None:
+            try:
+                client.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+            client.loop_stop()
+            if self._on_fatal is not None:
+                self._dispatch(lambda: self._on_fatal(error))  # type: ignore[misc]
+
+        threading.Thread(target=halt, name="mqtt-halt", daemon=True).start()
+
+
+def unique_client_id(role: str, name: str) -> str:
+    """Client ids must be unique per broker; add the pid and a counter for several clients per process."""
+    import os
+
+    return f"{role}-{name}-{os.getpid()}-{next(_client_counter)}"

@@ -1,0 +1,218 @@
+"""One frozen pydantic model per topic (see docs/protocol.md).
+
+Every message carries ``v`` (protocol version) and ``ts`` (sender's Unix time).
+Unknown fields are ignored so that newer senders stay readable by older readers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+PROTOCOL_VERSION = 1
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+_ID_RE = re.compile(_ID_PATTERN)
+
+# Agent ids double as MQTT usernames and topic levels, so MQTT wildcards
+# (``+``, ``#``) and level separators (``/``) can never appear in them.
+AgentId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+RequestId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+
+MAX_PROMPT_CHARS = 400_000
+"""Upper bound for the text of one job; larger jobs are refused at the edge."""
+
+
+def is_valid_agent_id(value: str) -> bool:
+    """True when ``value`` is safe as an MQTT topic level and username."""
+    return bool(_ID_RE.match(value))
+
+
+class Message(BaseModel):
+    """Base of every payload: protocol version and sender's time."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: int = Field(default=PROTOCOL_VERSION, ge=1, description="Protocol version.")
+    ts: float = Field(default_factory=time.time, description="Sender's UTC time, Unix seconds.")
+
+
+# ---------------------------------------------------------------- agent → coordinator
+
+
+class Status(Message):
+    """Presence of an agent; retained, and also the agent's last will."""
+
+    state: Literal["online", "offline"]
+    agent_version: str = "unknown"
+    backend: str | None = Field(default=None, description="ollama, openai or simulated.")
+    backend_url: str | None = None
+    backend_reachable: bool | None = None
+    backend_error: str | None = None
+    simulated: bool = Field(default=False, description="True for the simulated backend (demos, benchmarks).")
+    hostname: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+
+
+class GpuInfo(BaseModel):
+    """One GPU; unknown values stay ``None``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str = "unknown"
+    vendor: str = Field(default="unknown", description="nvidia, amd, intel, apple or unknown.")
+    vram_total_gb: float | None = Field(default=None, ge=0)
+    vram_free_gb: float | None = Field(default=None, ge=0)
+    unified_memory: bool = Field(default=False, description="GPU shares system RAM (Apple Silicon).")
+    memory_bandwidth_gbps: float | None = Field(default=None, ge=0)
+
+
+class Benchmark(BaseModel):
+    """Generation speed the agent measured on its own backend."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    model: str
+    tokens_per_s: float = Field(ge=0)
+    ttft_s: float | None = Field(default=None, ge=0)
+    measured_at: float = Field(default_factory=time.time)
+
+
+class Hardware(Message):
+    """What the machine can do; retained. Fields the probe could not read are ``None``."""
+
+    cpu_brand: str | None = None
+    cpu_physical_cores: int | None = Field(default=None, ge=0)
+    cpu_logical_cores: int | None = Field(default=None, ge=0)
+    cpu_max_ghz: float | None = Field(default=None, ge=0)
+    ram_total_gb: float | None = Field(default=None, ge=0)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    os: str | None = None
+    arch: str | None = None
+    hostname: str | None = None
+    declared: bool = Field(default=False, description="True when read from --hardware-profile, not probed.")
+    benchmark: Benchmark | None = None
+
+
+class Telemetry(Message):
+    """Load every few seconds; QoS 0, not retained."""
+
+    cpu_percent: float | None = Field(default=None, ge=0)
+    ram_used_gb: float | None = Field(default=None, ge=0)
+    ram_free_gb: float | None = Field(default=None, ge=0)
+    gpu_util_percent: float | None = Field(default=None, ge=0)
+    vram_free_gb: float | None = Field(default=None, ge=0)
+    jobs_running: int = Field(default=0, ge=0)
+    jobs_queued: int = Field(default=0, ge=0)
+    max_parallel: int | None = Field(default=None, ge=1)
+    tokens_per_s: float | None = Field(default=None, ge=0, description="Recent generation speed per stream.")
+    ttft_s: float | None = Field(default=None, ge=0, description="Recent time to first token.")
+    backend_reachable: bool | None = None
+    simulated: bool = False
+    interval_s: float = Field(default=2.0, gt=0, description="Seconds until the next telemetry message.")
+
+
+ModelStateName = Literal["absent", "pulling", "loading", "ready", "failed"]
+
+
+class ModelState(Message):
+    """State of the assigned model; retained."""
+
+    model: str | None = None
+    state: ModelStateName
+    progress: float | None = Field(default=None, ge=0, le=1)
+    completed_bytes: int | None = Field(default=None, ge=0)
+    total_bytes: int | None = Field(default=None, ge=0)
+    error: str | None = None
+    local_models: list[str] = Field(default_factory=list)
+    assignment_id: str | None = None
+
+
+class ResultStats(BaseModel):
+    """Usage and timing, on the last chunk of an answer."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+    ttft_s: float | None = Field(default=None, ge=0)
+    tokens_per_s: float | None = Field(default=None, ge=0)
+    total_s: float | None = Field(default=None, ge=0)
+
+
+ErrorCode = Literal[
+    "bad_job",
+    "model_not_served",
+    "model_missing",
+    "backend_down",
+    "backend_error",
+    "context_too_long",
+    "deadline",
+    "cancelled",
+    "busy",
+    "stalled",
+    "internal",
+]
+
+
+class Result(Message):
+    """One chunk of an answer. ``seq`` counts from 0; the last chunk has ``done``."""
+
+    request_id: RequestId
+    seq: int = Field(ge=0)
+    delta: str = ""
+    done: bool = False
+    error: str | None = None
+    error_code: ErrorCode | None = None
+    stats: ResultStats | None = None
+    agent_id: AgentId | None = None
+    model: str | None = None
+
+
+# ---------------------------------------------------------------- coordinator → agent
+
+
+class Assign(Message):
+    """The model an agent should serve; retained so a restarted agent gets it back."""
+
+    model: str = Field(min_length=1, max_length=200)
+    assignment_id: str = Field(min_length=1, max_length=100)
+    reason: str = ""
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class Job(Message):
+    """A query for one agent. ``assistant_prefix`` continues a partial answer after failover."""
+
+    request_id: RequestId
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    options: dict[str, Any] = Field(default_factory=dict)
+    deadline: float = Field(description="Unix seconds; the agent drops the job after it.")
+    assistant_prefix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    attempt: int = Field(default=0, ge=0)
+
+
+class Cancel(Message):
+    """Stop a running job."""
+
+    request_id: RequestId
+    reason: str | None = None
+
+
+class CoordinatorStatus(Message):
+    """Presence of the coordinator; retained, and also its last will."""
+
+    state: Literal["online", "offline"]
+    coordinator_version: str = "unknown"

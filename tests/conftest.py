@@ -1,0 +1,131 @@
+"""Shared fixtures: real Mosquitto brokers (plain and secure), the embedded broker, unique topic prefixes.
+
+Every integration test talks to a real broker started here on a free port
+from ``mosquitto/``'s config; each test gets its own topic prefix so retained
+messages never leak between tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from broker.broker_runner import SECURE_CONFIG, RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
+from broker.mqtt_client import MqttConnection  # noqa: E402
+from broker.settings import MqttSettings  # noqa: E402
+
+SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
+
+
+def _require_mosquitto() -> None:
+    if mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed; run the README's test command (scripts/test.sh) which installs it")
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """A real Mosquitto from mosquitto/mosquitto.conf on a free port, for the whole session."""
+    _require_mosquitto()
+    broker = start_broker(tmp_path_factory.mktemp("mosquitto"), port=free_port(), prefer="mosquitto")
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture()
+def own_mosquitto(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A Mosquitto of this test's own, for tests that kill or restart the broker."""
+    _require_mosquitto()
+    broker = start_broker(tmp_path / "broker", port=free_port(), prefer="mosquitto")
+    yield broker
+    broker.stop()
+
+
+@dataclass
+class SecureBroker:
+    broker: RunningBroker
+    users: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.broker.url
+
+
+@pytest.fixture(scope="session")
+def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    """Mosquitto from mosquitto/mosquitto.secure.conf with real users in a password file and the real ACL."""
+    _require_mosquitto()
+    folder = tmp_path_factory.mktemp("secure-mosquitto")
+    password_file = folder / "passwd"
+    password_file.touch()
+    password_file.chmod(0o600)
+    for name, password in SECURE_USERS.items():
+        subprocess.run(
+            [shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(password_file), name, password],
+            check=True,
+            capture_output=True,
+        )
+    broker = start_broker(
+        folder,
+        port=free_port(),
+        prefer="mosquitto",
+        config=SECURE_CONFIG,
+        overrides={"password_file": str(password_file)},
+    )
+    yield SecureBroker(broker, dict(SECURE_USERS))
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    """The embedded amqtt broker (MQTT 3.1.1 only)."""
+    broker = start_broker(tmp_path_factory.mktemp("embedded"), port=free_port(), prefer="embedded")
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture()
+def topic_prefix() -> str:
+    """A topic prefix of this test's own."""
+    return f"slbtest/{uuid.uuid4().hex[:10]}/v1"
+
+
+@pytest.fixture()
+def mqtt_settings(mosquitto: RunningBroker, topic_prefix: str, tmp_path: Path) -> MqttSettings:
+    """Settings pointing at the session Mosquitto with this test's prefix."""
+    return MqttSettings(broker_url=mosquitto.url, topic_prefix=topic_prefix, data_dir=tmp_path / "data")
+
+
+@pytest.fixture()
+def connect(request: pytest.FixtureRequest) -> Iterator[Callable[..., MqttConnection]]:
+    """Factory: ``connect(settings, client_id, **kwargs)`` starts an MqttConnection and stops it at teardown."""
+    made: list[MqttConnection] = []
+
+    def factory(settings: MqttSettings, client_id: str | None = None, *, wait: bool = True, **kwargs: object):
+        connection = MqttConnection(
+            settings, client_id or f"test-{uuid.uuid4().hex[:8]}", on_message=kwargs.pop("on_message", lambda m: None),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        made.append(connection)
+        connection.start()
+        if wait:
+            assert connection.wait_connected(10), "MQTT connection did not come up"
+        return connection
+
+    yield factory
+    for connection in made:
+        try:
+            connection.stop(timeout=1)
+        except Exception:  # noqa: BLE001
+            pass
