@@ -140,7 +140,7 @@ class RunningBroker:
         log.close()
         try:
             wait_for_port(self.host, self.port, timeout, self.process)
-        except Exception:
+        except (RuntimeError, TimeoutError, OSError):
             self.stop()
             tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
             raise RuntimeError(f"{self.kind} broker failed to start on {self.host}:{self.port}:\n{tail}") from None

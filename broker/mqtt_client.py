@@ -39,6 +39,18 @@ from broker.settings import MqttSettings
 
 logger = logging.getLogger(__name__)
 
+
+
+class _PahoNoiseFilter(logging.Filter):
+    """paho logs an ERROR for every loop pass while reconnecting; that is normal here, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_logger = logging.getLogger(f"{__name__}.paho")
+_paho_logger.addFilter(_PahoNoiseFilter())
+
 _AUTH_FAILURES = {134: "bad user name or password", 135: "not authorized", 138: "banned"}
 _UNSUPPORTED_PROTOCOL = 132
 _client_counter = itertools.count(1)
@@ -187,7 +199,7 @@ class MqttConnection:
             protocol=self._protocol,
             reconnect_on_failure=True,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_paho_logger)
         username = self.settings.mqtt_username or self._address.username
         password = (
             self.settings.mqtt_password.get_secret_value() if self.settings.mqtt_password else self._address.password
@@ -263,10 +275,11 @@ class MqttConnection:
                 self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(timeout)
             except (MqttError, TimeoutError) as error:
                 logger.warning("final message not acknowledged: %s", error)
-        try:
-            self._client.disconnect()
-        except Exception:  # noqa: BLE001 - best effort while shutting down
-            logger.debug("disconnect failed", exc_info=True)
+        if self._client.is_connected():
+            try:
+                self._client.disconnect()
+            except Exception:  # noqa: BLE001 - best effort while shutting down
+                logger.debug("disconnect failed", exc_info=True)
         self._client.loop_stop()
         self._connected.clear()
         self._inbox.put(None)

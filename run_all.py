@@ -1,0 +1,266 @@
+"""Start a whole single-machine cluster: broker, web app (with the coordinator) and a local agent.
+
+    python run_all.py                      # broker + app + local agent (Ollama backend)
+    python run_all.py --demo               # ... plus three simulated machines (no Ollama needed)
+    python run_all.py --agent-only --broker-url mqtt://HOST:1883   # on every other machine
+
+Every flag has an environment twin: SLB_ + the flag in upper snake case
+(``--mqtt-port`` <-> ``SLB_MQTT_PORT``); a flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import webbrowser
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.broker_runner import RunningBroker, start_broker
+from broker.cli import configure_logging, parse_settings
+
+logger = logging.getLogger("run_all")
+ROOT = Path(__file__).resolve().parent
+PROFILES = ROOT / "agent" / "profiles"
+
+DEMO_AGENTS = (
+    # (agent id, hardware profile, simulated tokens/s, simulated time to first token ms)
+    ("demo-gpu-desktop", "gpu-desktop.json", 120.0, 80.0),
+    ("demo-laptop", "laptop.json", 25.0, 300.0),
+    ("demo-raspberry-pi", "raspberry-pi.json", 6.0, 900.0),
+)
+
+
+class RunAllSettings(BaseSettings):
+    """What run_all.py starts, and where."""
+
+    model_config = SettingsConfigDict(env_prefix="SLB_", extra="ignore")
+
+    port: int = Field(default=7860, description="Port of the web app (UI, Gradio API and HTTP API).")
+    host: str = Field(default="127.0.0.1", description="Address the web app listens on (0.0.0.0 for the LAN).")
+    mqtt_port: int = Field(default=1883, description="Port of the local MQTT broker.")
+    mqtt_host: str = Field(default="127.0.0.1", description="Address the local broker listens on.")
+    broker_url: str | None = Field(
+        default=None, description="Use this broker (mqtt://HOST:PORT) instead of starting one."
+    )
+    broker_kind: Literal["auto", "mosquitto", "embedded"] = Field(
+        default="auto", description="Local broker: Mosquitto if installed (auto), or force one."
+    )
+    data_dir: Path = Field(default=Path("./data"), description="Folder for all data (sessions, documents, broker).")
+    app: bool = Field(default=True, description="Start the web app (and the coordinator inside it).")
+    agent: bool = Field(default=True, description="Start the local agent.")
+    agent_only: bool = Field(default=False, description="Start only an agent (other machines of the cluster).")
+    browser: bool = Field(default=True, description="Open the browser at the app's URL once it is up.")
+    demo: bool = Field(default=False, description="Add three simulated machines (GPU desktop, laptop, Raspberry Pi).")
+    backend: Literal["ollama", "openai", "simulated"] = Field(default="ollama", description="Local agent's backend.")
+    backend_url: str | None = Field(default=None, description="Local agent's backend URL (Ollama: :11434).")
+    agent_id: str | None = Field(default=None, description="Local agent's id (default: from the hostname).")
+    log_level: str = Field(default="INFO", description="Logging level.")
+
+
+@dataclass
+class Child:
+    """A process we started and must stop."""
+
+    name: str
+    command: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    critical: bool = False
+    restarts: int = field(default=0)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        logger.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        if self.running():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait(5)
+
+
+def module_available(name: str) -> bool:
+    """True when ``python -m name`` would find a runnable package."""
+    return importlib.util.find_spec(f"{name}.__main__") is not None
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def ollama_reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/version", timeout=1.5) as response:  # noqa: S310
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def explain_missing_ollama(url: str) -> None:
+    logger.warning(
+        "Ollama is not answering at %s. The local agent will keep retrying and shows as 'backend down' in the "
+        "Cluster tab. To fix: install Ollama (see its website's download page; on Linux its install script, on "
+        "macOS/Windows the app) and start it, or point the agent at another machine's Ollama with "
+        "--backend-url http://HOST:11434. To watch the cluster work without Ollama, run: python run_all.py --demo",
+        url,
+    )
+
+
+def wait_http(url: str, timeout: float, children: list[Child]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        if any(child.critical and not child.running() for child in children):
+            return False
+        time.sleep(0.3)
+    return False
+
+
+def build_children(settings: RunAllSettings, broker_url: str) -> list[Child]:
+    python = sys.executable
+    data_dir = str(settings.data_dir.resolve())
+    children: list[Child] = []
+    if settings.app and not settings.agent_only:
+        if module_available("app"):
+            children.append(Child("web app", [
+                python, "-m", "app", "--port", str(settings.port), "--host", settings.host,
+                "--broker-url", broker_url, "--data-dir", data_dir, "--log-level", settings.log_level,
+            ], critical=True))
+        else:
+            logger.warning("not built yet: the web app (app/__main__.py is missing); starting without it")
+    if settings.agent or settings.agent_only:
+        if module_available("agent"):
+            command = [python, "-m", "agent", "--broker-url", broker_url, "--backend", settings.backend,
+                       "--data-dir", str(Path(data_dir) / "agent"), "--log-level", settings.log_level]
+            if settings.backend_url:
+                command += ["--backend-url", settings.backend_url]
+            if settings.agent_id:
+                command += ["--agent-id", settings.agent_id]
+            children.append(Child("local agent", command))
+        else:
+            logger.warning("not built yet: the agent (agent/__main__.py is missing); starting without it")
+    if settings.demo and not settings.agent_only and module_available("agent"):
+        for agent_id, profile, tokens_per_s, ttft_ms in DEMO_AGENTS:
+            children.append(Child(f"demo agent {agent_id} (simulated)", [
+                python, "-m", "agent", "--broker-url", broker_url, "--backend", "simulated",
+                "--agent-id", agent_id, "--hardware-profile", str(PROFILES / profile),
+                "--sim-tokens-per-s", str(tokens_per_s), "--sim-ttft-ms", str(ttft_ms),
+                "--data-dir", str(Path(data_dir) / agent_id), "--log-level", "WARNING",
+            ]))
+    return children
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    settings, _ = parse_settings(RunAllSettings, argv, parser=parser)
+    configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    broker: RunningBroker | None = None
+    if settings.broker_url:
+        broker_url = settings.broker_url
+        logger.info("using the broker at %s", broker_url)
+    elif settings.agent_only:
+        logger.error("--agent-only needs --broker-url mqtt://HOST:PORT (the machine that runs the broker)")
+        return 2
+    elif port_open(settings.mqtt_host, settings.mqtt_port):
+        broker_url = f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"
+        logger.warning("something already listens on %s:%d; using it as the broker", settings.mqtt_host,
+                       settings.mqtt_port)
+    else:
+        broker = start_broker(settings.data_dir / "broker", port=settings.mqtt_port, host=settings.mqtt_host,
+                              prefer=settings.broker_kind)
+        broker_url = broker.url
+
+    if (settings.agent or settings.agent_only) and settings.backend == "ollama":
+        url = settings.backend_url or "http://127.0.0.1:11434"
+        if not ollama_reachable(url):
+            explain_missing_ollama(url)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    children = build_children(settings, broker_url)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.info("stopping (signal %d)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    for child in children:
+        child.start(env)
+
+    if any(child.name == "web app" for child in children):
+        shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        url = f"http://{shown_host}:{settings.port}/"
+        if wait_http(url + "health", 120, children):
+            logger.info("the cluster is up: open %s", url)
+            if settings.browser:
+                threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+        else:
+            logger.error("the web app did not come up at %s; see its log above", url)
+    elif not children:
+        logger.info("only the broker runs (%s); nothing else was asked for or built", broker_url)
+
+    exit_code = 0
+    while not stop.wait(1.0):
+        for child in children:
+            if child.process is not None and not child.running():
+                code = child.process.returncode
+                logger.error("%s exited with code %s", child.name, code)
+                if child.critical:
+                    exit_code = 1
+                    stop.set()
+                child.process = None
+        if broker is not None and not broker.alive():
+            logger.error("the broker stopped; restarting it")
+            broker.start()
+
+    for child in reversed(children):
+        child.terminate()
+    for child in reversed(children):
+        child.wait(15)
+    if broker is not None:
+        broker.stop()
+    logger.info("stopped")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Pure tests of the wire protocol: topics, models, codec. No network."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from broker.protocol import (
+    Assign,
+    Benchmark,
+    Cancel,
+    ChatMessage,
+    CoordinatorStatus,
+    GpuInfo,
+    Hardware,
+    Job,
+    ModelState,
+    PayloadError,
+    Result,
+    ResultStats,
+    Status,
+    Telemetry,
+    TopicKind,
+    Topics,
+    decode,
+    encode,
+    is_valid_agent_id,
+)
+
+EXAMPLES = [
+    Status(state="online", agent_version="0.1.0", backend="ollama", backend_url="http://127.0.0.1:11434"),
+    Hardware(
+        cpu_brand="AMD Ryzen 9 7950X",
+        cpu_physical_cores=16,
+        cpu_logical_cores=32,
+        cpu_max_ghz=5.7,
+        ram_total_gb=64,
+        gpus=[GpuInfo(name="NVIDIA GeForce RTX 4090", vendor="nvidia", vram_total_gb=24, vram_free_gb=23.1)],
+        os="Linux",
+        arch="x86_64",
+        benchmark=Benchmark(model="llama3.1:8b", tokens_per_s=120.5, ttft_s=0.05),
+    ),
+    Telemetry(cpu_percent=12.5, ram_used_gb=10, ram_free_gb=54, jobs_running=1, jobs_queued=2, tokens_per_s=98.0),
+    ModelState(model="llama3.2:3b", state="pulling", progress=0.42, completed_bytes=42, total_bytes=100),
+    Result(request_id="r1", seq=3, delta="Hello", done=True, stats=ResultStats(prompt_tokens=5, output_tokens=7)),
+    Assign(model="llama3.1:8b", assignment_id="a-1", reason="score 92 >= 80"),
+    Job(
+        request_id="r1",
+        model="llama3.2:1b",
+        messages=[ChatMessage(role="user", content="hi")],
+        options={"temperature": 0.2},
+        deadline=2e9,
+        assistant_prefix="Hel",
+    ),
+    Cancel(request_id="r1"),
+    CoordinatorStatus(state="online"),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_model_round_trips(message) -> None:
+    assert decode(type(message), encode(message)) == message
+
+
+def test_every_topic_kind_is_bound_to_a_model_with_qos_and_retain() -> None:
+    topics = Topics("slb/v1")
+    assert {kind.spec.model for kind in TopicKind} == {type(m) for m in EXAMPLES}
+    for kind in TopicKind:
+        agent = None if kind is TopicKind.COORDINATOR_STATUS else "desk-pc"
+        topic = topics.for_kind(kind, agent)
+        assert topics.parse(topic) == (kind, agent)
+    assert TopicKind.TELEMETRY.spec.qos == 0 and not TopicKind.TELEMETRY.spec.retained
+    assert TopicKind.STATUS.spec.retained and TopicKind.ASSIGN.spec.retained
+    assert not TopicKind.JOB.spec.retained and TopicKind.JOB.spec.qos == 1
+
+
+def test_topic_builders_match_the_design() -> None:
+    topics = Topics()
+    assert topics.status("a1") == "slb/v1/agent/a1/status"
+    assert topics.result("a1") == "slb/v1/agent/a1/result"
+    assert topics.assign("a1") == "slb/v1/control/a1/assign"
+    assert topics.job("a1") == "slb/v1/control/a1/job"
+    assert topics.cancel("a1") == "slb/v1/control/a1/cancel"
+    assert topics.coordinator_status() == "slb/v1/coordinator/status"
+    assert topics.all_agents() == "slb/v1/agent/+/+"
+    assert topics.control_of("a1") == "slb/v1/control/a1/+"
+    assert Topics("home/lab/").job("x") == "home/lab/control/x/job"
+
+
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", "a+b", "", " x", "x" * 65, "../x", "a b"])
+def test_ids_with_wildcards_or_separators_are_refused(bad: str) -> None:
+    assert not is_valid_agent_id(bad)
+    with pytest.raises(ValueError):
+        Topics().job(bad)
+    with pytest.raises(PayloadError):
+        decode(Cancel, json.dumps({"v": 1, "ts": 0, "request_id": bad}).encode())
+
+
+def test_parse_rejects_foreign_and_malformed_topics() -> None:
+    topics = Topics()
+    for topic in ["other/v1/agent/a/status", "slb/v1/agent/a/unknown", "slb/v1/agent/a+b/status",
+                  "slb/v1/agent/a/status/extra", "slb/v1/control/a/status", "slb/v1"]:
+        assert topics.parse(topic) is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        (b"", "empty"),
+        (b"not json at all", "not_json"),
+        (b"\xff\xfe\x00garbage", "not_json"),
+        (b"[1, 2, 3]", "invalid"),
+        (b'{"v": 1, "ts": 0}', "invalid"),  # missing fields
+        (b'{"v": 1, "ts": 0, "request_id": "r", "seq": "three"}', "invalid"),  # wrong type
+        (b'{"v": 1, "ts": 0, "request_id": "r", "seq": -1}', "invalid"),  # out of range
+        (b'{"v": 0, "ts": 0, "request_id": "r", "seq": 1}', "invalid"),  # bad version
+        (b"x" * (1024 * 1024 + 1), "too_large"),  # 1 MB of junk
+    ],
+)
+def test_bad_payloads_raise_the_typed_error(payload: bytes, kind: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        decode(Result, payload, topic="slb/v1/agent/a/result")
+    assert caught.value.kind == kind
+    assert caught.value.topic == "slb/v1/agent/a/result"
+
+
+def test_unknown_fields_are_ignored_and_messages_are_frozen() -> None:
+    message = decode(Cancel, b'{"v": 1, "ts": 5, "request_id": "r9", "future_field": {"x": 1}}')
+    assert message.request_id == "r9" and message.ts == 5
+    with pytest.raises(ValidationError):
+        message.request_id = "other"  # type: ignore[misc]
+
+
+def test_oversized_prompt_is_refused() -> None:
+    job = {"v": 1, "ts": 0, "request_id": "r", "model": "m", "deadline": 1,
+           "messages": [{"role": "user", "content": "x" * 500_000}]}
+    with pytest.raises(PayloadError):
+        decode(Job, json.dumps(job).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_escape_as_anything_but_payload_error(data: bytes) -> None:
+    for model in (Status, Hardware, Telemetry, ModelState, Result, Assign, Job, Cancel):
+        try:
+            decode(model, data)
+        except PayloadError:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["v", "ts", "request_id", "seq", "delta", "done", "model", "messages",
+                                         "deadline", "state", "progress", "gpus", "stats"]), json_values))
+def test_adversarial_json_objects_give_payload_error_or_a_valid_message(obj: dict) -> None:
+    data = json.dumps(obj).encode()
+    for model in (Status, Hardware, ModelState, Result, Job):
+        try:
+            message = decode(model, data)
+        except PayloadError:
+            continue
+        assert decode(model, encode(message)) == message
