@@ -175,6 +175,7 @@ class MqttConnection:
         self._ever_connected = False
         self._socket_opened_at: float | None = None
         self._fell_back = False
+        self._last_fail_warning = -1e9
         self._stopping = False
         self.fatal_error: Exception | None = None
         self.connect_count = 0
@@ -471,7 +472,13 @@ class MqttConnection:
                 self._dispatch(self._on_disconnected)
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        logger.debug("connection to %s failed; retrying with back-off", self._address)
+        now = time.monotonic()
+        if now - self._last_fail_warning > 30:
+            self._last_fail_warning = now
+            hint = " (TLS: is --mqtt-tls-ca the CA that signed the broker's certificate?)" if self._address.tls else ""
+            logger.warning("cannot connect to broker %s yet; retrying with back-off%s", self._address, hint)
+        else:
+            logger.debug("connection to %s failed; retrying with back-off", self._address)
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         self._dispatch(InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
