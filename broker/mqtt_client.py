@@ -288,6 +288,7 @@ class MqttConnection:
     def kill(self) -> None:
         """Drop the connection without DISCONNECT, so the broker publishes the will (tests, crash drills)."""
         self._stopping = True
+        self._connected.clear()
         sock = self._client.socket()
         if sock is not None:
             try:
