@@ -114,6 +114,7 @@ class QueryFinished:
     agreement: float | None = None
     failovers: int = 0
     latency_s: float | None = None
+    combined_by: str | None = None  # fan-out: "agent / model (consensus|first|synthesis)" behind the combined text
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,9 @@ class PlanEntry:
     target_model: str | None
     change: bool
     reason: str
+    score: float | None = None
+    tier: str | None = None
+    deferred: bool = False  # a change held back so that the cluster keeps answering while models move
 
 
 @dataclass(frozen=True)

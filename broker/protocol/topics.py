@@ -126,6 +126,10 @@ class Topics:
     def all_agents_of(self, kind: TopicKind) -> str:
         return f"{self.prefix}/agent/+/{kind.leaf}"
 
+    def all_controls_of(self, kind: TopicKind) -> str:
+        """One control topic of every agent (the coordinator reads back its retained assignments)."""
+        return f"{self.prefix}/control/+/{kind.leaf}"
+
     def control_of(self, agent_id: str) -> str:
         """Everything addressed to one agent (the agent's subscription)."""
         if not is_valid_agent_id(agent_id):

@@ -1,0 +1,442 @@
+"""The agent process: one asyncio loop wiring MQTT, the backend, the model manager and the job runner.
+
+paho's network thread only hands messages to this loop (MqttConnection with
+``loop=``); everything else — jobs, pulls, health checks, telemetry — runs as
+tasks on the loop, so nothing blocks the MQTT client. Retained state
+(status, hardware, model) is re-published after every reconnect, because a
+restarted broker without persistence has forgotten it.
+
+Use in-process (run_all.py --demo, the coordinator's tests)::
+
+    agent = Agent(AgentSettings(broker_url=url, backend="simulated", agent_id="demo-1"))
+    agent.start()          # background thread with its own loop; returns once connected
+    ...
+    agent.stop()           # publishes offline, then disconnects
+
+or ``await agent.run()`` inside an existing loop (``agent.request_stop()`` ends it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psutil
+
+from agent import __version__
+from agent.backends import Backend, BackendUnreachable, make_backend
+from agent.hardware import GIB, GpuMonitor, HardwareProfile, load_profile, probe_hardware
+from agent.health import BackendMonitor
+from agent.identity import resolve_agent_id
+from agent.jobs import JobRunner
+from agent.models import ModelManager
+from agent.settings import AgentSettings
+from broker.mqtt_client import InboundMessage, MqttAuthError, MqttConnection, OutboundMessage
+from broker.protocol import (
+    Assign,
+    Benchmark,
+    Cancel,
+    Hardware,
+    Job,
+    ModelState,
+    PayloadError,
+    Result,
+    Status,
+    Telemetry,
+    TopicKind,
+    Topics,
+    decode,
+)
+
+logger = logging.getLogger(__name__)
+
+BENCHMARK_REFRESH_S = 300.0
+"""How often measured job speed may replace the published benchmark."""
+
+
+T = TypeVar("T")
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: object) -> T:
+    """Run slow probing (py-cpuinfo takes seconds) where it cannot delay shutdown, unlike ``to_thread``."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(outcome: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(outcome)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            outcome, error = function(*args), None
+        except Exception as failure:  # noqa: BLE001 - handed to the awaiting task
+            outcome, error = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop may be gone when the agent stopped meanwhile
+            loop.call_soon_threadsafe(deliver, outcome, error)
+
+    threading.Thread(target=work, name=f"probe-{getattr(function, '__name__', 'work')}", daemon=True).start()
+    return await future
+
+
+class Agent:
+    """One machine of the cluster."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        backend: Backend | None = None,
+        hardware: Hardware | None = None,
+    ) -> None:
+        self.agent_id = resolve_agent_id(settings.data_dir, settings.agent_id)
+        password = settings.mqtt_password or settings.broker.password
+        if password and not (settings.mqtt_username or settings.broker.username):
+            settings = settings.model_copy(update={"mqtt_username": self.agent_id})
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.profile: HardwareProfile | None = load_profile(settings.hardware_profile) \
+            if settings.hardware_profile else None
+        self.backend = backend or make_backend(settings)
+        self.hardware = hardware
+        self.max_parallel = settings.resolved_max_parallel
+        self.hostname = socket.gethostname()
+        self.exit_code = 0
+        self.connection: MqttConnection | None = None
+        self.monitor: BackendMonitor | None = None
+        self.models: ModelManager | None = None
+        self.jobs: JobRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._finished = threading.Event()
+        self._benchmark_updated = 0.0
+        self._gpu_monitor: GpuMonitor | None = None
+        self._killed = False
+
+    # ------------------------------------------------------------------ messages we publish
+
+    def _status(self, state: str) -> Status:
+        monitor = self.monitor
+        return Status(
+            state=state,  # type: ignore[arg-type]
+            agent_version=__version__,
+            backend=self.backend.name,
+            backend_url=self.backend.url or None,
+            backend_reachable=monitor.reachable if monitor else None,
+            backend_error=monitor.error if monitor else None,
+            simulated=self.backend.simulated,
+            hostname=self.hostname,
+            max_parallel=self.max_parallel,
+        )
+
+    def _birth(self) -> OutboundMessage:
+        return OutboundMessage.of(self.topics.status(self.agent_id), self._status("online"))
+
+    def _publish_retained(self, topic: str, message: Status | Hardware | ModelState) -> None:
+        """Retained state goes out only while connected: after a reconnect the latest is re-published anyway."""
+        if self.connection is not None and self.connection.connected:
+            self.connection.publish(topic, message, qos=1, retain=True, queue_if_offline=False)
+
+    def publish_status(self) -> None:
+        self._publish_retained(self.topics.status(self.agent_id), self._status("online"))
+
+    def publish_hardware(self) -> None:
+        if self.hardware is not None:
+            self._publish_retained(self.topics.hardware(self.agent_id), self.hardware)
+
+    def _publish_model_state(self, state: ModelState) -> None:
+        self._publish_retained(self.topics.model(self.agent_id), state)
+
+    def _publish_result(self, result: Result) -> None:
+        if self.connection is not None:
+            self.connection.publish(self.topics.result(self.agent_id), result, qos=1)
+
+    # ------------------------------------------------------------------ callbacks (event loop)
+
+    def _on_connected(self) -> None:
+        """After every (re)connect: the birth is out; re-publish the other retained state."""
+        self.publish_hardware()
+        if self.models is not None:
+            self._publish_model_state(self.models.state)
+        self._connected.set()
+
+    def _on_fatal(self, error: Exception) -> None:
+        logger.error("stopping: %s", error)
+        self.exit_code = 2 if isinstance(error, MqttAuthError) else 1
+        self.request_stop()
+
+    def _on_message(self, message: InboundMessage) -> None:
+        parsed = self.topics.parse(message.topic)
+        if parsed is None or parsed[1] != self.agent_id:
+            return
+        kind = parsed[0]
+        assert self.models is not None and self.jobs is not None
+        if kind is TopicKind.ASSIGN:
+            if not message.payload:  # a cleared retained assignment
+                self.models.handle_assign(None)
+                return
+            try:
+                assign = decode(Assign, message.payload, topic=message.topic)
+            except PayloadError as error:
+                logger.warning("ignored assignment: %s", error)
+                return
+            self.models.handle_assign(assign)
+        elif kind is TopicKind.JOB:
+            try:
+                job = decode(Job, message.payload, topic=message.topic)
+            except PayloadError as error:
+                self.jobs.reject_payload(message.payload, error.reason)
+                return
+            self.jobs.submit(job)
+        elif kind is TopicKind.CANCEL:
+            try:
+                cancel = decode(Cancel, message.payload, topic=message.topic)
+            except PayloadError as error:
+                logger.warning("ignored cancel: %s", error)
+                return
+            self.jobs.cancel(cancel.request_id, cancel.reason)
+
+    def _check_model(self, model: str) -> tuple[str, str] | None:
+        assert self.models is not None and self.monitor is not None
+        if self.monitor.reachable is False:
+            return "backend_down", self.monitor.error or f"backend unreachable at {self.backend.url}"
+        return self.models.check_model(model, self.settings.serve_local_models)
+
+    def _on_backend_change(self, reachable: bool) -> None:
+        self.publish_status()
+        if self.models is None:
+            return
+        if reachable:
+            self.models.backend_back()
+        else:
+            assert self.monitor is not None
+            self.models.backend_lost(self.monitor.error or f"backend unreachable at {self.backend.url}")
+
+    def _on_local_models(self, models: list[str]) -> None:
+        if self.models is not None:
+            self.models.update_local_models(models)
+
+    def _on_job_unreachable(self, error: BackendUnreachable) -> None:
+        if self.monitor is not None:
+            self.monitor.report_unreachable(str(error))
+
+    def _on_benchmark(self, benchmark: Benchmark) -> None:
+        if self.hardware is None:
+            return
+        self.hardware = self.hardware.model_copy(update={"benchmark": benchmark, "ts": time.time()})
+        self._benchmark_updated = time.monotonic()
+        self.publish_hardware()
+
+    def _on_job_finished(self, model: str, tokens_per_s: float | None, ttft_s: float | None) -> None:
+        """Keep the published benchmark honest with what real jobs measure (at most every few minutes)."""
+        if tokens_per_s is None or self.hardware is None or self.jobs is None:
+            return
+        current = self.hardware.benchmark
+        if current is not None and time.monotonic() - self._benchmark_updated < BENCHMARK_REFRESH_S:
+            return
+        speed, ttft = self.jobs.recent.summary(model)
+        if speed is None:
+            return
+        if current is None or current.model != model or abs(speed - current.tokens_per_s) > 0.15 * current.tokens_per_s:
+            self._on_benchmark(Benchmark(model=model, tokens_per_s=speed, ttft_s=ttft))
+        else:
+            self._benchmark_updated = time.monotonic()
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _sample(self) -> Telemetry:
+        assert self.jobs is not None
+        memory = psutil.virtual_memory()
+        gpu_util, vram_free = self._gpu_monitor.sample() if self._gpu_monitor else (None, None)
+        tokens_per_s, ttft_s = self.jobs.recent.summary()
+        return Telemetry(
+            cpu_percent=psutil.cpu_percent(None),
+            ram_used_gb=round((memory.total - memory.available) / GIB, 2),
+            ram_free_gb=round(memory.available / GIB, 2),
+            gpu_util_percent=gpu_util,
+            vram_free_gb=vram_free,
+            jobs_running=self.jobs.running,
+            jobs_queued=self.jobs.queued,
+            max_parallel=self.max_parallel,
+            tokens_per_s=tokens_per_s,
+            ttft_s=ttft_s,
+            backend_reachable=self.monitor.reachable if self.monitor else None,
+            simulated=self.backend.simulated,
+            interval_s=self.settings.telemetry_interval_s,
+        )
+
+    async def _telemetry_loop(self) -> None:
+        assert self._stop is not None
+        psutil.cpu_percent(None)  # the first call only primes the counter
+        topic = self.topics.telemetry(self.agent_id)
+        while not self._stop.is_set():
+            try:
+                telemetry = await asyncio.to_thread(self._sample) if self._gpu_monitor else self._sample()
+                if self.connection is not None and self.connection.connected:
+                    self.connection.publish(topic, telemetry, qos=0, queue_if_offline=False)
+            except Exception:  # noqa: BLE001 - a telemetry glitch must not stop telemetry
+                logger.exception("telemetry failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.telemetry_interval_s)
+
+    async def _probe(self) -> None:
+        if self.hardware is None:
+            try:
+                self.hardware = await in_daemon_thread(probe_hardware, self.profile)
+            except Exception as error:  # noqa: BLE001 - publish what we can, never crash
+                logger.exception("hardware probe failed")
+                self.hardware = Hardware(hostname=self.hostname, cpu_brand=f"probe failed: {error}"[:200])
+        self.hardware = self.hardware.model_copy(update={"hostname": self.hardware.hostname or self.hostname})
+        logger.info("hardware%s: %s, %s cores, %s GB RAM, GPUs: %s", " (declared)" if self.hardware.declared else "",
+                    self.hardware.cpu_brand, self.hardware.cpu_physical_cores, self.hardware.ram_total_gb,
+                    ", ".join(f"{gpu.name} {gpu.vram_total_gb} GB" for gpu in self.hardware.gpus) or "none")
+        self.publish_hardware()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        """Run until :meth:`request_stop` (or a fatal MQTT error); returns the exit code."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop = asyncio.Event()
+        settings = self.settings
+        self.monitor = BackendMonitor(self.backend, interval_s=settings.backend_check_interval_s,
+                                      retry_max_s=settings.backend_retry_max_s, on_change=self._on_backend_change,
+                                      on_models=self._on_local_models)
+        self.models = ModelManager(
+            self.backend,
+            publish=self._publish_model_state,
+            wait_backend_up=self.monitor.wait_reachable,
+            report_unreachable=self.monitor.report_unreachable,
+            on_benchmark=self._on_benchmark,
+            keep_alive=settings.keep_alive,
+            benchmark_tokens=settings.benchmark_tokens,
+        )
+        self.jobs = JobRunner(
+            backend=self.backend,
+            publish=self._publish_result,
+            agent_id=self.agent_id,
+            max_parallel=self.max_parallel,
+            max_queue=settings.max_queue,
+            chunk_interval_s=settings.chunk_interval_ms / 1000,
+            chunk_max_tokens=settings.chunk_max_tokens,
+            stall_timeout_s=settings.stall_timeout_s,
+            keep_alive=settings.keep_alive if self.backend.name == "ollama" else None,
+            remembered_jobs=settings.remembered_jobs,
+            stats_window_s=settings.stats_window_s,
+            check_model=self._check_model,
+            on_finished=self._on_job_finished,
+            on_backend_unreachable=self._on_job_unreachable,
+        )
+        if not self.backend.simulated:
+            self._gpu_monitor = await in_daemon_thread(GpuMonitor)
+        await self.monitor.check()  # know the backend's state (and its models) before the birth message says it
+        status_topic = self.topics.status(self.agent_id)
+        self.connection = MqttConnection(
+            settings,
+            # Stable client id: a second process with the same agent id takes the session over (and the two
+            # visibly fight in their logs) instead of both silently answering the same jobs.
+            f"slb-agent-{self.agent_id}",
+            on_message=self._on_message,
+            subscriptions=[(self.topics.control_of(self.agent_id), 1)],
+            will=OutboundMessage.of(status_topic, self._status("offline")),
+            birth=self._birth,
+            on_ready=self._on_connected,
+            on_fatal=self._on_fatal,
+            loop=loop,
+        )
+        logger.info("agent %s (%s backend at %s%s), max %d parallel jobs", self.agent_id, self.backend.name,
+                    self.backend.url or "-", ", SIMULATED" if self.backend.simulated else "", self.max_parallel)
+        self.connection.start()
+        tasks = [
+            loop.create_task(self._probe(), name="probe"),
+            loop.create_task(self.monitor.run(), name="backend-monitor"),
+            loop.create_task(self._telemetry_loop(), name="telemetry"),
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(tasks)
+        return self.exit_code
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        logger.info("agent %s stopping", self.agent_id)
+        if self.jobs is not None:
+            await self.jobs.shutdown()
+        for task in tasks:
+            task.cancel()
+        if self.models is not None and self.models._task is not None:
+            self.models._task.cancel()
+            tasks.append(self.models._task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.connection is not None and not self._killed:
+            final = OutboundMessage.of(self.topics.status(self.agent_id), self._status("offline"))
+            await asyncio.to_thread(self.connection.stop, final, 2.0)
+        with contextlib.suppress(Exception):
+            await self.backend.close()
+        if self._gpu_monitor is not None:
+            self._gpu_monitor.close()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to finish (safe from any thread and from signal handlers)."""
+        loop, stop = self._loop, self._stop
+        if loop is None or stop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            stop.set()
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+
+    def start(self, timeout: float = 10.0) -> bool:
+        """Run in a background thread with its own event loop; True once connected within ``timeout``."""
+        if self._thread is not None:
+            raise RuntimeError("agent already started")
+
+        def target() -> None:
+            try:
+                asyncio.run(self.run())
+            except Exception:  # noqa: BLE001 - report, don't lose the thread silently
+                logger.exception("agent %s crashed", self.agent_id)
+                self.exit_code = 1
+            finally:
+                self._finished.set()
+
+        self._thread = threading.Thread(target=target, name=f"agent-{self.agent_id}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._finished.is_set():
+            if self._connected.wait(0.05):
+                return True
+        return self._connected.is_set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background agent: error chunks for running jobs, offline status, disconnect."""
+        while self._thread is not None and self._stop is None and not self._finished.is_set():
+            time.sleep(0.01)
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def kill(self) -> None:
+        """Drop the MQTT connection without a goodbye, so the broker sends the will (crash drills)."""
+        self._killed = True
+        if self.connection is not None:
+            self.connection.kill()
+        self.request_stop()

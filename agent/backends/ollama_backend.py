@@ -1,0 +1,149 @@
+"""Ollama through the official ``ollama`` client (AsyncClient).
+
+Ollama continues a trailing assistant message, so a partial answer from a
+failed agent is sent as one and only the continuation comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import ollama
+
+from agent.backends.base import (
+    BackendError,
+    BackendHealth,
+    BackendUnreachable,
+    ChatDelta,
+    ChatDone,
+    ChatEvent,
+    ContextTooLong,
+    ModelNotFound,
+    PullProgress,
+    StreamBroken,
+    as_payload_messages,
+    looks_like_context_error,
+)
+from broker.protocol import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+def _seconds(nanoseconds: int | None) -> float | None:
+    return nanoseconds / 1e9 if nanoseconds else None
+
+
+class OllamaBackend:
+    """The default backend."""
+
+    name = "ollama"
+    simulated = False
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        # No read timeout: a cold model load can take minutes; the job runner watches for stalls itself.
+        timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
+        self._client = ollama.AsyncClient(host=self.url, timeout=timeout)
+
+    def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
+        """Map client and transport errors to the protocol's error codes, keeping Ollama's own message."""
+        if isinstance(error, BackendError):
+            return error
+        if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionError)):
+            return BackendUnreachable(self.url, str(error) or type(error).__name__)
+        if isinstance(error, ollama.ResponseError):
+            message = str(error.error)
+            if error.status_code == 404 or "not found" in message:
+                return ModelNotFound(message)
+            if looks_like_context_error(message):
+                return ContextTooLong(message)
+            suffix = f" (HTTP {error.status_code})" if error.status_code and error.status_code > 0 else ""
+            return BackendError(f"{message}{suffix}")
+        if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+            where = "in the middle of an answer" if mid_stream else "unexpectedly"
+            return StreamBroken(f"backend at {self.url} closed the connection {where}: {error}")
+        if isinstance(error, httpx.TimeoutException):
+            return BackendError(f"backend at {self.url} timed out: {type(error).__name__}")
+        if isinstance(error, httpx.HTTPError):
+            return BackendError(f"HTTP error talking to {self.url}: {error}")
+        return BackendError(f"{type(error).__name__}: {error}")
+
+    async def health(self) -> BackendHealth:
+        try:
+            response = await asyncio.wait_for(self._client.list(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return BackendHealth(False, f"no answer from {self.url} within {HEALTH_TIMEOUT_S:.0f}s")
+        except Exception as error:  # noqa: BLE001 - health never raises
+            return BackendHealth(False, str(self._translate(error)))
+        return BackendHealth(True, models=tuple(sorted(model.model for model in response.models if model.model)))
+
+    async def list_models(self) -> list[str]:
+        try:
+            response = await self._client.list()
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+        return sorted(model.model for model in response.models if model.model)
+
+    async def pull(self, model: str) -> AsyncIterator[PullProgress]:
+        layers: dict[str, tuple[int, int]] = {}
+        try:
+            stream = await self._client.pull(model, stream=True)
+            async with contextlib.aclosing(stream):
+                async for part in stream:
+                    if part.digest and part.total:
+                        layers[part.digest] = (part.completed or 0, part.total)
+                    completed = sum(done for done, _ in layers.values())
+                    total = sum(size for _, size in layers.values())
+                    yield PullProgress(part.status or "", completed if total else None, total or None)
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+
+    async def warm(self, model: str, keep_alive: str | None = None) -> None:
+        try:  # Ollama's documented way to load a model: generate with an empty prompt
+            await self._client.generate(model=model, prompt="", keep_alive=keep_alive)
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+
+    async def chat(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        options: dict[str, Any] | None = None,
+        assistant_prefix: str | None = None,
+        keep_alive: str | None = None,
+    ) -> AsyncIterator[ChatEvent]:
+        payload = as_payload_messages(messages, assistant_prefix)
+        started = False
+        try:
+            stream = await self._client.chat(
+                model=model, messages=payload, options=options or None, stream=True, keep_alive=keep_alive
+            )
+            async with contextlib.aclosing(stream):
+                async for part in stream:
+                    text = part.message.content if part.message is not None else None
+                    if text:
+                        started = True
+                        yield ChatDelta(text)
+                    if part.done:
+                        yield ChatDone(
+                            done_reason=part.done_reason,
+                            prompt_tokens=part.prompt_eval_count,
+                            output_tokens=part.eval_count,
+                            generation_s=_seconds(part.eval_duration),
+                            load_s=_seconds(part.load_duration),
+                        )
+                        return
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error, mid_stream=started) from None
+        raise StreamBroken(f"backend at {self.url} ended the answer without a final message")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.close()

@@ -1,0 +1,123 @@
+"""A backend without a model, for demos and benchmarks only (never the default).
+
+Speed comes from ``--sim-tokens-per-s`` and ``--sim-ttft-ms``; the text is
+derived from the prompt so runs are repeatable. Any model name can be
+"pulled" (it takes ``--sim-pull-s``). The agent marks itself ``simulated`` in
+its status and telemetry so nobody mistakes these answers for a model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from agent.backends.base import (
+    BackendHealth,
+    ChatDelta,
+    ChatDone,
+    ChatEvent,
+    ModelNotFound,
+    PullProgress,
+    normalize_model_name,
+)
+from broker.protocol import ChatMessage
+
+FILLER = (
+    "the cluster routes each question to the machine that can answer it best while the others keep "
+    "their models warm and report their load every few seconds so nothing waits longer than it must"
+).split()
+
+
+def simulated_text(model: str, messages: list[ChatMessage], max_tokens: int = 48) -> list[str]:
+    """Deterministic answer pieces: a header naming the prompt, then filler chosen by the prompt's hash."""
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    words = last_user.split()[:12]
+    head = ["[simulated", f"{model}]", "You", "asked:", *words] if words else ["[simulated", f"{model}]"]
+    seed = int(hashlib.sha256(last_user.encode()).hexdigest()[:8], 16)
+    body = [FILLER[(seed + index) % len(FILLER)] for index in range(max(0, max_tokens - len(head)))]
+    pieces = (head + body)[: max(1, max_tokens)]
+    return [pieces[0], *(" " + piece for piece in pieces[1:])]
+
+
+def guess_model_bytes(model: str) -> int:
+    """A plausible download size: ~0.6 GB per billion parameters (4-bit), 2 GB when the name has no size."""
+    match = re.search(r"(\d+(?:\.\d+)?)\s*b\b", model.lower())
+    billions = float(match.group(1)) if match else 3.3
+    return int(billions * 0.6e9)
+
+
+class SimulatedBackend:
+    """Pretends to be an inference server at a configured speed."""
+
+    name = "simulated"
+    simulated = True
+    url = "simulated://"
+
+    def __init__(
+        self, *, tokens_per_s: float = 20.0, ttft_s: float = 0.3, pull_s: float = 2.0, models: list[str] | None = None
+    ) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.ttft_s = ttft_s
+        self.pull_s = pull_s
+        self._models = {normalize_model_name(name) for name in models or []}
+
+    async def health(self) -> BackendHealth:
+        return BackendHealth(True, version="simulated", models=tuple(sorted(self._models)))
+
+    async def list_models(self) -> list[str]:
+        return sorted(self._models)
+
+    async def pull(self, model: str) -> AsyncIterator[PullProgress]:
+        total = guess_model_bytes(model)
+        steps = 10
+        yield PullProgress("pulling manifest", 0, total)
+        for step in range(1, steps + 1):
+            await asyncio.sleep(self.pull_s / steps)
+            yield PullProgress("downloading (simulated)", total * step // steps, total)
+        self._models.add(normalize_model_name(model))
+        yield PullProgress("success", total, total)
+
+    async def warm(self, model: str, keep_alive: str | None = None) -> None:
+        self._require(model)
+        await asyncio.sleep(min(0.2, self.ttft_s))
+
+    def _require(self, model: str) -> None:
+        if normalize_model_name(model) not in self._models:
+            raise ModelNotFound(f'model "{model}" not found, try pulling it first')
+
+    async def chat(
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        options: dict[str, Any] | None = None,
+        assistant_prefix: str | None = None,
+        keep_alive: str | None = None,
+    ) -> AsyncIterator[ChatEvent]:
+        self._require(model)
+        options = options or {}
+        limit = options.get("num_predict", options.get("max_tokens", 48))
+        pieces = simulated_text(model, messages, limit if isinstance(limit, int) and limit > 0 else 48)
+        if assistant_prefix:
+            full = "".join(pieces)
+            if full.startswith(assistant_prefix):
+                rest = full[len(assistant_prefix):]
+                pieces = re.findall(r"\s*\S+", rest)
+        await asyncio.sleep(self.ttft_s)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for index, piece in enumerate(pieces):
+            if index:
+                # pace against the start so the average rate holds even when the loop is busy
+                delay = started + index / self.tokens_per_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            yield ChatDelta(piece)
+        generation_s = max(loop.time() - started, 1e-6)
+        prompt_tokens = sum(len(message.content.split()) for message in messages) or 1
+        yield ChatDone("stop", prompt_tokens, len(pieces), generation_s, 0.0)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,392 @@
+"""Run jobs on the backend and stream the answers back as batched result chunks.
+
+Rules (DESIGN.md): the first chunk goes out the moment the backend yields its
+first token; after it, at most one message per ``chunk_interval`` or per
+``chunk_max_tokens`` tokens. A request id runs at most once (QoS 1 may deliver
+twice). Cancel, deadline and stall all end the job the same way: the job's task
+is cancelled, which closes the backend stream at once, and a final chunk says
+why. Every failure becomes an error chunk; nothing here may kill the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.backends.base import Backend, BackendError, BackendUnreachable, ChatDelta, ChatDone, StreamBroken
+from broker.protocol import Job, Result, ResultStats, is_valid_agent_id
+
+logger = logging.getLogger(__name__)
+
+ServeCheck = Callable[[str], "tuple[str, str] | None"]
+"""``check(model)`` → None when the job may run, else ``(error_code, message)``."""
+
+
+class RecentStats:
+    """Tokens/s and time to first token of jobs finished within a sliding window."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples: collections.deque[tuple[float, str, float | None, float | None]] = collections.deque()
+
+    def add(self, model: str, tokens_per_s: float | None, ttft_s: float | None) -> None:
+        self._samples.append((time.monotonic(), model, tokens_per_s, ttft_s))
+        self._trim()
+
+    def _trim(self) -> None:
+        horizon = time.monotonic() - self.window_s
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+
+    def summary(self, model: str | None = None) -> tuple[float | None, float | None]:
+        """Median tokens/s and median TTFT over the window (None when no job finished in it)."""
+        self._trim()
+        samples = [s for s in self._samples if model is None or s[1] == model]
+        speeds = [s[2] for s in samples if s[2] is not None]
+        ttfts = [s[3] for s in samples if s[3] is not None]
+        return (
+            round(statistics.median(speeds), 2) if speeds else None,
+            round(statistics.median(ttfts), 4) if ttfts else None,
+        )
+
+
+class ResultStream:
+    """Sequence numbers and batching for one answer."""
+
+    def __init__(
+        self,
+        publish: Callable[[Result], None],
+        request_id: str,
+        *,
+        agent_id: str,
+        model: str | None,
+        interval_s: float,
+        max_tokens: int,
+    ) -> None:
+        self._publish = publish
+        self.request_id = request_id
+        self.agent_id = agent_id
+        self.model = model
+        self.interval_s = interval_s
+        self.max_tokens = max_tokens
+        self.seq = 0
+        self.text = ""
+        self._pending: list[str] = []
+        self._last_sent = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.finished = False
+
+    def add(self, text: str) -> None:
+        """Take a piece of text; send it now if it is the first or the batch is due, else later."""
+        if self.finished or not text:
+            return
+        self.text += text
+        self._pending.append(text)
+        now = time.monotonic()
+        if self.seq == 0 or len(self._pending) >= self.max_tokens or now - self._last_sent >= self.interval_s:
+            self._flush()
+        elif self._timer is None:
+            delay = self.interval_s - (now - self._last_sent)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self.finished:
+            return
+        self._send(Result(request_id=self.request_id, seq=self.seq, delta="".join(self._pending),
+                          agent_id=self.agent_id, model=self.model))
+        self._pending.clear()
+
+    def _send(self, result: Result) -> None:
+        self.seq += 1
+        self._last_sent = time.monotonic()
+        try:
+            self._publish(result)
+        except Exception:  # noqa: BLE001 - a publish failure must not kill the job runner
+            logger.exception("publishing result %s/%d failed", result.request_id, result.seq)
+
+    def finish(self, *, stats: ResultStats | None = None, error: str | None = None,
+               error_code: str | None = None) -> None:
+        """Send the last chunk (with whatever text is still pending) exactly once."""
+        if self.finished:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        delta = "".join(self._pending)
+        self._pending.clear()
+        self._send(Result(request_id=self.request_id, seq=self.seq, delta=delta, done=True, error=error,
+                          error_code=error_code, stats=stats, agent_id=self.agent_id, model=self.model))  # type: ignore[arg-type]
+        self.finished = True
+
+
+@dataclass
+class _Handle:
+    job: Job
+    stream: ResultStream
+    received: float
+    task: asyncio.Task[None] | None = None
+    abort: tuple[str, str] | None = None
+    first_token_at: float | None = None
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    stall_timer: asyncio.TimerHandle | None = None
+    began: bool = False
+
+
+class JobRunner:
+    """Accepts jobs, runs up to ``max_parallel`` at once, queues ``max_queue`` more, refuses the rest."""
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        publish: Callable[[Result], None],
+        agent_id: str,
+        max_parallel: int,
+        max_queue: int,
+        chunk_interval_s: float,
+        chunk_max_tokens: int,
+        stall_timeout_s: float,
+        keep_alive: str | None,
+        remembered_jobs: int,
+        stats_window_s: float,
+        check_model: ServeCheck,
+        on_finished: Callable[[str, float | None, float | None], None] | None = None,
+        on_backend_unreachable: Callable[[BackendUnreachable], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self._publish = publish
+        self.agent_id = agent_id
+        self.max_parallel = max_parallel
+        self.max_queue = max_queue
+        self.chunk_interval_s = chunk_interval_s
+        self.chunk_max_tokens = chunk_max_tokens
+        self.stall_timeout_s = stall_timeout_s
+        self.keep_alive = keep_alive
+        self._remembered = remembered_jobs
+        self._check_model = check_model
+        self._on_finished = on_finished
+        self._on_backend_unreachable = on_backend_unreachable
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._cancelled_before_arrival: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._jobs: dict[str, _Handle] = {}
+        self.running = 0
+        self.queued = 0
+        self.recent = RecentStats(stats_window_s)
+        self.completed = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ intake (event loop thread)
+
+    def _remember(self, mapping: collections.OrderedDict[Any, Any], key: Any, value: Any = None) -> None:
+        mapping[key] = value
+        while len(mapping) > self._remembered:
+            mapping.popitem(last=False)
+
+    def submit(self, job: Job) -> None:
+        """Start or queue a job, or answer at once why it cannot run."""
+        key = (job.request_id, job.attempt)
+        if key in self._seen:
+            logger.info("duplicate job %s (attempt %d) ignored", job.request_id, job.attempt)
+            return
+        self._remember(self._seen, key)
+        if job.request_id in self._cancelled_before_arrival:
+            self.reject(job.request_id, "cancelled", self._cancelled_before_arrival.pop(job.request_id), job.model)
+            return
+        late_by = time.time() - job.deadline
+        if late_by >= 0:
+            self.reject(job.request_id, "deadline",
+                        f"deadline passed {late_by:.1f}s before the job reached the agent (check clock sync)",
+                        job.model)
+            return
+        refusal = self._check_model(job.model)
+        if refusal is not None:
+            self.reject(job.request_id, refusal[0], refusal[1], job.model)
+            return
+        if self.running + self.queued >= self.max_parallel + self.max_queue:
+            self.reject(job.request_id, "busy",
+                        f"agent busy: {self.running} running, {self.queued} queued (max {self.max_queue})", job.model)
+            return
+        stream = ResultStream(self._publish, job.request_id, agent_id=self.agent_id, model=job.model,
+                              interval_s=self.chunk_interval_s, max_tokens=self.chunk_max_tokens)
+        handle = _Handle(job=job, stream=stream, received=time.monotonic())
+        loop = asyncio.get_running_loop()
+        remaining = job.deadline - time.time()
+        handle.timers.append(loop.call_later(remaining, self._abort, handle, "deadline",
+                                             "deadline passed while the job was queued or running"))
+        previous = self._jobs.get(job.request_id)
+        if previous is not None:
+            self._abort(previous, "cancelled", "superseded by a new attempt of the same request")
+        self._jobs[job.request_id] = handle
+        self.queued += 1
+        handle.task = loop.create_task(self._run(handle), name=f"job-{job.request_id}")
+        handle.task.add_done_callback(lambda _task: self._after(handle))
+
+    def reject(self, request_id: str, code: str, message: str, model: str | None = None) -> None:
+        """Answer a job that will not run with one final error chunk."""
+        logger.info("job %s refused: %s (%s)", request_id, message, code)
+        self.failed += 1
+        ResultStream(self._publish, request_id, agent_id=self.agent_id, model=model, interval_s=0,
+                     max_tokens=1).finish(error=message, error_code=code)
+
+    def reject_payload(self, payload: bytes, reason: str) -> None:
+        """A job that failed validation: answer ``bad_job`` if its request id is readable, else only log."""
+        request_id = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            candidate = json.loads(payload).get("request_id")
+            if isinstance(candidate, str) and is_valid_agent_id(candidate):
+                request_id = candidate
+        if request_id is None:
+            logger.warning("dropped a job without a readable request id: %s", reason)
+            return
+        key = (request_id, -1)
+        if key in self._seen:
+            return
+        self._remember(self._seen, key)
+        self.reject(request_id, "bad_job", f"invalid job: {reason}")
+
+    def cancel(self, request_id: str, reason: str | None = None) -> None:
+        message = f"cancelled: {reason}" if reason else "cancelled by the coordinator"
+        handle = self._jobs.get(request_id)
+        if handle is None:
+            if not any(key[0] == request_id for key in reversed(self._seen)):
+                self._remember(self._cancelled_before_arrival, request_id, message)
+            return
+        self._abort(handle, "cancelled", message)
+
+    def _abort(self, handle: _Handle, code: str, message: str) -> None:
+        if handle.abort is not None or handle.task is None or handle.task.done():
+            return
+        handle.abort = (code, message)
+        handle.task.cancel()
+
+    async def shutdown(self, message: str = "agent stopping") -> None:
+        """End every job with an error chunk (the coordinator re-sends them elsewhere)."""
+        handles = list(self._jobs.values())
+        for handle in handles:
+            self._abort(handle, "internal", message)
+        tasks = [handle.task for handle in handles if handle.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    # ------------------------------------------------------------------ running
+
+    def _after(self, handle: _Handle) -> None:
+        """A task cancelled before its first step never ran ``_run``: answer and clean up for it."""
+        if handle.began:
+            return
+        self.queued -= 1
+        self._cleanup(handle)
+        code, message = handle.abort or ("internal", "job ended before it started")
+        self.failed += 1
+        handle.stream.finish(error=message, error_code=code)
+
+    def _cleanup(self, handle: _Handle) -> None:
+        for timer in handle.timers:
+            timer.cancel()
+        if handle.stall_timer is not None:
+            handle.stall_timer.cancel()
+        if self._jobs.get(handle.job.request_id) is handle:
+            del self._jobs[handle.job.request_id]
+
+    async def _run(self, handle: _Handle) -> None:
+        handle.began = True
+        queued = True
+        try:
+            async with self._slots:
+                queued = False
+                self.queued -= 1
+                self.running += 1
+                try:
+                    await self._stream(handle)
+                finally:
+                    self.running -= 1
+        except asyncio.CancelledError:
+            if handle.abort is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            code, message = handle.abort
+            logger.info("job %s ended: %s", handle.job.request_id, message)
+            self.failed += 1
+            handle.stream.finish(error=message, error_code=code)
+        except BackendError as error:
+            logger.warning("job %s failed: %s", handle.job.request_id, error)
+            self.failed += 1
+            if isinstance(error, BackendUnreachable) and self._on_backend_unreachable is not None:
+                self._on_backend_unreachable(error)
+            handle.stream.finish(error=str(error), error_code=error.code)
+        except Exception as error:  # noqa: BLE001 - one bad job never kills the agent
+            logger.exception("job %s crashed", handle.job.request_id)
+            self.failed += 1
+            handle.stream.finish(error=f"internal agent error: {type(error).__name__}: {error}",
+                                 error_code="internal")
+        finally:
+            if queued:
+                self.queued -= 1
+            self._cleanup(handle)
+
+    def _arm_stall(self, handle: _Handle) -> None:
+        if handle.stall_timer is not None:
+            handle.stall_timer.cancel()
+        waited = "the first token" if handle.first_token_at is None else "the next token"
+        handle.stall_timer = asyncio.get_running_loop().call_later(
+            self.stall_timeout_s, self._abort, handle, "stalled",
+            f"backend sent nothing for {self.stall_timeout_s:.0f}s while waiting for {waited}",
+        )
+
+    async def _stream(self, handle: _Handle) -> None:
+        job = handle.job
+        started = time.monotonic()
+        pieces = 0
+        last_token_at = started
+        done: ChatDone | None = None
+        self._arm_stall(handle)
+        events = self.backend.chat(job.model, list(job.messages), dict(job.options), job.assistant_prefix,
+                                   self.keep_alive)
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, ChatDelta):
+                    now = time.monotonic()
+                    if handle.first_token_at is None:
+                        handle.first_token_at = now
+                    last_token_at = now
+                    pieces += 1
+                    handle.stream.add(event.text)
+                    self._arm_stall(handle)
+                elif isinstance(event, ChatDone):
+                    done = event
+        if done is None:
+            raise StreamBroken("backend ended the answer without its final statistics")
+        finished = time.monotonic()
+        output_tokens = done.output_tokens if done.output_tokens is not None else pieces
+        tokens_per_s: float | None = None
+        if done.generation_s and output_tokens:
+            tokens_per_s = output_tokens / done.generation_s
+        elif handle.first_token_at is not None and pieces > 1 and last_token_at > handle.first_token_at:
+            tokens_per_s = (pieces - 1) / (last_token_at - handle.first_token_at)
+        ttft_s = handle.first_token_at - handle.received if handle.first_token_at is not None else None
+        stats = ResultStats(
+            prompt_tokens=done.prompt_tokens,
+            output_tokens=output_tokens,
+            ttft_s=round(ttft_s, 4) if ttft_s is not None else None,
+            tokens_per_s=round(tokens_per_s, 2) if tokens_per_s is not None else None,
+            total_s=round(finished - handle.received, 4),
+        )
+        handle.stream.finish(stats=stats)
+        self.completed += 1
+        self.recent.add(job.model, stats.tokens_per_s, stats.ttft_s)
+        if self._on_finished is not None:
+            self._on_finished(job.model, stats.tokens_per_s, stats.ttft_s)

@@ -1,0 +1,232 @@
+"""Make the assigned model ready: check, pull with progress, warm, measure, report.
+
+One assignment at a time: a new one cancels the old (a pull in progress is
+closed cleanly); the same assignment id again is a no-op (the assignment is
+retained, so it comes back on every reconnect). While the backend is down the
+model state is ``failed`` with the URL tried, and the assignment is re-run as
+soon as the backend answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendUnreachable,
+    ChatDelta,
+    ChatDone,
+    same_model,
+)
+from broker.protocol import Assign, Benchmark, ChatMessage, ModelState
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+"""At most four pull progress messages per second."""
+
+BENCHMARK_PROMPT = "Count from 1 to 100, separated by spaces."
+
+
+class ModelManager:
+    """Owns the assignment and the retained model state."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        publish: Callable[[ModelState], None],
+        wait_backend_up: Callable[[], Awaitable[None]],
+        report_unreachable: Callable[[str], None],
+        on_benchmark: Callable[[Benchmark], None] | None = None,
+        keep_alive: str | None = None,
+        benchmark_tokens: int = 32,
+    ) -> None:
+        self.backend = backend
+        self._publish = publish
+        self._wait_backend_up = wait_backend_up
+        self._report_unreachable = report_unreachable
+        self._on_benchmark = on_benchmark
+        self.keep_alive = keep_alive
+        self.benchmark_tokens = benchmark_tokens
+        self.assignment: Assign | None = None
+        self.state = ModelState(state="absent")
+        self.local_models: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._lost_backend = False
+
+    # ------------------------------------------------------------------ state
+
+    def _set(self, state: str, **fields: object) -> None:
+        assignment = self.assignment
+        self.state = ModelState(
+            model=assignment.model if assignment else None,
+            assignment_id=assignment.assignment_id if assignment else None,
+            state=state,  # type: ignore[arg-type]
+            local_models=list(self.local_models),
+            **fields,  # type: ignore[arg-type]
+        )
+        self._publish(self.state)
+
+    def has_local(self, model: str) -> bool:
+        return any(same_model(model, present) for present in self.local_models)
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def check_model(self, model: str, serve_local_models: bool) -> tuple[str, str] | None:
+        """None when a job for ``model`` may run now, else ``(error_code, message)``."""
+        assignment = self.assignment
+        if assignment is not None and same_model(model, assignment.model):
+            if self.state.state == "ready" or self.has_local(model):
+                return None
+            progress = f" ({self.state.progress:.0%})" if self.state.progress is not None else ""
+            detail = f": {self.state.error}" if self.state.error else ""
+            state = f"{self.state.state}{progress}{detail}"
+            return "model_missing", f"model {model!r} is not ready on this agent yet: {state}"
+        if serve_local_models and self.has_local(model):
+            return None
+        serving = f"{assignment.model!r} ({self.state.state})" if assignment else "no model"
+        return "model_not_served", f"this agent serves {serving}, not {model!r}"
+
+    # ------------------------------------------------------------------ assignment
+
+    def handle_assign(self, assign: Assign | None) -> None:
+        """A (retained) assignment arrived; ``None`` means it was cleared."""
+        current = self.assignment
+        if assign is not None and current is not None and assign.assignment_id == current.assignment_id \
+                and assign.model == current.model:
+            logger.debug("assignment %s again: nothing to do", assign.assignment_id)
+            return
+        self.assignment = assign
+        self._lost_backend = False
+        if assign is None:
+            self._restart(None)
+            self._set("absent")
+            return
+        logger.info("assigned %s (%s): %s", assign.model, assign.assignment_id, assign.reason or "no reason given")
+        self._restart(assign)
+
+    def _restart(self, assign: Assign | None) -> None:
+        old = self._task
+        if old is not None and not old.done():
+            old.cancel()
+        self._task = asyncio.get_running_loop().create_task(self._run(assign, old), name="model-prepare") \
+            if assign is not None else None
+
+    def backend_lost(self, error: str) -> None:
+        """The backend went away: the model is not usable until it is back."""
+        if self.assignment is None or self.busy:
+            return  # a running preparation notices and waits by itself
+        self._lost_backend = True
+        self._set("failed", error=error)
+
+    def backend_back(self) -> None:
+        """The backend answers again: run the assignment again (a restarted Ollama has unloaded the model)."""
+        if self.assignment is not None and self._lost_backend and not self.busy:
+            self._lost_backend = False
+            self._restart(self.assignment)
+
+    def update_local_models(self, models: list[str]) -> None:
+        """The backend's model list changed (seen by a health check): the coordinator should know."""
+        if models == self.local_models:
+            return
+        self.local_models = list(models)
+        self.state = self.state.model_copy(update={"local_models": list(models), "ts": time.time()})
+        self._publish(self.state)
+
+    async def _run(self, assign: Assign, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # let the old pull close its stream first
+        while True:
+            try:
+                await self._prepare(assign)
+                return
+            except BackendUnreachable as error:
+                self._set("failed", error=str(error))
+                self._report_unreachable(str(error))
+                await self._wait_backend_up()
+                logger.info("backend is back: preparing %s again", assign.model)
+            except BackendError as error:
+                logger.warning("assignment %s (%s) failed: %s", assign.model, assign.assignment_id, error)
+                self._set("failed", error=str(error))
+                return
+            except asyncio.CancelledError:
+                logger.info("assignment %s replaced", assign.assignment_id)
+                raise
+            except Exception as error:  # noqa: BLE001 - never kill the agent over one assignment
+                logger.exception("assignment %s crashed", assign.assignment_id)
+                self._set("failed", error=f"internal agent error: {type(error).__name__}: {error}")
+                return
+
+    async def _prepare(self, assign: Assign) -> None:
+        model = assign.model
+        self.local_models = await self.backend.list_models()
+        if not self.has_local(model):
+            await self._pull(model)
+            self.local_models = await self.backend.list_models()
+        self._set("loading")
+        await self.backend.warm(model, self.keep_alive)
+        benchmark = await self._benchmark(model) if self.benchmark_tokens else None
+        self.local_models = await self.backend.list_models()
+        self._set("ready", progress=1.0)
+        if benchmark is not None and self._on_benchmark is not None:
+            self._on_benchmark(benchmark)
+
+    async def _pull(self, model: str) -> None:
+        logger.info("pulling %s", model)
+        self._set("pulling", progress=0.0)
+        last_sent = time.monotonic()
+        last_fraction: float | None = 0.0
+        progress = None
+        async for progress in self.backend.pull(model):
+            fraction = progress.fraction
+            if fraction is not None and last_fraction is not None:
+                fraction = max(fraction, last_fraction)  # later layers must not move the bar backwards
+            now = time.monotonic()
+            if now - last_sent >= PROGRESS_INTERVAL_S:
+                self._set("pulling", progress=fraction, completed_bytes=progress.completed_bytes,
+                          total_bytes=progress.total_bytes)
+                last_sent = now
+            last_fraction = fraction if fraction is not None else last_fraction
+        if progress is not None and progress.total_bytes:
+            self._set("pulling", progress=1.0, completed_bytes=progress.total_bytes, total_bytes=progress.total_bytes)
+        logger.info("pulled %s", model)
+
+    async def _benchmark(self, model: str) -> Benchmark | None:
+        """A short generation: the agent's measured speed for the coordinator's scoring."""
+        started = time.monotonic()
+        first: float | None = None
+        last = started
+        pieces = 0
+        done: ChatDone | None = None
+        messages = [ChatMessage(role="user", content=BENCHMARK_PROMPT)]
+        options = {"num_predict": self.benchmark_tokens, "temperature": 0}
+        try:
+            async for event in self.backend.chat(model, messages, options, None, self.keep_alive):
+                if isinstance(event, ChatDelta):
+                    last = time.monotonic()
+                    first = first or last
+                    pieces += 1
+                elif isinstance(event, ChatDone):
+                    done = event
+        except BackendUnreachable:
+            raise
+        except BackendError as error:
+            logger.warning("warm-up benchmark of %s failed: %s", model, error)
+            return None
+        tokens = done.output_tokens if done and done.output_tokens else pieces
+        if done and done.generation_s and tokens:
+            speed = tokens / done.generation_s
+        elif first is not None and pieces > 1 and last > first:
+            speed = (pieces - 1) / (last - first)
+        else:
+            return None
+        ttft = first - started if first is not None else None
+        logger.info("%s: %.1f tokens/s, first token after %.3fs", model, speed, ttft or 0.0)
+        return Benchmark(model=model, tokens_per_s=round(speed, 2), ttft_s=round(ttft, 4) if ttft else None)

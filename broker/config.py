@@ -1,0 +1,88 @@
+"""Settings of the coordinator (``python -m broker`` and the web process, whose settings subclass these).
+
+Every field has an environment twin ``SLB_<NAME>`` and, through :mod:`broker.cli`,
+a flag ``--<name>``; the flag wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from broker.settings import MqttSettings
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.json"
+
+RoutingPolicy = Literal["auto", "round_robin", "random", "least_outstanding"]
+
+
+class CoordinatorSettings(MqttSettings):
+    """How the coordinator scores, places, routes and recovers."""
+
+    coordinator_id: str = Field(
+        default="coordinator", description="Name of this coordinator (MQTT client id stem, shown in logs)."
+    )
+    catalog_path: Path = Field(
+        default=DEFAULT_CATALOG,
+        description="Model catalog JSON (name, parameters, memory, tier); see docs/scheduling.md.",
+    )
+    # ---- placement
+    replan_interval_s: float = Field(default=300.0, gt=0, description="Seconds between scheduled re-plans.")
+    replan_debounce_s: float = Field(
+        default=2.0, ge=0, description="Re-plan this long after an agent joins or leaves (several changes, one plan)."
+    )
+    placement_hysteresis: float = Field(
+        default=5.0, ge=0,
+        description="Score points an agent must cross beyond a tier boundary before its model changes.",
+    )
+    placement_headroom_gb: float = Field(
+        default=1.0, ge=0, description="Memory (GB) kept free beyond a model's need when checking that it fits."
+    )
+    placement_move_fraction: float = Field(
+        default=0.25, gt=0, le=1,
+        description="Largest share of ready agents that may switch models at once (at least one; one stays).",
+    )
+    placement_mix: bool = Field(
+        default=True, description="Keep every tier that some machine qualifies for served by at least one agent."
+    )
+    failed_model_retry_s: float = Field(
+        default=600.0, ge=0, description="Seconds before a model that failed on an agent is offered to it again."
+    )
+    # ---- routing and admission
+    routing_policy: RoutingPolicy = Field(
+        default="auto",
+        description="auto (lowest expected completion time) or a baseline: round_robin, random, least_outstanding.",
+    )
+    expected_output_tokens: int = Field(
+        default=256, ge=1, description="Answer length assumed before any answer has been measured."
+    )
+    agent_queue_limit: int = Field(
+        default=4, ge=0, description="Jobs an agent may have waiting beyond its parallel slots before admission waits."
+    )
+    admission_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="How long a query waits for a free agent (or a model still loading) before 'busy'.",
+    )
+    # ---- failure handling
+    stall_first_token_s: float = Field(
+        default=20.0, gt=0, description="A job with no first chunk after this many seconds is re-sent elsewhere."
+    )
+    stall_between_chunks_s: float = Field(
+        default=10.0, gt=0, description="A job with no new in-order chunk for this many seconds is re-sent elsewhere."
+    )
+    max_failovers: int = Field(default=2, ge=0, description="Re-sends per query before the caller gets an error.")
+    default_deadline_s: float = Field(
+        default=300.0, gt=0, description="Whole-query deadline when the caller sets none."
+    )
+    attempt_deadline_s: float = Field(
+        default=120.0, gt=0, description="Deadline of one agent's attempt; past it the rest is asked of another agent."
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, description="Consecutive failures after which an agent cools down (gets no new jobs)."
+    )
+    cooldown_s: float = Field(default=60.0, ge=0, description="How long a failing agent cools down.")
+    expiry_factor: float = Field(
+        default=3.0, gt=1, description="An agent is gone after this many of its telemetry intervals without telemetry."
+    )

@@ -1,0 +1,359 @@
+"""Model placement: a pure function from a registry snapshot and the catalog to a plan with reasons.
+
+GPUStack-style: agent filters return the agents they kept and the reasons for
+the ones they dropped; model filters say why a model cannot go to an agent.
+The rules (docs/scheduling.md has them with examples):
+
+1. **Tier by score**: an agent gets the first model of the highest tier its
+   score qualifies for; with **hysteresis**, an agent keeps its current tier
+   while its score stays within ``hysteresis`` points of that tier's range.
+2. **Fit**: a model goes only where it fits — free VRAM on a machine with a
+   discrete GPU, else RAM (unified memory on Apple Silicon) — plus headroom;
+   otherwise the next smaller model, with the reason.
+3. **Mix**: every tier that some agent qualifies for is served. An unserved
+   tier takes the lowest-scoring agent of the most crowded tier above it
+   (one with at least two agents), preferring an agent already serving it.
+4. **Stagger**: agents that are ready switch models a few at a time (a share
+   of the ready agents, at least one, minus those still pulling or loading)
+   and one ready agent always stays; the rest are deferred until the movers
+   are ready again.
+5. **No churn**: an agent whose target equals its current model is left alone,
+   and a plan without changes publishes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from broker.catalog import Catalog, CatalogModel
+from broker.estimates import agent_score
+from broker.query import PlanEntry, PlanView
+from broker.registry import AgentRecord, ClusterState
+from broker.scoring import MachineFacts, Score
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    hysteresis: float = 5.0
+    headroom_gb: float = 1.0
+    move_fraction: float = 0.25
+    mix: bool = True
+    failed_retry_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The plan for one agent."""
+
+    agent_id: str
+    current_model: str | None
+    target_model: str
+    score: float
+    tier: str
+    reason: str
+    deferred: bool = False
+
+    @property
+    def change(self) -> bool:
+        return self.target_model != self.current_model
+
+
+@dataclass(frozen=True)
+class Plan:
+    entries: tuple[Placement, ...]
+    excluded: Mapping[str, str]
+    created_at: float
+
+    @property
+    def changes(self) -> list[Placement]:
+        """What applying the plan publishes now (deferred moves wait for the next plan)."""
+        return [entry for entry in self.entries if entry.change and not entry.deferred]
+
+    @property
+    def deferred(self) -> list[Placement]:
+        return [entry for entry in self.entries if entry.change and entry.deferred]
+
+    def view(self, applied: bool) -> PlanView:
+        return PlanView(
+            entries=[
+                PlanEntry(entry.agent_id, entry.current_model, entry.target_model, entry.change, entry.reason,
+                          score=entry.score, tier=entry.tier, deferred=entry.deferred)
+                for entry in self.entries
+            ],
+            excluded=dict(self.excluded),
+            applied=applied,
+            created_at=self.created_at,
+        )
+
+
+# ---------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryPool:
+    """Where a model would live on a machine and how much room there is."""
+
+    kind: str  # VRAM, unified memory, RAM
+    total_gb: float | None
+    available_gb: float | None  # None: unknown, assume it fits
+
+
+def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog) -> MemoryPool:
+    """Free memory for a model: the current model's share counts as free (switching unloads it).
+
+    Simulated agents are judged on their declared totals: their telemetry
+    describes the host they run on, not the machine they pretend to be.
+    """
+    telemetry = None if record.simulated else record.telemetry
+    if facts.has_gpu_pool:
+        kind, total = "VRAM", facts.vram_gb
+        free = telemetry.vram_free_gb if telemetry is not None else None
+        if free is None and record.hardware is not None and not record.simulated:
+            reported = [gpu.vram_free_gb for gpu in record.hardware.gpus if gpu.vram_free_gb is not None]
+            free = sum(reported) if reported else None
+    elif facts.accelerator == "unified":
+        kind, total = "unified memory", facts.vram_gb
+        free = telemetry.ram_free_gb if telemetry is not None else None
+    else:
+        kind, total = "RAM", facts.ram_gb
+        free = telemetry.ram_free_gb if telemetry is not None else None
+    if total is None:
+        return MemoryPool(kind, None, None)
+    if free is None:
+        return MemoryPool(kind, total, total)
+    loaded = catalog.model(record.ready_model)
+    return MemoryPool(kind, total, min(total, free + (loaded.memory_gb if loaded else 0.0)))
+
+
+# ---------------------------------------------------------------- filters
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An agent that passed the agent filters, with what model filters need."""
+
+    record: AgentRecord
+    score: Score
+    facts: MachineFacts
+    pool: MemoryPool
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    kept: list[AgentRecord]
+    dropped: dict[str, str]
+
+
+class AgentFilter(Protocol):
+    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult: ...
+
+
+class OnlineFilter:
+    """Only agents that are online (status online, telemetry on time) get models."""
+
+    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
+        kept, dropped = [], {}
+        for record in agents:
+            if record.online:
+                kept.append(record)
+            elif record.expired:
+                dropped[record.agent_id] = f"gone: no telemetry for {record.silent_for(now):.0f} s"
+            else:
+                dropped[record.agent_id] = "offline"
+        return FilterResult(kept, dropped)
+
+
+class HardwareReportedFilter:
+    """Placement needs the hardware message (retained; it follows the status within moments)."""
+
+    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
+        kept, dropped = [], {}
+        for record in agents:
+            if record.hardware is not None:
+                kept.append(record)
+            else:
+                dropped[record.agent_id] = "has not reported its hardware yet"
+        return FilterResult(kept, dropped)
+
+
+class ModelFilter(Protocol):
+    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
+        """``None`` when ``model`` may go to the candidate, else why not."""
+
+
+class FitFilter:
+    """Never assign a model that does not fit the machine's memory (with headroom)."""
+
+    def __init__(self, headroom_gb: float) -> None:
+        self.headroom_gb = headroom_gb
+
+    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
+        pool = candidate.pool
+        if pool.available_gb is None:
+            return None
+        needed = model.memory_gb + self.headroom_gb
+        if needed <= pool.available_gb:
+            return None
+        return (f"needs {model.memory_gb:g} + {self.headroom_gb:g} GB headroom, "
+                f"{pool.available_gb:.1f} GB {pool.kind} free")
+
+
+class FailedModelFilter:
+    """A model that failed on an agent (pull or load) is not offered to it again for a while."""
+
+    def __init__(self, retry_s: float) -> None:
+        self.retry_s = retry_s
+
+    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
+        failure = candidate.record.failed_models.get(model.name)
+        if failure is None or now - failure.at >= self.retry_s:
+            return None
+        return f"failed here {now - failure.at:.0f} s ago ({failure.error})"
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _choose(
+    candidate: Candidate, catalog: Catalog, start_tier: str, model_filters: Sequence[ModelFilter], now: float
+) -> tuple[CatalogModel | None, list[str]]:
+    """First model from ``start_tier`` down that passes every model filter; the current model is tried first."""
+    notes: list[str] = []
+    current = candidate.record.current_model
+    for tier in catalog.ordered_tiers[catalog.tier_rank(start_tier):]:
+        models = sorted(catalog.models_of(tier.name), key=lambda model: model.name != current)
+        for model in models:
+            problem = next((p for f in model_filters if (p := f.check(candidate, model, now))), None)
+            if problem is None:
+                return model, notes
+            notes.append(f"{model.name} {problem}")
+    return None, notes
+
+
+def _start_tier(candidate: Candidate, catalog: Catalog, hysteresis: float) -> tuple[str, str]:
+    score = candidate.score.total
+    natural = catalog.tier_for_score(score).name
+    low, high = catalog.tier_bounds(natural)
+    span = f"{low:g}+" if high == float("inf") else f"{low:g}–{high:g}"
+    reason = f"score {score:.1f} → {natural} ({span})"
+    current = catalog.model(candidate.record.current_model)
+    if current is not None and current.tier != natural:
+        low, high = catalog.tier_bounds(current.tier)
+        if low - hysteresis <= score < high + hysteresis:
+            return current.tier, f"score {score:.1f} is within {hysteresis:g} of {current.tier} (hysteresis)"
+    return natural, reason
+
+
+def plan_placement(
+    state: ClusterState,
+    catalog: Catalog,
+    settings: PlacementSettings,
+    now: float,
+    created_at: float = 0.0,
+    scores: Mapping[str, Score] | None = None,
+) -> Plan:
+    """Decide which model each agent should serve, and why; nothing is applied here."""
+    agents: Sequence[AgentRecord] = sorted(state.agents.values(), key=lambda record: record.agent_id)
+    excluded: dict[str, str] = {}
+    for agent_filter in (OnlineFilter(), HardwareReportedFilter()):
+        result = agent_filter.filter(agents, now)
+        agents = result.kept
+        excluded.update(result.dropped)
+    model_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s)]
+
+    candidates: dict[str, Candidate] = {}
+    natural_rank: dict[str, int] = {}
+    entries: dict[str, Placement] = {}
+    for record in agents:
+        score = scores[record.agent_id] if scores and record.agent_id in scores else agent_score(record, catalog)
+        candidate = Candidate(record, score, record.facts, memory_pool(record, record.facts, catalog))
+        start, reason = _start_tier(candidate, catalog, settings.hysteresis)
+        model, notes = _choose(candidate, catalog, start, model_filters, now)
+        if model is None:
+            excluded[record.agent_id] = "no catalog model fits: " + "; ".join(notes)
+            continue
+        if notes:
+            reason += "; " + "; ".join(notes) + f"; falls back to {model.name}"
+        else:
+            reason += f": {model.name}"
+        candidates[record.agent_id] = candidate
+        natural_rank[record.agent_id] = catalog.tier_rank(catalog.tier_for_score(score.total).name)
+        entries[record.agent_id] = Placement(record.agent_id, record.current_model, model.name, score.total,
+                                             model.tier, reason)
+
+    if settings.mix and len(entries) >= 2:
+        _keep_mix(entries, candidates, natural_rank, catalog, model_filters, now)
+    _stagger(entries, candidates, settings.move_fraction)
+    ordered = sorted(entries.values(), key=lambda entry: (-entry.score, entry.agent_id))
+    return Plan(tuple(ordered), excluded, created_at)
+
+
+def _keep_mix(
+    entries: dict[str, Placement],
+    candidates: Mapping[str, Candidate],
+    natural_rank: Mapping[str, int],
+    catalog: Catalog,
+    model_filters: Sequence[ModelFilter],
+    now: float,
+) -> None:
+    """Serve every tier some agent qualifies for, taking donors from crowded higher tiers."""
+    served = Counter(entry.tier for entry in entries.values())
+    for tier in catalog.ordered_tiers:
+        if served[tier.name]:
+            continue
+        rank = catalog.tier_rank(tier.name)
+        options: list[tuple[str, CatalogModel]] = []
+        for agent_id, entry in entries.items():
+            if natural_rank[agent_id] > rank or served[entry.tier] < 2 or catalog.tier_rank(entry.tier) >= rank:
+                continue
+            model, _ = _choose(candidates[agent_id], catalog, tier.name, model_filters, now)
+            if model is not None and model.tier == tier.name:
+                options.append((agent_id, model))
+        if not options:
+            continue
+
+        def preference(option: tuple[str, CatalogModel], wanted: str = tier.name) -> tuple[bool, int, float, str]:
+            """Already serving this tier first (no churn), then the most crowded tier, then the lowest score."""
+            entry = entries[option[0]]
+            already = catalog.model(entry.current_model)
+            return (not (already is not None and already.tier == wanted), -served[entry.tier], entry.score,
+                    entry.agent_id)
+
+        agent_id, model = min(options, key=preference)
+        entry = entries[agent_id]
+        served[entry.tier] -= 1
+        served[tier.name] += 1
+        entries[agent_id] = replace(
+            entry, target_model=model.name, tier=tier.name,
+            reason=f"score {entry.score:.1f}; mix: no agent served {tier.name}, so this one serves {model.name} "
+                   f"({served[entry.tier]} left on {entry.tier})",
+        )
+
+
+def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate], move_fraction: float) -> None:
+    """Ready agents switch a few at a time and one always stays ready; the rest wait for the next plan."""
+    if len(entries) < 2:
+        return
+    ready = {agent_id for agent_id, candidate in candidates.items()
+             if candidate.record.ready_model is not None and agent_id in entries}
+    if not ready:
+        return
+    movers = [entries[agent_id] for agent_id in ready if entries[agent_id].change]
+    if not movers:
+        return
+    # Agents still pulling or loading from an earlier plan use up the budget too.
+    in_transit = sum(1 for candidate in candidates.values() if candidate.record.model_state is not None
+                     and candidate.record.model_state.state in ("pulling", "loading"))
+    budget = max(1, math.floor((len(ready) + in_transit) * move_fraction)) - in_transit
+    allowed = max(0, min(budget, len(ready) - 1))
+    movers.sort(key=lambda entry: (-entry.score, entry.agent_id))
+    for index, entry in enumerate(movers):
+        if index >= allowed:
+            entries[entry.agent_id] = replace(
+                entry, deferred=True,
+                reason=entry.reason + f"; deferred: {allowed} of {len(ready)} ready agents may switch at once",
+            )

@@ -1,0 +1,268 @@
+"""The coordinator's picture of the cluster, built only from MQTT messages.
+
+State changes go through one pure function, :func:`apply` (exo-style): it
+takes the current immutable :class:`ClusterState`, an event and the time, and
+returns the next state. Nothing here touches the network, so the whole
+registry is tested without a broker, and a restarted coordinator rebuilds the
+same picture from the retained topics (status, hardware, model, assign) plus
+one round of telemetry.
+
+Agent expiry is an explicit event: :func:`find_expired` lists the agents whose
+telemetry stopped, and the caller applies (and logs) :class:`AgentExpired`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from broker.protocol.messages import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
+from broker.scoring import MachineFacts, machine_facts
+
+DEFAULT_TELEMETRY_INTERVAL_S = 2.0
+"""Assumed interval until an agent's first telemetry says otherwise."""
+
+SPEED_SMOOTHING = 0.3
+"""Weight of the newest measurement in the per-model moving averages."""
+
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+_UNKNOWN_MACHINE = machine_facts(None)
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    """Exponentially weighted averages of what the coordinator observed on one agent and model."""
+
+    tokens_per_s: float | None = None
+    ttft_s: float | None = None
+    samples: int = 0
+    updated_at: float = 0.0
+
+    def update(self, stats: ResultStats, now: float) -> SpeedEstimate:
+        def blend(old: float | None, new: float | None) -> float | None:
+            if new is None:
+                return old
+            return new if old is None else old + SPEED_SMOOTHING * (new - old)
+
+        return SpeedEstimate(blend(self.tokens_per_s, stats.tokens_per_s), blend(self.ttft_s, stats.ttft_s),
+                             self.samples + 1, now)
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    error: str
+    at: float
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """Everything known about one agent; ``now`` values are the caller's clock (monotonic seconds)."""
+
+    agent_id: str
+    status: Status | None = None
+    hardware: Hardware | None = None
+    facts: MachineFacts = _UNKNOWN_MACHINE
+    """Derived from ``hardware`` once, when it arrives (scoring and placement read it often)."""
+    telemetry: Telemetry | None = None
+    model_state: ModelState | None = None
+    assignment: Assign | None = None
+    first_seen: float = 0.0
+    alive_at: float = 0.0
+    telemetry_at: float | None = None
+    expired: bool = False
+    observed: Mapping[str, SpeedEstimate] = field(default_factory=lambda: _EMPTY)  # type: ignore[arg-type]
+    failed_models: Mapping[str, FailedModel] = field(default_factory=lambda: _EMPTY)  # type: ignore[arg-type]
+
+    @property
+    def online(self) -> bool:
+        return self.status is not None and self.status.state == "online" and not self.expired
+
+    @property
+    def simulated(self) -> bool:
+        return bool((self.status and self.status.simulated) or (self.telemetry and self.telemetry.simulated))
+
+    @property
+    def ready_model(self) -> str | None:
+        """The model this agent can answer with right now, if any."""
+        state = self.model_state
+        if not self.online or state is None or state.state != "ready" or not state.model:
+            return None
+        if self.status is not None and self.status.backend_reachable is False:
+            return None
+        if self.telemetry is not None and self.telemetry.backend_reachable is False:
+            return None
+        return state.model
+
+    @property
+    def current_model(self) -> str | None:
+        """What this agent is assigned (the coordinator's retained assign), else what it reports serving."""
+        if self.assignment is not None:
+            return self.assignment.model
+        return self.model_state.model if self.model_state is not None else None
+
+    @property
+    def max_parallel(self) -> int:
+        for value in (self.telemetry and self.telemetry.max_parallel, self.status and self.status.max_parallel):
+            if value:
+                return int(value)
+        return 1
+
+    @property
+    def telemetry_interval_s(self) -> float:
+        return self.telemetry.interval_s if self.telemetry is not None else DEFAULT_TELEMETRY_INTERVAL_S
+
+    def silent_for(self, now: float) -> float:
+        return now - self.alive_at
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Immutable: readers on any thread may hold a reference while the event loop moves on."""
+
+    agents: Mapping[str, AgentRecord] = field(default_factory=lambda: _EMPTY)  # type: ignore[arg-type]
+    version: int = 0
+
+    def online_agents(self) -> list[AgentRecord]:
+        return [record for record in self.agents.values() if record.online]
+
+    def ready_models(self) -> list[str]:
+        return sorted({model for record in self.agents.values() if (model := record.ready_model)})
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class StatusReceived:
+    agent_id: str
+    message: Status | None  # None: the retained status was cleared (agent removed)
+
+
+@dataclass(frozen=True)
+class HardwareReceived:
+    agent_id: str
+    message: Hardware | None
+
+
+@dataclass(frozen=True)
+class TelemetryReceived:
+    agent_id: str
+    message: Telemetry
+
+
+@dataclass(frozen=True)
+class ModelStateReceived:
+    agent_id: str
+    message: ModelState | None
+
+
+@dataclass(frozen=True)
+class AssignmentSeen:
+    """Our own retained assignment for an agent (read back, so a restart knows what it assigned)."""
+
+    agent_id: str
+    message: Assign | None
+
+
+@dataclass(frozen=True)
+class AnswerMeasured:
+    """The stats of a finished answer, fed back into the agent's speed estimate for that model."""
+
+    agent_id: str
+    model: str
+    stats: ResultStats
+
+
+@dataclass(frozen=True)
+class AgentExpired:
+    """No telemetry for too long: the agent counts as gone until it speaks again."""
+
+    agent_id: str
+    silent_s: float
+    limit_s: float
+
+
+Event = (
+    StatusReceived | HardwareReceived | TelemetryReceived | ModelStateReceived | AssignmentSeen | AnswerMeasured
+    | AgentExpired
+)
+
+
+def _with(state: ClusterState, record: AgentRecord) -> ClusterState:
+    agents = dict(state.agents)
+    agents[record.agent_id] = record
+    return ClusterState(MappingProxyType(agents), state.version + 1)
+
+
+def _without(state: ClusterState, agent_id: str) -> ClusterState:
+    if agent_id not in state.agents:
+        return state
+    agents = dict(state.agents)
+    del agents[agent_id]
+    return ClusterState(MappingProxyType(agents), state.version + 1)
+
+
+def _record(state: ClusterState, agent_id: str, now: float) -> AgentRecord:
+    existing = state.agents.get(agent_id)
+    return existing if existing is not None else AgentRecord(agent_id, first_seen=now, alive_at=now)
+
+
+def apply(state: ClusterState, event: Event, now: float) -> ClusterState:
+    """The next state after ``event`` at time ``now``; the only way the registry changes."""
+    if isinstance(event, StatusReceived):
+        if event.message is None:
+            return _without(state, event.agent_id)
+        record = _record(state, event.agent_id, now)
+        return _with(state, replace(record, status=event.message, alive_at=now, expired=False))
+    if isinstance(event, AgentExpired):
+        record = state.agents.get(event.agent_id)
+        if record is None or record.expired:
+            return state
+        return _with(state, replace(record, expired=True))
+    if isinstance(event, AnswerMeasured):
+        record = state.agents.get(event.agent_id)
+        if record is None:
+            return state
+        observed = dict(record.observed)
+        observed[event.model] = observed.get(event.model, SpeedEstimate()).update(event.stats, now)
+        return _with(state, replace(record, observed=MappingProxyType(observed)))
+    if isinstance(event, AssignmentSeen):
+        record = state.agents.get(event.agent_id)
+        if record is None:
+            if event.message is None:
+                return state
+            record = AgentRecord(event.agent_id, first_seen=now, alive_at=now)
+        return _with(state, replace(record, assignment=event.message))
+    if event.message is None and event.agent_id not in state.agents:
+        return state
+    record = _record(state, event.agent_id, now)
+    if isinstance(event, HardwareReceived):
+        return _with(state, replace(record, hardware=event.message, facts=machine_facts(event.message), alive_at=now))
+    if isinstance(event, TelemetryReceived):
+        return _with(state, replace(record, telemetry=event.message, telemetry_at=now, alive_at=now, expired=False))
+    if isinstance(event, ModelStateReceived):
+        failed = record.failed_models
+        message = event.message
+        if message is not None and message.model:
+            failed = dict(failed)
+            if message.state == "failed":
+                failed[message.model] = FailedModel(message.error or "failed without a reason", now)
+            else:
+                failed.pop(message.model, None)
+            failed = MappingProxyType(failed)
+        return _with(state, replace(record, model_state=message, alive_at=now, failed_models=failed))
+    raise TypeError(f"unknown event {event!r}")
+
+
+def find_expired(state: ClusterState, now: float, factor: float) -> list[AgentExpired]:
+    """Online agents silent for more than ``factor`` × their telemetry interval."""
+    expired = []
+    for record in state.agents.values():
+        if not record.online:
+            continue
+        limit = factor * record.telemetry_interval_s
+        silent = record.silent_for(now)
+        if silent > limit:
+            expired.append(AgentExpired(record.agent_id, silent, limit))
+    return expired

@@ -1,0 +1,174 @@
+"""Which agent answers: expected completion time, baselines, and a circuit breaker.
+
+``auto`` picks the agent with the lowest expected completion time::
+
+    ECT = queue wait + time to first token + expected output tokens ÷ tokens/s
+
+where the queue wait comes from the agent's outstanding jobs (this
+coordinator's own in-flight count plus what its telemetry reports beyond
+that) and its parallel slots, and speeds are measured (or, before any
+measurement, the hardware prior). The baselines ``round_robin``, ``random``
+and ``least_outstanding`` exist to compare against (bench/).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from broker.catalog import Catalog
+from broker.config import RoutingPolicy
+from broker.estimates import expected_speed
+from broker.registry import ClusterState
+
+CONTENTION = 0.1
+"""Per-stream slowdown for each other job sharing an agent's parallel slots."""
+
+
+@dataclass(frozen=True)
+class RouteCandidate:
+    """An agent that can take a job for ``model`` now, with what the policies need."""
+
+    agent_id: str
+    model: str
+    outstanding: int
+    slots: int
+    tokens_per_s: float
+    ttft_s: float
+    speed_source: str = "prior"
+    cooling_down: bool = False
+
+    def expected_completion_s(self, output_tokens: float) -> float:
+        """Queue wait + time to first token + output tokens at the per-stream speed."""
+        sharing = min(self.outstanding, self.slots - 1)
+        speed = self.tokens_per_s / (1.0 + CONTENTION * sharing)
+        service = self.ttft_s + output_tokens / speed
+        waiting_jobs = max(0, self.outstanding - self.slots + 1)
+        wait = waiting_jobs * (self.ttft_s + output_tokens / self.tokens_per_s) / self.slots
+        return wait + service
+
+
+@dataclass(frozen=True)
+class Route:
+    candidate: RouteCandidate
+    reason: str
+
+
+def route_candidates(
+    state: ClusterState,
+    catalog: Catalog,
+    *,
+    model: str | None,
+    own_inflight: Mapping[str, int],
+    external: Mapping[str, int],
+    cooling: Mapping[str, bool],
+    exclude: frozenset[str] = frozenset(),
+    prompt_tokens: int = 0,
+) -> list[RouteCandidate]:
+    """Agents with a ready model (``model`` or any), not excluded, with their load and speed."""
+    found = []
+    for record in state.agents.values():
+        ready = record.ready_model
+        if ready is None or record.agent_id in exclude or (model is not None and ready != model):
+            continue
+        speed = expected_speed(record, ready, catalog, prompt_tokens)
+        found.append(RouteCandidate(
+            agent_id=record.agent_id,
+            model=ready,
+            outstanding=own_inflight.get(record.agent_id, 0) + external.get(record.agent_id, 0),
+            slots=record.max_parallel,
+            tokens_per_s=speed.tokens_per_s,
+            ttft_s=speed.ttft_s,
+            speed_source=speed.source,
+            cooling_down=cooling.get(record.agent_id, False),
+        ))
+    found.sort(key=lambda candidate: candidate.agent_id)
+    return found
+
+
+class Router:
+    """Applies one routing policy; keeps the little state the baselines need."""
+
+    def __init__(self, policy: RoutingPolicy = "auto", rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self._rng = rng or random.Random()
+        self._turn = itertools.count()
+
+    def choose(self, candidates: Sequence[RouteCandidate], output_tokens: float) -> Route:
+        """Pick one candidate (``candidates`` must not be empty); agents cooling down only as a last resort."""
+        if not candidates:
+            raise ValueError("no candidates")
+        warm = [candidate for candidate in candidates if not candidate.cooling_down]
+        pool = sorted(warm or candidates, key=lambda candidate: candidate.agent_id)
+        note = "" if warm else " (every candidate is cooling down)"
+        turn = next(self._turn)
+        if self.policy == "round_robin":
+            chosen = pool[turn % len(pool)]
+            return Route(chosen, f"round robin over {len(pool)} agent(s){note}")
+        if self.policy == "random":
+            return Route(self._rng.choice(pool), f"random among {len(pool)} agent(s){note}")
+        if self.policy == "least_outstanding":
+            fewest = min(candidate.outstanding / candidate.slots for candidate in pool)
+            tied = [candidate for candidate in pool if candidate.outstanding / candidate.slots == fewest]
+            chosen = tied[turn % len(tied)]
+            return Route(chosen, f"least outstanding: {chosen.outstanding} job(s) on {chosen.slots} slot(s){note}")
+        times = {candidate.agent_id: candidate.expected_completion_s(output_tokens) for candidate in pool}
+        best = min(times.values())
+        # Near-ties rotate, so equal agents share the load and all stay measured.
+        tied = [candidate for candidate in pool if times[candidate.agent_id] <= best * 1.02 + 1e-9]
+        chosen = tied[turn % len(tied)]
+        others = ", ".join(f"{c.agent_id} {times[c.agent_id]:.2f}s" for c in pool if c is not chosen)
+        return Route(chosen, (
+            f"lowest expected completion {times[chosen.agent_id]:.2f}s ({chosen.outstanding} queued, "
+            f"ttft {chosen.ttft_s:.2f}s, {chosen.tokens_per_s:.1f} tok/s {chosen.speed_source})"
+            + (f" vs {others}" if others else "") + note
+        ))
+
+
+def largest_model(candidates: Sequence[RouteCandidate], catalog: Catalog) -> str | None:
+    """The biggest ready model (``quality`` mode): by parameter count, then by name for ties."""
+    if not candidates:
+        return None
+    return max({candidate.model for candidate in candidates}, key=lambda name: (catalog.size_rank(name), name))
+
+
+def one_per_agent(candidates: Sequence[RouteCandidate]) -> list[RouteCandidate]:
+    """Fan-out targets: every agent with a ready model, cooling ones included only if nothing else is left."""
+    warm = [candidate for candidate in candidates if not candidate.cooling_down]
+    return warm or list(candidates)
+
+
+# ---------------------------------------------------------------- circuit breaker
+
+
+class CircuitBreaker:
+    """Agents that keep failing get no new jobs for ``cooldown_s``; a success closes the breaker."""
+
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._count: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def record_failure(self, agent_id: str, now: float) -> bool:
+        """Count a failure; True when this one opened the breaker."""
+        count = self._count.get(agent_id, 0) + 1
+        self._count[agent_id] = count
+        if count >= self.failures and not self.cooling_down(agent_id, now):
+            self._until[agent_id] = now + self.cooldown_s
+            self._count[agent_id] = 0
+            return True
+        return False
+
+    def record_success(self, agent_id: str) -> None:
+        self._count.pop(agent_id, None)
+        self._until.pop(agent_id, None)
+
+    def cooling_down(self, agent_id: str, now: float) -> bool:
+        until = self._until.get(agent_id)
+        return until is not None and now < until
+
+    def cooling(self, now: float) -> dict[str, bool]:
+        return {agent_id: True for agent_id, until in self._until.items() if now < until}

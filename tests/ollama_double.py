@@ -1,0 +1,693 @@
+"""TEST DOUBLE of an Ollama server (and of an OpenAI-compatible server) — not a real LLM.
+
+The real runtime cannot run in CI, so the agent, the coordinator, the web app
+tests and the benchmarks talk to this small stdlib HTTP server instead. It
+speaks the documented wire formats closely enough for the official ``ollama``
+client, ``httpx`` and the ``openai`` SDK, and "generates" deterministic text
+so tests can check exactly what was streamed.
+
+Endpoints
+    Ollama:  POST /api/chat, POST /api/generate (NDJSON when ``stream`` is true or
+             absent, one JSON object when false; the last object has done=true,
+             done_reason and the *_duration (ns) / *_count stats), GET /api/tags,
+             POST /api/pull (NDJSON progress; unknown model -> {"error": "pull model
+             manifest: file does not exist"}), POST /api/show, GET /api/ps,
+             GET /api/version. A missing model answers 404 with
+             {"error": "model \"x\" not found, try pulling it first"}.
+    OpenAI:  GET /v1/models, POST /v1/chat/completions (SSE ``data: {...}`` lines
+             ending with ``data: [DONE]``; usage chunk when
+             ``stream_options.include_usage``).
+    Control: POST /_double/config (JSON object: set any DoubleConfig field),
+             GET /_double/stats (counters, see DoubleStats).
+
+What it answers
+    The reply to a conversation is ``reply_text(prompt)``: "Echo:" followed by
+    the words of the last user message (``prompt`` for /api/generate), cycled to
+    ``reply_tokens`` tokens when that is set. One word = one token = one
+    streamed piece (" word", the first without the space). ``num_predict``
+    (Ollama options) or ``max_tokens`` (OpenAI) cut it short (done_reason
+    "length"). When the last message is an assistant message, the double
+    continues it: if it is a prefix of the full reply, only the rest is
+    streamed, otherwise the full reply is.
+
+Speed and faults (fields of :class:`DoubleConfig`, changeable while running)
+    tokens_per_s, ttft_s, load_s (first use of a model), pull_total_bytes,
+    pull_bytes_per_s; die_after_tokens (drop the connection mid-stream),
+    stall_before_first_token_s, stall_after_tokens + stall_s, context_limit
+    (prompt words; above it -> error), fail_chat_status (answer every chat with
+    this HTTP status). ``refuse_connections()`` closes the listening socket and
+    every open connection (clients see "connection refused");
+    ``accept_connections()`` listens again on the same port.
+
+Example::
+
+    from tests.ollama_double import OllamaDouble, reply_text
+
+    with OllamaDouble(models=["llama3.2:1b"], tokens_per_s=500) as double:
+        client = ollama.Client(host=double.url)
+        text = "".join(part.message.content for part in
+                       client.chat("llama3.2:1b", [{"role": "user", "content": "hi there"}], stream=True))
+        assert text == reply_text("hi there")          # "Echo: hi there"
+        double.config.die_after_tokens = 1              # the next stream breaks after one token
+
+As a process: ``python -m tests.ollama_double --port 11434 --models llama3.2:1b
+--tokens-per-s 50 --ttft-ms 100``; it prints ``READY http://127.0.0.1:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PULLABLE = frozenset({
+    "llama3.2:1b", "llama3.2:3b", "llama3.1:8b", "llama3.2:latest", "qwen2.5:0.5b", "qwen2.5:1.5b", "qwen2.5:3b",
+    "qwen2.5:7b", "qwen2.5:14b", "gemma2:2b", "gemma2:9b", "phi3:mini", "mistral:7b", "tinyllama:latest",
+})
+"""Models the double can "pull" unless the config says otherwise."""
+
+_TOKEN_RE = re.compile(r"\s*\S+")
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's naming: a model without a tag means ``:latest``."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def reply_tokens(prompt: str, count: int | None = None) -> list[str]:
+    """The pieces the double streams for ``prompt`` (first without a leading space)."""
+    words = ["Echo:", *(prompt.split() or ["(empty)"])]
+    if count is not None and count > 0:
+        words = [words[index % len(words)] for index in range(count)]
+    return [words[0], *(" " + word for word in words[1:])]
+
+
+def reply_text(prompt: str, count: int | None = None) -> str:
+    """The full text the double answers to ``prompt``."""
+    return "".join(reply_tokens(prompt, count))
+
+
+def split_tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(text)
+
+
+@dataclass
+class DoubleConfig:
+    """Behaviour of the double; every field may be changed while it runs."""
+
+    models: set[str] = field(default_factory=lambda: {"llama3.2:1b"})
+    pullable: set[str] | None = field(default_factory=lambda: set(DEFAULT_PULLABLE))  # None: any name
+    tokens_per_s: float = 200.0  # 0: as fast as possible
+    ttft_s: float = 0.0
+    load_s: float = 0.0
+    reply_tokens: int | None = None
+    pull_total_bytes: int = 20_000_000
+    pull_bytes_per_s: float = 400_000_000.0  # 0: instant
+    pull_step_s: float = 0.02
+    die_after_tokens: int | None = None
+    stall_before_first_token_s: float = 0.0
+    stall_after_tokens: int | None = None
+    stall_s: float = 0.0
+    context_limit: int | None = None
+    fail_chat_status: int | None = None
+    version: str = "0.6.5-double"
+
+
+@dataclass
+class DoubleStats:
+    """What happened, for assertions."""
+
+    requests: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # (method, path, body)
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_aborted_by_client: int = 0
+    streams_killed: int = 0
+    active_streams: int = 0
+    pulls_completed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["requests"] = len(self.requests)
+        return data
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while we were streaming."""
+
+
+class _Killed(Exception):
+    """A fault injection dropped the connection."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    double: OllamaDouble
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        logger.debug("double: error while serving %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        logger.debug("double: " + format, *args)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.double._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.double._track(self.connection, add=False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return {}
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            return {"__invalid__": raw.decode("utf-8", "replace")}
+        return value if isinstance(value, dict) else {"__invalid__": value}
+
+    def _json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_stream(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def _write_chunk(self, data: bytes) -> None:
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, OSError) as error:
+            raise _ClientGone() from error
+
+    def _end_stream(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError as error:
+            raise _ClientGone() from error
+
+    def _kill_connection(self) -> None:
+        """Drop the connection without finishing the chunked body (a crashed server)."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _Killed()
+
+    # ------------------------------------------------------------------ routing
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._route("GET", {})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._route("POST", self._body())
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE", self._body())
+
+    def _route(self, method: str, body: dict[str, Any]) -> None:
+        double = self.server.double
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        with double._lock:
+            double.stats.requests.append((method, path, body))
+        routes = {
+            ("GET", "/"): lambda: self._plain("Ollama is running"),
+            ("GET", "/api/version"): lambda: self._json(200, {"version": double.config.version}),
+            ("GET", "/api/tags"): self._tags,
+            ("GET", "/api/ps"): self._ps,
+            ("POST", "/api/show"): lambda: self._show(body),
+            ("POST", "/api/pull"): lambda: self._pull(body),
+            ("POST", "/api/chat"): lambda: self._generate(body, api="chat"),
+            ("POST", "/api/generate"): lambda: self._generate(body, api="generate"),
+            ("GET", "/v1/models"): self._openai_models,
+            ("POST", "/v1/chat/completions"): lambda: self._generate(body, api="openai"),
+            ("POST", "/_double/config"): lambda: self._configure(body),
+            ("GET", "/_double/stats"): lambda: self._json(200, double.stats.as_dict()),
+        }
+        handler = routes.get((method, path))
+        try:
+            if handler is None:
+                self._json(404, {"error": f"404 page not found: {method} {path}"})
+                return
+            handler()
+        except (_ClientGone, OSError):
+            with double._lock:
+                double.stats.streams_aborted_by_client += 1
+            self.close_connection = True
+        except _Killed:
+            with double._lock:
+                double.stats.streams_killed += 1
+
+    def _plain(self, text: str) -> None:
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _configure(self, body: dict[str, Any]) -> None:
+        config = self.server.double.config
+        names = {item.name for item in dataclasses.fields(config)}
+        unknown = sorted(set(body) - names)
+        if unknown:
+            self._json(400, {"error": f"unknown config fields: {unknown}"})
+            return
+        for name, value in body.items():
+            if name in {"models", "pullable"} and value is not None:
+                value = {normalize_model(item) for item in value}
+            setattr(config, name, value)
+        self._json(200, {"ok": True})
+
+    # ------------------------------------------------------------------ model inventory
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": "2025-01-01T00:00:00Z",
+            "size": self.server.double.config.pull_total_bytes,
+            "digest": digest,
+            "details": {"format": "gguf", "family": name.split(":")[0], "parameter_size": "1.2B",
+                        "quantization_level": "Q4_K_M"},
+        }
+
+    def _tags(self) -> None:
+        models = sorted(self.server.double.config.models)
+        self._json(200, {"models": [self._model_entry(name) for name in models]})
+
+    def _ps(self) -> None:
+        double = self.server.double
+        entries = []
+        for name in sorted(double.loaded):
+            entry = self._model_entry(name)
+            entry.update({"expires_at": "2099-01-01T00:00:00Z", "size_vram": entry["size"]})
+            entries.append(entry)
+        self._json(200, {"models": entries})
+
+    def _show(self, body: dict[str, Any]) -> None:
+        name = normalize_model(str(body.get("model") or body.get("name") or ""))
+        if name not in self.server.double.config.models:
+            self._json(404, {"error": f"model '{name}' not found"})
+            return
+        entry = self._model_entry(name)
+        self._json(200, {
+            "modelfile": f"FROM {name}\n",
+            "parameters": "",
+            "template": "{{ .Prompt }}",
+            "details": entry["details"],
+            "model_info": {"general.architecture": "llama", "general.parameter_count": 1_235_814_432,
+                           "llama.context_length": 131072},
+        })
+
+    def _pull(self, body: dict[str, Any]) -> None:
+        double = self.server.double
+        config = double.config
+        name = normalize_model(str(body.get("model") or body.get("name") or ""))
+        stream = body.get("stream", True) is not False
+        known = config.pullable is None or name in config.pullable or name in config.models
+        if not stream:
+            if not known:
+                self._json(500, {"error": "pull model manifest: file does not exist"})
+                return
+            time.sleep(config.pull_total_bytes / config.pull_bytes_per_s if config.pull_bytes_per_s else 0)
+            config.models.add(name)
+            self._json(200, {"status": "success"})
+            return
+        self._start_stream("application/x-ndjson")
+        self._line({"status": "pulling manifest"})
+        if not known:
+            self._line({"error": "pull model manifest: file does not exist"})
+            self._end_stream()
+            return
+        digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+        total = config.pull_total_bytes
+        completed = 0
+        started = time.monotonic()
+        while completed < total:
+            if config.pull_bytes_per_s:
+                double._stopping.wait(config.pull_step_s)
+                completed = min(total, int((time.monotonic() - started) * config.pull_bytes_per_s))
+            else:
+                completed = total
+            self._line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": completed})
+        small = "sha256:" + hashlib.sha256((name + "/template").encode()).hexdigest()
+        self._line({"status": f"pulling {small[7:19]}", "digest": small, "total": 1024, "completed": 1024})
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            self._line({"status": status})
+        with double._lock:
+            config.models.add(name)
+            double.stats.pulls_completed += 1
+        self._end_stream()
+
+    def _line(self, payload: dict[str, Any]) -> None:
+        self._write_chunk(json.dumps(payload).encode() + b"\n")
+
+    def _openai_models(self) -> None:
+        models = sorted(self.server.double.config.models)
+        self._json(200, {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 1_735_689_600, "owned_by": "double"} for name in models
+        ]})
+
+    # ------------------------------------------------------------------ generation
+
+    def _error(self, api: str, status: int, message: str, error_type: str = "invalid_request_error",
+               code: str | None = None) -> None:
+        if api == "openai":
+            self._json(status, {"error": {"message": message, "type": error_type, "param": None, "code": code}})
+        else:
+            self._json(status, {"error": message})
+
+    def _generate(self, body: dict[str, Any], *, api: str) -> None:
+        double = self.server.double
+        config = double.config
+        if "__invalid__" in body:
+            self._error(api, 400, "invalid JSON body")
+            return
+        raw_name = str(body.get("model") or "")
+        name = normalize_model(raw_name) if api != "openai" else raw_name
+        served = config.models
+        if api == "openai":
+            served = served | {model.removesuffix(":latest") for model in served}
+        if name not in served:
+            if api == "openai":
+                self._error(api, 404, f"The model `{raw_name}` does not exist.", code="model_not_found")
+            else:
+                self._error(api, 404, f'model "{raw_name}" not found, try pulling it first')
+            return
+        if config.fail_chat_status:
+            self._error(api, config.fail_chat_status, "injected failure", error_type="server_error")
+            return
+        options = body.get("options") or {}
+        if api == "generate":
+            prompt = str(body.get("prompt") or "")
+            messages = [{"role": "user", "content": prompt}] if prompt else []
+        else:
+            messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        stream = body.get("stream", api != "openai") is not False
+        cold = normalize_model(name) not in double.loaded
+        if not messages:  # Ollama's documented way to load a model: empty prompt / no messages
+            if cold and config.load_s:
+                double._stopping.wait(config.load_s)
+            double.loaded.add(normalize_model(name))
+            self._json(200, self._final(api, name, "", "load", 0, 0, 0.0, 0.0, config.load_s if cold else 0.0))
+            return
+        prompt_words = sum(len(str(m.get("content") or "").split()) for m in messages) or 1
+        if config.context_limit is not None and prompt_words > config.context_limit:
+            if api == "openai":
+                self._error(api, 400, f"This model's maximum context length is {config.context_limit} tokens. "
+                                      f"However, your messages resulted in {prompt_words} tokens.",
+                            code="context_length_exceeded")
+            else:
+                self._error(api, 400, f"input length ({prompt_words} tokens) exceeds the context length "
+                                      f"({config.context_limit} tokens)")
+            return
+        tokens = self._reply_for(messages, config.reply_tokens)
+        limit = options.get("num_predict") if api != "openai" else body.get("max_completion_tokens",
+                                                                            body.get("max_tokens"))
+        reason = "stop"
+        if isinstance(limit, int) and 0 <= limit < len(tokens):
+            tokens, reason = tokens[:limit], "length"
+        load_s = config.load_s if cold else 0.0
+        double.loaded.add(normalize_model(name))
+        started = time.monotonic()
+        if not stream:
+            double._stopping.wait(load_s + config.ttft_s + config.stall_before_first_token_s)
+            if config.tokens_per_s:
+                double._stopping.wait(len(tokens) / config.tokens_per_s)
+            eval_s = time.monotonic() - started
+            self._json(200, self._final(api, name, "".join(tokens), reason, prompt_words, len(tokens),
+                                        config.ttft_s, eval_s, load_s))
+            return
+        self._stream(api, name, tokens, reason, prompt_words, load_s, body)
+
+    def _reply_for(self, messages: list[dict[str, Any]], count: int | None) -> list[str]:
+        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+        prompt = str(last_user.get("content") or "") if last_user else ""
+        tokens = reply_tokens(prompt, count)
+        last = messages[-1]
+        if last.get("role") == "assistant":
+            prefix = str(last.get("content") or "")
+            full = "".join(tokens)
+            if prefix and full.startswith(prefix):
+                return split_tokens(full[len(prefix):])
+        return tokens
+
+    def _stream(self, api: str, name: str, tokens: list[str], reason: str, prompt_words: int, load_s: float,
+                body: dict[str, Any]) -> None:
+        double = self.server.double
+        config = double.config
+        with double._lock:
+            double.stats.streams_started += 1
+            double.stats.active_streams += 1
+        try:
+            self._start_stream("text/event-stream" if api == "openai" else "application/x-ndjson")
+            started = time.monotonic()
+            double._stopping.wait(load_s + config.ttft_s + config.stall_before_first_token_s)
+            first_at = time.monotonic()
+            if api == "openai":
+                self._sse(self._openai_chunk(name, {"role": "assistant", "content": ""}, None))
+            for index, token in enumerate(tokens):
+                if config.die_after_tokens is not None and index >= config.die_after_tokens:
+                    self._kill_connection()
+                if config.stall_after_tokens is not None and index == config.stall_after_tokens and config.stall_s:
+                    double._stopping.wait(config.stall_s)
+                if index and config.tokens_per_s:
+                    double._stopping.wait(1.0 / config.tokens_per_s)
+                if api == "openai":
+                    self._sse(self._openai_chunk(name, {"content": token}, None))
+                elif api == "chat":
+                    self._line({"model": name, "created_at": _now_iso(),
+                                "message": {"role": "assistant", "content": token}, "done": False})
+                else:
+                    self._line({"model": name, "created_at": _now_iso(), "response": token, "done": False})
+            eval_s = time.monotonic() - first_at
+            ttft_s = first_at - started
+            if api == "openai":
+                self._sse(self._openai_chunk(name, {}, reason))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage_chunk = self._openai_chunk(name, {}, None)
+                    usage_chunk["choices"] = []
+                    usage_chunk["usage"] = _usage(prompt_words, len(tokens))
+                    self._sse(usage_chunk)
+                self._write_chunk(b"data: [DONE]\n\n")
+            else:
+                self._line(self._final(api, name, "", reason, prompt_words, len(tokens), ttft_s, eval_s, load_s))
+            self._end_stream()
+            with double._lock:
+                double.stats.streams_completed += 1
+        finally:
+            with double._lock:
+                double.stats.active_streams -= 1
+
+    def _sse(self, payload: dict[str, Any]) -> None:
+        self._write_chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    @staticmethod
+    def _openai_chunk(name: str, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        return {"id": "chatcmpl-double", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    @staticmethod
+    def _final(api: str, name: str, text: str, reason: str, prompt_tokens: int, output_tokens: int,
+               ttft_s: float, eval_s: float, load_s: float) -> dict[str, Any]:
+        if api == "openai":
+            return {"id": "chatcmpl-double", "object": "chat.completion", "created": int(time.time()), "model": name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": reason}],
+                    "usage": _usage(prompt_tokens, output_tokens)}
+        final: dict[str, Any] = {"model": name, "created_at": _now_iso()}
+        if api == "chat":
+            final["message"] = {"role": "assistant", "content": text}
+        else:
+            final["response"] = text
+        final.update({
+            "done": True,
+            "done_reason": reason,
+            "total_duration": int((load_s + ttft_s + eval_s) * 1e9),
+            "load_duration": int(load_s * 1e9),
+        })
+        if reason != "load":
+            final.update({
+                "prompt_eval_count": prompt_tokens,
+                "prompt_eval_duration": int(ttft_s * 1e9),
+                "eval_count": output_tokens,
+                "eval_duration": max(1, int(eval_s * 1e9)),
+            })
+            if api == "generate":
+                final["context"] = list(range(1, prompt_tokens + output_tokens + 1))[:64]
+        return final
+
+
+def _usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens,
+            "total_tokens": prompt_tokens + output_tokens}
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+class OllamaDouble:
+    """The test double server: ``start()`` on a free port (or ``port``), ``stop()``, ``url``."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, models: Iterable[str] | None = None,
+                 **config: Any) -> None:
+        self.host = host
+        self.port = port
+        self.config = DoubleConfig(**config)
+        if models is not None:
+            self.config.models = {normalize_model(name) for name in models}
+        if self.config.pullable is not None:
+            self.config.pullable = {normalize_model(name) for name in self.config.pullable}
+        self.stats = DoubleStats()
+        self.loaded: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> OllamaDouble:
+        self._stopping.clear()
+        server = _Server((self.host, self.port), _Handler)
+        server.double = self
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"ollama-double-{self.port}", daemon=True)
+        self._thread.start()
+        logger.info("Ollama test double on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop every connection (streams end at once)."""
+        self._stopping.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def refuse_connections(self) -> None:
+        """Behave like a stopped server: new connections are refused, open ones are dropped."""
+        self.stop()
+
+    def accept_connections(self) -> None:
+        """Listen again on the same port after :meth:`refuse_connections`."""
+        self.start()
+
+    def reset_faults(self) -> None:
+        config = self.config
+        config.die_after_tokens = None
+        config.stall_before_first_token_s = 0.0
+        config.stall_after_tokens = None
+        config.stall_s = 0.0
+        config.context_limit = None
+        config.fail_chat_status = None
+
+    def requests_to(self, path: str) -> list[dict[str, Any]]:
+        """Bodies of the requests received on ``path``."""
+        with self._lock:
+            return [body for _, request_path, body in self.stats.requests if request_path == path]
+
+    def _track(self, connection: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def __enter__(self) -> OllamaDouble:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def iter_ndjson(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """Helper for tests reading raw NDJSON."""
+    for line in lines:
+        if line.strip():
+            yield json.loads(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.ollama_double",
+                                     description="Ollama / OpenAI-compatible TEST DOUBLE (no real model).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port (printed).")
+    parser.add_argument("--models", default="llama3.2:1b", help="Comma-separated models present at start.")
+    parser.add_argument("--tokens-per-s", type=float, default=50.0)
+    parser.add_argument("--ttft-ms", type=float, default=100.0)
+    parser.add_argument("--reply-tokens", type=int, default=None, help="Length of every reply in tokens.")
+    parser.add_argument("--pull-mb-per-s", type=float, default=20.0)
+    parser.add_argument("--pull-total-mb", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    double = OllamaDouble(
+        host=args.host, port=args.port, models=[m for m in args.models.split(",") if m],
+        tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000, reply_tokens=args.reply_tokens,
+        pull_bytes_per_s=args.pull_mb_per_s * 1e6, pull_total_bytes=int(args.pull_total_mb * 1e6),
+    ).start()
+    sys.stdout.write(f"READY {double.url}\n")
+    sys.stdout.flush()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        double.stop()
+
+
+if __name__ == "__main__":
+    main()
