@@ -1,0 +1,259 @@
+"""OpenAI-compatible chat: ``POST /v1/chat/completions`` (SSE when streamed) and ``GET /v1/models``.
+
+``model`` picks the routing: a model name, or ``auto`` / ``quality`` / ``all``
+(docs/api.md). ``aggregation`` and ``rag`` are this server's extensions
+(``extra_body`` in the openai SDK). Responses carry ``slb``: who answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from app.api_common import (
+    OWNER,
+    VIRTUAL_MODELS,
+    ApiContext,
+    ApiError,
+    check_total,
+    collect,
+    failure_error,
+    json_body,
+    prepare,
+    provenance,
+    provenance_headers,
+    stats_fields,
+    validation_message,
+)
+from broker.protocol.messages import ChatMessage
+from broker.query import QueryFailed, QueryFinished, TextDelta
+
+logger = logging.getLogger(__name__)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(BaseModel):
+    """A chat message as OpenAI clients send it; only text content is accepted."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts: list[str] = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ApiError(400, f"only text content is supported, got a {part.type!r} part", param="messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``; ``aggregation`` and ``rag`` are this server's extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    n: int = Field(default=1, ge=1, le=1)
+    aggregation: Literal["consensus", "synthesize", "first"] = "consensus"
+    rag: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 8:
+            raise ValueError("at most 8 stop sequences")
+        return value
+
+    def options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                options[name] = value
+        limit = self.max_completion_tokens or self.max_tokens
+        if limit is not None:
+            options["num_predict"] = limit
+        if self.stop is not None:
+            options["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return options
+
+
+
+def build_openai_router(context: ApiContext) -> APIRouter:
+    """The ``/v1`` routes."""
+    service, settings = context.service, context.settings
+    openai = APIRouter(prefix="/v1", dependencies=[Depends(context.require_api_key)], tags=["openai"])
+
+    @openai.get("/models")
+    async def list_models() -> dict[str, Any]:
+        """The routing modes and every model the cluster serves."""
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": OWNER, "description": description}
+            for name, description in VIRTUAL_MODELS.items()
+        ]
+        data += [
+            {"id": name, "object": "model", "created": created, "owned_by": OWNER} for name in service.known_models()
+        ]
+        return {"object": "list", "data": data}
+
+    @openai.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions, streamed as server-sent events when ``stream`` is true."""
+        body = await json_body(request)
+        try:
+            payload = ChatCompletionRequest.model_validate(body)
+        except ValidationError as error:
+            message, param = validation_message(error)
+            raise ApiError(400, message, "invalid_request", param) from None
+        texts = [message.text() for message in payload.messages]
+        check_total(settings.max_prompt_chars, settings.max_messages, texts)
+        mode = context.resolve_mode(payload.model)
+        messages = [
+            ChatMessage(role="system" if message.role == "developer" else message.role, content=text)
+            for message, text in zip(payload.messages, texts, strict=True)
+        ]
+        question = next((text for message, text in zip(payload.messages, texts, strict=True)
+                         if message.role == "user"), "")
+        events = service.ask(
+            question if payload.rag else "",
+            messages=messages,
+            mode=mode,
+            aggregation=payload.aggregation,
+            use_rag=payload.rag,
+            options=payload.options(),
+        )
+        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        if not payload.stream:
+            record = await collect(events, request)
+            if record.finished is None:
+                raise failure_error(record.failed)
+            numbers = stats_fields(record)
+            return JSONResponse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": ",".join(record.models) or payload.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": record.text},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": numbers["prompt_tokens"],
+                        "completion_tokens": numbers["output_tokens"],
+                        "total_tokens": numbers["prompt_tokens"] + numbers["output_tokens"],
+                    },
+                    "system_fingerprint": None,
+                    "slb": provenance(record, service, mode),
+                },
+                headers=provenance_headers(record),
+            )
+
+        prepared = await prepare(events)
+        head_failure = next((event for event in prepared.head if isinstance(event, QueryFailed)), None)
+        if head_failure is not None:
+            await prepared.close()
+            raise failure_error(head_failure)
+        include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": ",".join(prepared.record.models) or payload.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **extra,
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            streamed = False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for event in prepared.all_events():
+                    if isinstance(event, TextDelta) and event.text:
+                        streamed = True
+                        yield chunk({"content": event.text})
+                    elif isinstance(event, QueryFinished):
+                        if not streamed and event.text:
+                            yield chunk({"content": event.text})
+                        record = prepared.record
+                        yield chunk({}, "stop", slb=provenance(record, service, mode))
+                        if include_usage:
+                            numbers = stats_fields(record)
+                            usage_chunk = {
+                                "id": completion_id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": ",".join(record.models) or payload.model,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": numbers["prompt_tokens"],
+                                    "completion_tokens": numbers["output_tokens"],
+                                    "total_tokens": numbers["prompt_tokens"] + numbers["output_tokens"],
+                                },
+                            }
+                            yield f"data: {json.dumps(usage_chunk)}\n\n"
+                    elif isinstance(event, QueryFailed):
+                        error = {
+                            "message": event.error,
+                            "type": "server_error",
+                            "param": None,
+                            "code": event.code,
+                        }
+                        yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await prepared.close()
+
+        return StreamingResponse(
+            sse(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **provenance_headers(prepared.record)},
+        )
+
+    return openai

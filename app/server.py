@@ -1,0 +1,122 @@
+"""One ASGI app on one port: the HTTP API, and the Gradio UI (with its API) mounted at ``/``.
+
+The coordinator is started in the FastAPI lifespan so it binds to uvicorn's
+event loop — the same loop Gradio's async handlers and the HTTP endpoints
+run on, so they iterate its query streams directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
+
+from app.http_api import build_http_api, install_error_handlers  # noqa: E402
+from app.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware  # noqa: E402
+from app.service import AppService  # noqa: E402
+from app.settings import AppSettings  # noqa: E402
+from app.store import RagStore, SessionStore  # noqa: E402
+from app.ui import CSS, TITLE, build_ui  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SESSIONS_FILE = "sessions.sqlite3"
+# System fonts only: the page must not fetch anything from the internet (private, LAN-only use).
+THEME = gr.themes.Soft(
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
+)
+LOOPBACK_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+
+
+def _make_coordinator(settings: AppSettings) -> Any:
+    from broker.coordinator import Coordinator
+
+    return Coordinator(settings)
+
+
+def create_app(settings: AppSettings, *, coordinator: Any | None = None) -> FastAPI:
+    """Build the web process's ASGI app; nothing touches the network until the lifespan starts."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    coordinator = coordinator if coordinator is not None else _make_coordinator(settings)
+    sessions = SessionStore(settings.data_dir / SESSIONS_FILE)
+
+    def open_rag() -> RagStore:
+        return RagStore(
+            settings.data_dir, embedding_model=settings.embedding_model, max_upload_bytes=settings.max_upload_bytes
+        )
+
+    service = AppService(settings, coordinator, sessions, open_rag)
+    http_metrics = HttpMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await coordinator.start()
+        await service.start()
+        logger.info("web app ready on http://%s:%d (broker %s)", settings.host, settings.port, settings.broker)
+        try:
+            yield
+        finally:
+            await service.stop()
+            await coordinator.stop()
+            logger.info("web app stopped")
+
+    app = FastAPI(
+        title=TITLE,
+        summary="OpenAI- and Ollama-compatible API over a cluster of your own machines.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.coordinator = coordinator
+    app.state.http_metrics = http_metrics
+    install_error_handlers(app)
+    registry = getattr(getattr(coordinator, "metrics", None), "registry", None)
+    app.include_router(build_http_api(service, http_metrics, registry))
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origin_regex=LOOPBACK_ORIGINS,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        allow_credentials=False,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_prompt_chars * 4 + 65536)
+    app.add_middleware(MetricsMiddleware, metrics=http_metrics)
+
+    demo = build_ui(service, metrics=http_metrics)
+    auth = None
+    if settings.ui_username and settings.ui_password is not None:
+        auth = (settings.ui_username, settings.ui_password.get_secret_value())
+    if not settings.loopback_only:
+        if settings.api_key is None:
+            logger.warning("listening on %s without an API key: anyone on the network can use /v1, /api", settings.host)
+        if auth is None:
+            logger.warning("listening on %s without a UI login: anyone on the network can use it", settings.host)
+    gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        auth=auth,
+        auth_message="Log in to the Smart AI Load Balancer." if auth else None,
+        max_file_size=settings.max_upload_bytes,
+        ssr_mode=False,
+        run_history=False,
+        server_name=settings.host,
+        server_port=settings.port,
+        footer_links=["api", "settings"],
+        css=CSS,
+        theme=THEME,
+        allowed_paths=[],
+    )
+    return app

@@ -1,0 +1,97 @@
+"""The Gradio UI: Chat, Documents and Cluster tabs, plus the API for scripts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from app.service import AppService
+from app.ui.chat import build_chat_tab, mode_choices, notice_markdown
+from app.ui.cluster import build_cluster_tab
+from app.ui.documents import build_documents_tab
+from app.ui.render import CSS
+from app.ui.scripting import build_script_api
+
+logger = logging.getLogger(__name__)
+
+TITLE = "Smart AI Load Balancer"
+CHAT_STATUS_REFRESH_S = 5.0
+
+__all__ = ["CSS", "TITLE", "build_ui"]
+
+
+def build_ui(service: AppService, *, metrics: Any = None) -> gr.Blocks:
+    """The whole page; queue limits are set here, on purpose (see docs/web.md)."""
+    settings = service.settings
+    # delete_cache: uploaded files are copies of the user's documents; Gradio's cache keeps them at most an hour.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(f"## {TITLE}\nOne private assistant on all your machines.", elem_id="slb-header")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="slb-tab-chat") as chat_tab:
+                chat = build_chat_tab(service, metrics=metrics)
+            with gr.Tab("Documents", id="documents", elem_id="slb-tab-documents") as documents_tab:
+                documents = build_documents_tab(service)
+            with gr.Tab("Cluster", id="cluster", elem_id="slb-tab-cluster") as cluster_tab:
+                cluster = build_cluster_tab(service)
+        build_script_api(service)
+
+        status_timer = gr.Timer(CHAT_STATUS_REFRESH_S)
+        known_models: dict[str, tuple[str, ...]] = {}
+
+        def chat_status(request: gr.Request):
+            """Keep the chat's notice and the mode list current (only sends the mode list when it changed)."""
+            models = tuple(service.model_names())
+            key = request.session_hash if request is not None else ""
+            if known_models.get(key or "") == models:
+                return notice_markdown(service), gr.skip()
+            known_models[key or ""] = models
+            if len(known_models) > 10_000:
+                known_models.clear()
+            return notice_markdown(service), gr.update(choices=mode_choices(list(models)))
+
+        status_timer.tick(
+            chat_status, None, [chat["notice"], chat["mode"]], api_visibility="private", concurrency_id="refresh",
+            concurrency_limit=None, show_progress="hidden",
+        )
+
+        async def on_load(request: gr.Request):
+            models = tuple(service.model_names())
+            if request is not None:
+                known_models[request.session_hash or ""] = models
+            return (
+                notice_markdown(service),
+                gr.update(choices=mode_choices(list(models))),
+                gr.update(choices=await chat["session_choices"](), value=None),
+            )
+
+        demo.load(
+            on_load, None, [chat["notice"], chat["mode"], chat["sessions"]],
+            api_visibility="private", concurrency_limit=None, show_progress="hidden",
+        )
+        # The document list waits for the document store, which may still be opening: its own event.
+        demo.load(
+            documents["library"], None, [documents["table"], documents["to_delete"]],
+            api_visibility="private", concurrency_limit=None, show_progress="hidden",
+        )
+
+        timer = cluster["timer"]
+        cluster_tab.select(
+            lambda: gr.Timer(active=True), None, timer, api_visibility="private", queue=False, show_progress="hidden"
+        )
+        cluster_tab.select(
+            cluster["refresh"], None, cluster["outputs"], api_visibility="private", concurrency_id="refresh",
+            concurrency_limit=None, show_progress="hidden",
+        )
+        for other in (chat_tab, documents_tab):
+            other.select(
+                lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False,
+                show_progress="hidden",
+            )
+        documents_tab.select(
+            documents["library"], None, [documents["table"], documents["to_delete"]], api_visibility="private",
+            concurrency_limit=None, show_progress="hidden",
+        )
+    demo.queue(default_concurrency_limit=settings.chat_concurrency, max_size=settings.chat_concurrency * 16)
+    return demo

@@ -1,0 +1,112 @@
+"""The Cluster tab: live agents table, plots over time, placement reasons, reassign and what-if.
+
+A ``gr.Timer`` refreshes it while the tab is open (it is switched off on the
+other tabs, so idle browsers cost nothing). The plots read the history the
+service samples in the background, so they have a past as soon as the page
+opens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from app.service import AppService
+from app.ui.render import (
+    agents_table_html,
+    history_frames,
+    placement_markdown,
+    plan_html,
+    scores_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def build_cluster_tab(service: AppService) -> dict[str, Any]:
+    settings = service.settings
+    summary = gr.Markdown(elem_id="slb-cluster-summary")
+    agents = gr.HTML(elem_id="slb-cluster-agents")
+    with gr.Row():
+        speed_plot = gr.LinePlot(
+            x="time", y="tokens_per_s", color="agent", title="Tokens per second", height=260,
+            x_title="", y_title="tok/s", elem_id="slb-plot-speed",
+            x_axis_format="%H:%M:%S", y_axis_format=".1~f", y_lim=[0, 10],
+        )
+        load_plot = gr.LinePlot(
+            x="time", y="jobs", color="agent", title="Load (jobs running + queued)", height=260,
+            x_title="", y_title="jobs", elem_id="slb-plot-load",
+            x_axis_format="%H:%M:%S", y_axis_format=".1~f", y_lim=[0, 2],
+        )
+        scores_plot = gr.BarPlot(
+            x="agent", y="score", color="kind", title="Scores (0–100)", height=260, y_lim=[0, 100],
+            color_map={"real": "#3b82f6", "simulated": "#f59e0b"},
+            elem_id="slb-plot-scores",
+        )
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            gr.Markdown("### Why each machine serves its model")
+            reasons = gr.Markdown(elem_id="slb-placement")
+        with gr.Column(scale=3):
+            with gr.Row():
+                preview_button = gr.Button("Preview next plan (what-if)", elem_id="slb-preview")
+                reassign_button = gr.Button("Reassign now", variant="primary", elem_id="slb-reassign")
+            plan_view = gr.HTML(elem_id="slb-plan")
+    timer = gr.Timer(settings.cluster_refresh_s, active=False)
+
+    def refresh():
+        snapshot = service.snapshot()
+        speed, load = history_frames(service.cluster_history())
+        online = sum(1 for agent in snapshot.agents if agent.online)
+        simulated = sum(1 for agent in snapshot.agents if agent.simulated)
+        head = (
+            f"**{online} of {len(snapshot.agents)} agents online**"
+            + (f" ({simulated} simulated, marked [sim] in the plots)" if simulated else "")
+            + f" · broker {'connected' if snapshot.connected else '**not connected**'}"
+            + f" · ready models: {', '.join(sorted(set(snapshot.ready_models))) or 'none'}"
+        )
+        health = service.health()
+        if not health["healthy"]:
+            head += f"\n\n**The cluster cannot answer yet.** {health['message']}"
+        # The y axis starts at 0 and never collapses (an idle cluster is a flat line, not an axis of 0.000000).
+        speed_plot_value = gr.LinePlot(value=speed, y_lim=[0, max(10.0, float(speed["tokens_per_s"].max()) * 1.1)])
+        load_plot_value = gr.LinePlot(value=load, y_lim=[0, max(2.0, float(load["jobs"].max()) + 1)])
+        return (
+            head,
+            agents_table_html(snapshot),
+            speed_plot_value,
+            load_plot_value,
+            scores_frame(snapshot),
+            placement_markdown(snapshot),
+        )
+
+    def simulated_ids() -> set[str]:
+        return {agent.id for agent in service.snapshot().agents if agent.simulated}
+
+    def preview():
+        try:
+            return plan_html(service.plan(), simulated_ids())
+        except Exception as error:  # noqa: BLE001 - shown to the user instead of a broken tab
+            logger.warning("what-if plan failed", exc_info=True)
+            return f"could not compute the plan: {error}"
+
+    async def reassign():
+        try:
+            plan = await service.reassign()
+        except Exception as error:  # noqa: BLE001
+            logger.warning("reassign failed", exc_info=True)
+            return f"reassign failed: {error}"
+        changes = sum(1 for entry in plan.entries if entry.change)
+        gr.Info(f"Re-planned: {changes} change(s).")
+        return plan_html(plan, simulated_ids())
+
+    outputs = [summary, agents, speed_plot, load_plot, scores_plot, reasons]
+    timer.tick(refresh, None, outputs, api_visibility="private", concurrency_id="refresh", concurrency_limit=None,
+               show_progress="hidden")
+    preview_button.click(preview, None, plan_view, api_name="ui_plan", api_visibility="undocumented",
+                         concurrency_limit=None)
+    reassign_button.click(reassign, None, plan_view, api_name="ui_reassign", api_visibility="undocumented",
+                          concurrency_limit=1, concurrency_id="reassign")
+    return {"timer": timer, "refresh": refresh, "outputs": outputs}

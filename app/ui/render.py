@@ -1,0 +1,471 @@
+"""Pure rendering for the UI: chat messages, agent cards, the cluster table, plot data.
+
+Kept apart from the Gradio wiring so it is unit-testable and so a stored
+answer re-opened from the session list looks exactly like it did live. All
+text that came from a model, a user or an agent is HTML-escaped here.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+
+from app.service import AnswerRecord, AskEvent, AskStarted, ClusterSample, stats_of
+from app.store import ChatMessage as StoredMessage
+from app.store import Citation, Document, SearchHit
+from broker.query import (
+    AgentDelta,
+    AgentFinished,
+    AgentSwitched,
+    AgentView,
+    ClusterSnapshot,
+    PlanView,
+    QueryFailed,
+    QueryFinished,
+    QueryStarted,
+)
+
+CURSOR = " ▌"
+SIMULATED_BADGE = "simulated"
+
+Message = dict[str, Any]
+
+
+def agent_label(agent_id: str, model: str | None, simulated: bool) -> str:
+    """``agent-a (llama3.2:1b, simulated)``: every answer names its machine and model."""
+    details = [part for part in (model, SIMULATED_BADGE if simulated else None) if part]
+    return f"{agent_id} ({', '.join(details)})" if details else agent_id
+
+
+def answered_by(
+    agents: Sequence[str], models: Sequence[str], mode: str | None, stats: dict[str, Any], simulated: set[str]
+) -> str:
+    """The provenance line under an answer."""
+    names = []
+    for index, agent in enumerate(agents):
+        model = models[index] if index < len(models) else (models[0] if len(models) == 1 else None)
+        names.append(agent_label(agent, model, agent in simulated))
+    parts = [f"answered by {', '.join(names)}" if names else "no agent answered"]
+    if mode:
+        parts.append(f"mode {mode}")
+    if stats.get("aggregation"):
+        writer = f" (written by {stats['combined_by']})" if stats.get("combined_by") else ""
+        parts.append(f"combined by {stats['aggregation']}{writer}")
+    if stats.get("agreement") is not None:
+        parts.append(f"agreement {float(stats['agreement']):.2f}")
+    if stats.get("ttft_s") is not None:
+        parts.append(f"first token {float(stats['ttft_s']):.2f} s")
+    if stats.get("tokens_per_s"):
+        parts.append(f"{float(stats['tokens_per_s']):.0f} tok/s")
+    if stats.get("latency_s") is not None:
+        parts.append(f"{float(stats['latency_s']):.1f} s")
+    if stats.get("failovers"):
+        parts.append(f"{stats['failovers']} failover(s)")
+    return " · ".join(parts)
+
+
+def citation_lines(citations: Iterable[Citation | dict[str, Any]]) -> str:
+    lines = []
+    for citation in citations:
+        item = citation.model_dump() if isinstance(citation, Citation) else dict(citation)
+        where = []
+        if item.get("page") is not None:
+            where.append(f"page {item['page']}")
+        if item.get("section"):
+            where.append(str(item["section"]))
+        location = f" ({html.escape(', '.join(where))})" if where else ""
+        snippet = html.escape(str(item.get("snippet", "")))
+        lines.append(f"**[{item.get('number', '?')}] {html.escape(str(item.get('document_name', '?')))}**{location}  \n"
+                     f"> {snippet}")
+    return "\n\n".join(lines)
+
+
+def answers_markdown(answers: Iterable[dict[str, Any]]) -> str:
+    """Every agent's answer of a fan-out, for the collapsed block under a combined answer."""
+    blocks = []
+    for answer in answers:
+        label = agent_label(answer.get("agent_id", "?"), answer.get("model"), bool(answer.get("simulated")))
+        body = answer.get("text") or ""
+        if answer.get("error"):
+            body = f"*failed: {answer['error']}*" + (f"\n\n{body}" if body else "")
+        blocks.append(f"**{html.escape(label)}**\n\n{body}")
+    return "\n\n---\n\n".join(blocks)
+
+
+def answer_messages(
+    text: str,
+    *,
+    agents: Sequence[str],
+    models: Sequence[str],
+    mode: str | None,
+    stats: dict[str, Any],
+    citations: Sequence[Citation | dict[str, Any]],
+    simulated: set[str],
+    streaming: bool = False,
+    status: str | None = None,
+) -> list[Message]:
+    """Chatbot messages for one answer: the text with its provenance, the sources, the per-agent answers."""
+    body = text + (CURSOR if streaming else "")
+    if status:
+        body = f"*{status}*" + (f"\n\n{body}" if body.strip() else "")
+    if stats.get("error") and stats.get("error_code") != "cancelled":
+        body += f"\n\n**Error: {stats['error']}**"
+    elif stats.get("error_code") == "cancelled":
+        body += "\n\n*(stopped)*"
+    footer = "" if streaming else answered_by(agents, models, mode, stats, simulated)
+    content = body + (f"\n\n<sub>{html.escape(footer)}</sub>" if footer else "")
+    messages: list[Message] = [{"role": "assistant", "content": content or "…"}]
+    if stats.get("answers"):
+        messages.append(
+            {
+                "role": "assistant",
+                "content": answers_markdown(stats["answers"]),
+                "metadata": {"title": f"Every agent's answer ({len(stats['answers'])})", "status": "done"},
+            }
+        )
+    if citations:
+        messages.append(
+            {
+                "role": "assistant",
+                "content": citation_lines(citations),
+                "metadata": {"title": f"Sources ({len(citations)})", "status": "done"},
+            }
+        )
+    return messages
+
+
+def history_messages(history: Sequence[StoredMessage], simulated: set[str] | None = None) -> list[Message]:
+    """A stored session as chatbot messages."""
+    messages: list[Message] = []
+    for stored in history:
+        if stored.role == "user":
+            messages.append({"role": "user", "content": stored.content})
+        elif stored.role == "assistant":
+            marked = set(stored.stats.get("simulated_agents", [])) | (simulated or set())
+            messages.extend(
+                answer_messages(
+                    stored.content,
+                    agents=stored.agents,
+                    models=stored.models,
+                    mode=stored.mode,
+                    stats=stored.stats,
+                    citations=stored.citations,
+                    simulated=marked,
+                )
+            )
+    return messages
+
+
+@dataclass
+class LiveAnswer:
+    """An answer while it streams: folds events and renders the chat bubble and the agent cards."""
+
+    mode: str
+    simulated: set[str]
+    record: AnswerRecord = field(default_factory=AnswerRecord)
+    citations: list[Citation] = field(default_factory=list)
+    request_id: str | None = None
+    agent_status: dict[str, str] = field(default_factory=dict)
+    agent_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    note: str | None = "routing…"
+
+    def apply(self, event: AskEvent) -> None:
+        if isinstance(event, AskStarted):
+            self.request_id = event.request_id
+            self.citations = list(event.citations)
+            return
+        self.record.apply(event)
+        if isinstance(event, QueryStarted):
+            labels = [
+                agent_label(agent, event.models[i] if i < len(event.models) else None, agent in self.simulated)
+                for i, agent in enumerate(event.agents)
+            ]
+            self.note = (
+                f"asking {len(event.agents)} agents: {', '.join(labels)}" if len(event.agents) > 1
+                else f"answering on {', '.join(labels)}"
+            )
+            for agent in event.agents:
+                self.agent_status.setdefault(agent, "waiting")
+        elif isinstance(event, AgentSwitched):
+            successor = agent_label(event.to_agent, event.model, event.to_agent in self.simulated)
+            self.note = f"{event.from_agent} failed ({event.reason}); {successor} continues"
+        elif isinstance(event, AgentDelta):
+            self.agent_status[event.agent_id] = "answering"
+        elif isinstance(event, AgentFinished):
+            answer = event.answer
+            if answer.simulated:
+                self.simulated.add(answer.agent_id)
+            self.agent_status[answer.agent_id] = f"failed: {answer.error}" if answer.error else "done"
+            if answer.stats is not None:
+                self.agent_stats[answer.agent_id] = answer.stats.model_dump(exclude_none=True)
+        elif isinstance(event, QueryFinished | QueryFailed):
+            self.note = None
+
+    @property
+    def fan_out(self) -> bool:
+        return bool(self.record.agent_texts) or self.mode == "all"
+
+    def messages(self, *, done: bool = False) -> list[Message]:
+        record = self.record
+        finished = done or record.finished is not None or record.failed is not None
+        text = record.text
+        status = self.note if not finished else None
+        if not finished and self.fan_out and not text:
+            status = (self.note or "asking every agent…") + " — their answers appear below the chat"
+        return answer_messages(
+            text,
+            agents=record.agents,
+            models=record.models,
+            mode=self.mode,
+            stats=stats_of(record, self.simulated) if finished else {},
+            citations=self.citations if finished else [],
+            simulated=self.simulated,
+            streaming=not finished,
+            status=status,
+        )
+
+    def panel_html(self) -> str:
+        """Side-by-side cards of every agent's answer (fan-out) with the combined result's agreement."""
+        record = self.record
+        if not self.fan_out and not record.agent_texts:
+            return ""
+        cards = []
+        agents = list(dict.fromkeys([*self.agent_status, *record.agent_texts]))
+        for agent in agents:
+            model = record.agent_models.get(agent)
+            stats = self.agent_stats.get(agent, {})
+            numbers = []
+            if stats.get("ttft_s") is not None:
+                numbers.append(f"first token {stats['ttft_s']:.2f} s")
+            if stats.get("tokens_per_s"):
+                numbers.append(f"{stats['tokens_per_s']:.0f} tok/s")
+            state = self.agent_status.get(agent, "")
+            badge = '<span class="slb-badge slb-sim">simulated</span>' if agent in self.simulated else ""
+            cards.append(
+                '<div class="slb-card">'
+                f'<div class="slb-card-head"><b>{html.escape(agent)}</b> {badge}'
+                f'<span class="slb-model">{html.escape(model or "")}</span></div>'
+                f'<div class="slb-card-state">{html.escape(state)}'
+                f'{" · " + html.escape(" · ".join(numbers)) if numbers else ""}</div>'
+                f'<div class="slb-card-text">{html.escape(record.agent_texts.get(agent, ""))}</div>'
+                "</div>"
+            )
+        summary = ""
+        finished = record.finished
+        if finished is not None and finished.aggregation:
+            agreement = f" · agreement <b>{finished.agreement:.2f}</b>" if finished.agreement is not None else ""
+            summary = (
+                f'<div class="slb-summary">combined by <b>{html.escape(finished.aggregation)}</b>'
+                f"{agreement} — the combined answer is in the chat</div>"
+            )
+        return f'<div class="slb-answers"><div class="slb-grid">{"".join(cards)}</div>{summary}</div>'
+
+
+# ---------------------------------------------------------------------------- cluster view
+
+
+def _progress_bar(progress: float | None) -> str:
+    if progress is None:
+        return ""
+    percent = max(0.0, min(1.0, progress)) * 100
+    return (
+        f'<div class="slb-progress" title="{percent:.0f}%"><div style="width:{percent:.0f}%"></div></div>'
+        f"<small>{percent:.0f}%</small>"
+    )
+
+
+def _number(value: float | None, digits: int = 1, unit: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def agents_table_html(snapshot: ClusterSnapshot) -> str:
+    """The live agents table: name, online, simulated marker, score, hardware, model and state, jobs, tokens/s."""
+    if not snapshot.agents:
+        return '<div class="slb-empty">No agent has joined yet.</div>'
+    rows = []
+    for agent in sorted(snapshot.agents, key=lambda a: (not a.online, -(a.score or 0), a.id)):
+        online = (
+            '<span class="slb-dot slb-on"></span>online' if agent.online else '<span class="slb-dot"></span>offline'
+        )
+        sim = '<span class="slb-badge slb-sim">simulated</span>' if agent.simulated else ""
+        cooling = ' <span class="slb-badge slb-warn">cooling down</span>' if agent.cooling_down else ""
+        state = html.escape(agent.model_state or "–")
+        if agent.model_state == "pulling":
+            state += _progress_bar(agent.model_progress)
+        if agent.model_error:
+            state += f'<div class="slb-error">{html.escape(agent.model_error)}</div>'
+        backend = html.escape(agent.backend or "")
+        if agent.backend_reachable is False:
+            why = html.escape(agent.backend_error or "")
+            backend += f' <span class="slb-badge slb-warn" title="{why}">unreachable</span>'
+        slots = f"/{agent.max_parallel}" if agent.max_parallel else ""
+        rows.append(
+            "<tr>"
+            f"<td><b>{html.escape(agent.id)}</b> {sim}{cooling}</td>"
+            f"<td>{online}</td>"
+            f"<td>{_number(agent.score, 0)}</td>"
+            f"<td>{html.escape(agent.hardware_summary or '–')}</td>"
+            f"<td>{html.escape(agent.model or '–')}</td>"
+            f"<td>{state}</td>"
+            f"<td>{agent.jobs_running}{slots} / {agent.jobs_queued}</td>"
+            f"<td>{_number(agent.tokens_per_s, 1)}</td>"
+            f"<td>{backend}</td>"
+            "</tr>"
+        )
+    head = (
+        "<tr><th>Agent</th><th>Status</th><th>Score</th><th>Hardware</th><th>Model</th><th>Model state</th>"
+        "<th>Jobs running / queued</th><th>tok/s</th><th>Backend</th></tr>"
+    )
+    return f'<table class="slb-table" id="slb-agents">{head}{"".join(rows)}</table>'
+
+
+def placement_markdown(snapshot: ClusterSnapshot) -> str:
+    lines = []
+    for agent in sorted(snapshot.agents, key=lambda a: a.id):
+        reason = agent.placement_reason or "no placement decision yet"
+        marker = " *(simulated)*" if agent.simulated else ""
+        lines.append(f"- **{html.escape(agent.id)}**{marker} → `{agent.model or '–'}`: {html.escape(reason)}")
+    return "\n".join(lines) or "*No agents.*"
+
+
+def plan_html(plan: PlanView, simulated: set[str]) -> str:
+    """A placement plan as a table (what-if preview or the plan just applied)."""
+    title = "Applied plan" if plan.applied else "What-if: the plan placement would make now (nothing changed)"
+    when = datetime.fromtimestamp(plan.created_at).strftime("%H:%M:%S")
+    rows = []
+    for entry in plan.entries:
+        badge = ' <span class="slb-badge slb-sim">simulated</span>' if entry.agent_id in simulated else ""
+        moves = "<b>yes</b>" if entry.change else "no"
+        if getattr(entry, "deferred", False):
+            moves = "later (keeps the cluster answering)"
+        rows.append(
+            f"<tr><td><b>{html.escape(entry.agent_id)}</b>{badge}</td>"
+            f"<td class=\"slb-nowrap\">{html.escape(entry.current_model or '–')}</td>"
+            f"<td class=\"slb-nowrap\">{html.escape(entry.target_model or '–')}</td>"
+            f"<td>{moves}</td><td>{html.escape(entry.reason)}</td></tr>"
+        )
+    if not rows:
+        rows.append('<tr><td colspan="5">no agents to place</td></tr>')
+    excluded = "".join(
+        f"<li><b>{html.escape(agent)}</b>: {html.escape(reason)}</li>"
+        for agent, reason in sorted(plan.excluded.items())
+    )
+    return (
+        f'<div class="slb-plan"><p><b>{title}</b> ({when})</p>'
+        '<table class="slb-table"><tr><th>Agent</th><th>Now</th><th>Planned</th><th>Moves</th><th>Why</th></tr>'
+        + "".join(rows)
+        + "</table>"
+        + (f"<p><b>Left out:</b></p><ul>{excluded}</ul>" if excluded else "")
+        + "</div>"
+    )
+
+
+def scores_frame(snapshot: ClusterSnapshot) -> pd.DataFrame:
+    rows = [
+        {"agent": agent.id, "score": float(agent.score or 0.0), "kind": _kind(agent)}
+        for agent in snapshot.agents
+    ]
+    return pd.DataFrame(rows, columns=["agent", "score", "kind"])
+
+
+def _kind(agent: AgentView) -> str:
+    return SIMULATED_BADGE if agent.simulated else "real"
+
+
+def _plot_name(agent: AgentView | ClusterSample) -> str:
+    name = agent.id if isinstance(agent, AgentView) else agent.agent_id
+    return f"{name} [sim]" if agent.simulated else name
+
+
+def history_frames(samples: Sequence[ClusterSample], now: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tokens/s and load (jobs running + queued) over time, one line per agent."""
+    now = now or time.time()
+    speed_rows = []
+    load_rows = []
+    for sample in samples:
+        at = pd.Timestamp(datetime.fromtimestamp(sample.at))
+        name = _plot_name(sample)
+        speed_rows.append({"time": at, "agent": name, "tokens_per_s": float(sample.tokens_per_s or 0.0)})
+        load_rows.append(
+            {"time": at, "agent": name, "jobs": float(sample.jobs_running + sample.jobs_queued),
+             "cpu_percent": float(sample.cpu_percent or 0.0)}
+        )
+    speed = pd.DataFrame(speed_rows, columns=["time", "agent", "tokens_per_s"])
+    load = pd.DataFrame(load_rows, columns=["time", "agent", "jobs", "cpu_percent"])
+    if speed.empty:
+        stamp = pd.Timestamp(datetime.fromtimestamp(now))
+        speed = pd.DataFrame([{"time": stamp, "agent": "–", "tokens_per_s": 0.0}])
+        load = pd.DataFrame([{"time": stamp, "agent": "–", "jobs": 0.0, "cpu_percent": 0.0}])
+    return speed, load
+
+
+# ---------------------------------------------------------------------------- documents and sessions
+
+
+def documents_frame(documents: Sequence[Document]) -> pd.DataFrame:
+    rows = [
+        {
+            "Name": document.name,
+            "Format": document.format,
+            "Size": _size(document.size_bytes),
+            "Chunks": document.chunk_count,
+            "Added": document.added_at.astimezone().strftime("%Y-%m-%d %H:%M"),
+            "Id": document.id[:8],
+        }
+        for document in documents
+    ]
+    return pd.DataFrame(rows, columns=["Name", "Format", "Size", "Chunks", "Added", "Id"])
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def search_markdown(query: str, hits: Sequence[SearchHit]) -> str:
+    if not hits:
+        return f"No passage matches *{html.escape(query)}*."
+    blocks = []
+    for rank, hit in enumerate(hits, start=1):
+        location = f" — {html.escape(hit.location)}" if hit.location else ""
+        text = html.escape(" ".join(hit.text.split()))
+        if len(text) > 600:
+            text = text[:600] + "…"
+        blocks.append(f"**{rank}. {html.escape(hit.document_name)}**{location} · score {hit.score:.3f}\n\n> {text}")
+    return "\n\n".join(blocks)
+
+
+CSS = """
+.slb-table { width: 100%; border-collapse: collapse; font-size: 0.92em; }
+.slb-table th, .slb-table td { border-bottom: 1px solid var(--border-color-primary); padding: 6px 8px;
+  text-align: left; vertical-align: top; }
+.slb-badge { display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 0.78em; margin-left: 4px; }
+.slb-sim { background: #fde68a; color: #713f12; }
+.slb-warn { background: #fecaca; color: #7f1d1d; }
+.slb-dot { display: inline-block; width: 9px; height: 9px; border-radius: 50%; background: #9ca3af; margin-right: 5px; }
+.slb-on { background: #22c55e; }
+.slb-progress { width: 90px; height: 8px; background: var(--border-color-primary); border-radius: 4px;
+  display: inline-block; margin: 0 6px; vertical-align: middle; }
+.slb-progress > div { height: 100%; background: #3b82f6; border-radius: 4px; }
+.slb-error { color: #b91c1c; font-size: 0.85em; }
+.slb-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 10px; }
+.slb-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px; }
+.slb-card-head { display: flex; gap: 6px; align-items: baseline; flex-wrap: wrap; }
+.slb-model { color: var(--body-text-color-subdued); font-family: var(--font-mono); font-size: 0.85em; }
+.slb-card-state { color: var(--body-text-color-subdued); font-size: 0.82em; margin: 2px 0 6px; }
+.slb-card-text { white-space: pre-wrap; max-height: 260px; overflow-y: auto; font-size: 0.92em; }
+.slb-summary { margin-top: 8px; }
+.slb-empty { color: var(--body-text-color-subdued); padding: 8px; }
+.slb-notice { border-left: 4px solid #f59e0b; padding: 4px 10px; }
+.slb-nowrap { white-space: nowrap; }
+"""

@@ -1,0 +1,235 @@
+"""The Gradio API for scripts: one stable ``api_name`` per action (see docs/api.md).
+
+Everything the original HTTP API did (query, status, health, reassign,
+sessions, documents) is callable with ``gradio_client.Client(url).predict(...,
+api_name="/name")``. Results are plain JSON (dicts and lists) so scripts need
+no Gradio types; errors come back as ``gradio_client`` ``AppError`` with a
+readable message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gradio as gr
+
+from app.service import AnswerRecord, AppService, AskStarted, answer_dict, plan_dict, stats_of
+from app.store import StoreError
+from app.streaming import throttled
+from app.ui.documents import add_files
+from broker.query import QueryFailed
+
+logger = logging.getLogger(__name__)
+
+
+def _answer_payload(
+    record: AnswerRecord, started: AskStarted | None, mode: str, simulated: set[str], *, done: bool
+) -> dict[str, Any]:
+    finished = record.finished
+    answers: list[dict[str, Any]]
+    if finished is not None and finished.answers:
+        answers = [answer_dict(answer) for answer in finished.answers]
+    else:
+        answers = [
+            {"agent_id": agent, "model": record.agent_models.get(agent), "text": text, "simulated": agent in simulated}
+            for agent, text in record.agent_texts.items()
+        ]
+    return {
+        "session_id": started.session_id if started else None,
+        "request_id": started.request_id if started else None,
+        "text": record.text,
+        "done": done,
+        "mode": mode,
+        "agents": record.agents,
+        "models": record.models,
+        "simulated_agents": sorted(set(record.agents) & simulated),
+        "answers": answers,
+        "aggregation": finished.aggregation if finished else None,
+        "agreement": finished.agreement if finished else None,
+        "citations": [citation.model_dump(mode="json") for citation in (started.citations if started else [])],
+        "stats": stats_of(record, simulated) if done else {},
+        "error": record.failed.error if record.failed else None,
+        "error_code": record.failed.code if record.failed else None,
+    }
+
+
+def build_script_api(service: AppService) -> None:
+    """Register every script endpoint in the current Blocks."""
+    settings = service.settings
+    interval = 1.0 / settings.stream_updates_per_s
+    chat_limits = {"concurrency_id": "chat", "concurrency_limit": settings.chat_concurrency}
+
+    async def stream_answer(
+        question: str, session_id: str | None, mode: str, aggregation: str, use_rag: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        simulated = {agent.id for agent in service.snapshot().agents if agent.simulated}
+        record = AnswerRecord()
+        started: AskStarted | None = None
+        mode = (mode or "auto").strip()
+        try:
+            events = service.ask(
+                question, session_id=session_id, mode=mode, aggregation=aggregation or "consensus",
+                use_rag=bool(use_rag),
+            )
+            async for batch in throttled(events, interval):
+                for event in batch:
+                    if isinstance(event, AskStarted):
+                        started = event
+                    else:
+                        record.apply(event)
+                yield _answer_payload(record, started, mode, simulated, done=False)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        if record.finished is None and record.failed is None and started is not None:
+            record.apply(QueryFailed(started.request_id, "stopped", "cancelled", record.text))
+        yield _answer_payload(record, started, mode, simulated, done=True)
+
+    async def chat(
+        message: str,
+        session_id: str = "",
+        mode: str = "auto",
+        aggregation: str = "consensus",
+        use_rag: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Ask within a chat session (created when session_id is empty); streams, the last item has done=true.
+
+        The question and the answer are stored in the session with the agents and models that answered.
+        mode: auto, quality, all, or a model name; aggregation (mode all): consensus, synthesize or first.
+        """
+        if not session_id:
+            try:
+                session_id = (await service.create_session()).id
+            except StoreError as error:
+                raise gr.Error(str(error)) from None
+        async for item in stream_answer(message, session_id, mode, aggregation, use_rag):
+            yield item
+
+    async def query(
+        prompt: str, mode: str = "auto", aggregation: str = "consensus", use_rag: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Ask once, without a session; streams, the last item has done=true and every agent's answer in mode all."""
+        async for item in stream_answer(prompt, None, mode, aggregation, use_rag):
+            yield item
+
+    async def cancel(request_id: str) -> dict[str, Any]:
+        """Stop a running query (its request_id is in every /chat and /query item)."""
+        return {"request_id": request_id, "cancelled": await service.cancel(request_id)}
+
+    def status() -> dict[str, Any]:
+        """The cluster summary and every agent's detail (as GET /status)."""
+        return service.status()
+
+    def health() -> dict[str, Any]:
+        """healthy, connected_clients, active_models, message (as GET /health)."""
+        return service.health()
+
+    def models() -> list[str]:
+        """Model names the cluster serves (usable as mode)."""
+        return service.model_names()
+
+    def plan() -> dict[str, Any]:
+        """What placement would do now, without changing anything (what-if)."""
+        return plan_dict(service.plan())
+
+    async def reassign() -> dict[str, Any]:
+        """Re-plan model placement now and apply it; returns the plan with its reasons."""
+        return plan_dict(await service.reassign())
+
+    async def sessions_list() -> list[dict[str, Any]]:
+        """Every chat session, most recent first: id, title, created_at, updated_at, message_count."""
+        return [info.model_dump(mode="json") for info in await service.list_sessions()]
+
+    async def session_create(title: str = "") -> dict[str, Any]:
+        """A new empty session (titled from its first question unless a title is given)."""
+        try:
+            return (await service.create_session(title or None)).model_dump(mode="json")
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+
+    async def session_history(session_id: str) -> list[dict[str, Any]]:
+        """Every message of a session, oldest first, with agents, models, mode, citations and stats."""
+        try:
+            return [message.model_dump(mode="json") for message in await service.history(session_id)]
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+
+    async def session_delete(session_id: str) -> dict[str, Any]:
+        """Delete a session and all its messages."""
+        try:
+            await service.delete_session(session_id)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return {"deleted": session_id}
+
+    async def session_rename(session_id: str, title: str) -> dict[str, Any]:
+        """Give a session a title of your choosing."""
+        try:
+            return (await service.rename_session(session_id, title)).model_dump(mode="json")
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+
+    async def rag_search(query: str, k: int = 5) -> list[dict[str, Any]]:
+        """The k best passages of your documents for a query, best first, with their sources."""
+        try:
+            hits = await service.search_documents(query, int(k))
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return [hit.model_dump(mode="json") | {"location": hit.location} for hit in hits]
+
+    async def rag_list() -> list[dict[str, Any]]:
+        """Every document: id, name, format, size_bytes, chunk_count, added_at."""
+        try:
+            return [document.model_dump(mode="json") for document in await service.list_documents()]
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+
+    async def rag_delete(document_id: str) -> dict[str, Any]:
+        """Delete a document and all its chunks."""
+        try:
+            await service.delete_document(document_id)
+        except StoreError as error:
+            raise gr.Error(str(error)) from None
+        return {"deleted": document_id}
+
+    gr.api(chat, api_name="chat", **chat_limits)
+    gr.api(query, api_name="query", **chat_limits)
+    gr.api(cancel, api_name="cancel", concurrency_limit=None)
+    for function in (status, health, models, plan):
+        gr.api(function, api_name=function.__name__, concurrency_limit=None, queue=False)
+    gr.api(reassign, api_name="reassign", concurrency_limit=1, concurrency_id="reassign")
+    for function in (sessions_list, session_create, session_history, session_delete, session_rename):
+        gr.api(function, api_name=function.__name__, concurrency_limit=None)
+    gr.api(rag_search, api_name="rag_search", concurrency_id="search", concurrency_limit=8)
+    gr.api(rag_list, api_name="rag_list", concurrency_limit=None)
+    gr.api(rag_delete, api_name="rag_delete", concurrency_limit=None)
+
+    # /rag_add takes files, so it needs a real (hidden) File component: Gradio checks the uploaded paths.
+    with gr.Column(visible=False):
+        files = gr.File(file_count="multiple", label="files")
+        text = gr.Textbox(label="text")
+        name = gr.Textbox(label="name")
+        added = gr.JSON(label="result")
+        trigger = gr.Button("rag_add")
+
+    async def rag_add(files_value: Any, text_value: str, name_value: str) -> dict[str, Any]:
+        """Add documents: files (gradio_client.handle_file), and/or raw text with a name. Returns what was added."""
+        documents, errors = await add_files(service, files_value)
+        if text_value and text_value.strip():
+            try:
+                document = await service.add_document_text(text_value, name_value or "pasted text.txt")
+                documents.append(document.model_dump(mode="json"))
+            except StoreError as error:
+                errors.append(f"{name_value or 'text'}: {error}")
+        if not documents and errors:
+            raise gr.Error("; ".join(errors))
+        if not documents and not errors:
+            raise gr.Error("nothing to add: give files or text")
+        return {"added": documents, "errors": errors, "names": [os.path.basename(d["name"]) for d in documents]}
+
+    trigger.click(
+        rag_add, [files, text, name], added, api_name="rag_add", concurrency_id="uploads",
+        concurrency_limit=settings.upload_concurrency,
+    )

@@ -1,0 +1,284 @@
+"""Fast tests of the web app's pure parts: throttling, rendering, settings, request models, middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+
+from app.api_common import ApiError
+from app.middleware import BodyLimitMiddleware, route_label
+from app.ollama_api import ollama_options
+from app.openai_api import ChatCompletionRequest
+from app.service import AnswerRecord, AskStarted, stats_of
+from app.settings import AppSettings
+from app.streaming import throttled
+from app.ui.render import (
+    LiveAnswer,
+    agents_table_html,
+    answer_messages,
+    history_frames,
+    plan_html,
+    scores_frame,
+)
+from broker.protocol.messages import ResultStats
+from broker.query import (
+    AgentAnswer,
+    AgentDelta,
+    AgentFinished,
+    AgentView,
+    ClusterSnapshot,
+    PlanEntry,
+    PlanView,
+    QueryFailed,
+    QueryFinished,
+    QueryStarted,
+    TextDelta,
+)
+
+# ---------------------------------------------------------------------------- throttling
+
+
+async def _ticks(count: int, gap_s: float, log: list[str]) -> AsyncIterator[int]:
+    try:
+        for index in range(count):
+            yield index
+            await asyncio.sleep(gap_s)
+    finally:
+        log.append("closed")
+
+
+async def test_throttle_delivers_the_first_event_at_once_then_batches() -> None:
+    log: list[str] = []
+    started = time.monotonic()
+    batches: list[tuple[float, list[int]]] = []
+    async for batch in throttled(_ticks(40, 0.005, log), 0.1):
+        batches.append((time.monotonic() - started, batch))
+    assert batches[0][1] == [0] and batches[0][0] < 0.05
+    assert [item for _, batch in batches for item in batch] == list(range(40))
+    assert len(batches) <= 6, "about 0.2 s of events at 10 updates/s"
+    assert log == ["closed"]
+
+
+async def test_throttle_flushes_pending_events_when_the_source_goes_quiet() -> None:
+    async def burst_then_wait() -> AsyncIterator[str]:
+        yield "a"
+        yield "b"
+        await asyncio.sleep(1.0)
+        yield "c"
+
+    started = time.monotonic()
+    seen: list[tuple[float, list[str]]] = []
+    async for batch in throttled(burst_then_wait(), 0.1):
+        seen.append((time.monotonic() - started, batch))
+    assert seen[0][1] == ["a"]
+    assert seen[1][1] == ["b"] and seen[1][0] < 0.3, "'b' must not wait for 'c'"
+    assert seen[2][1] == ["c"]
+
+
+async def test_closing_the_throttle_closes_the_source() -> None:
+    log: list[str] = []
+    stream = throttled(_ticks(1000, 0.01, log), 0.05)
+    async for _ in stream:
+        break
+    await stream.aclose()
+    assert log == ["closed"]
+
+
+async def test_throttle_passes_errors_on_after_pending_events() -> None:
+    async def failing() -> AsyncIterator[int]:
+        yield 1
+        raise RuntimeError("backend exploded")
+
+    received: list[int] = []
+    with pytest.raises(RuntimeError, match="exploded"):
+        async for batch in throttled(failing(), 0.05):
+            received.extend(batch)
+    assert received == [1]
+
+
+async def test_throttle_ends_when_the_source_is_cancelled_from_elsewhere() -> None:
+    """The service stops a query that ignored its cancel by cancelling the task that reads it."""
+    holder: dict[str, asyncio.Task[object] | None] = {}
+
+    async def source() -> AsyncIterator[int]:
+        holder["task"] = asyncio.current_task()
+        yield 1
+        await asyncio.sleep(10)
+        yield 2
+
+    async def read() -> list[int]:
+        received: list[int] = []
+        async for batch in throttled(source(), 0.05):
+            received.extend(batch)
+        return received
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.1)
+    task = holder["task"]
+    assert task is not None
+    task.cancel()
+    assert await asyncio.wait_for(reader, 2) == [1]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _agent(agent_id: str, **fields: object) -> AgentView:
+    defaults: dict[str, object] = {"online": True, "score": 50.0, "model": "llama3.2:1b", "model_state": "ready"}
+    defaults.update(fields)
+    return AgentView(id=agent_id, **defaults)  # type: ignore[arg-type]
+
+
+def test_every_answer_names_its_agent_model_and_simulated_marker() -> None:
+    messages = answer_messages(
+        "Paris.",
+        agents=["pi"],
+        models=["llama3.2:1b"],
+        mode="auto",
+        stats={"tokens_per_s": 12.0, "latency_s": 1.5},
+        citations=[{"number": 1, "document_name": "guide.pdf", "page": 3, "snippet": "<b>Paris</b> is..."}],
+        simulated={"pi"},
+    )
+    assert "answered by pi (llama3.2:1b, simulated)" in messages[0]["content"]
+    assert "12 tok/s" in messages[0]["content"]
+    sources = messages[-1]
+    assert sources["metadata"]["title"] == "Sources (1)"
+    assert "guide.pdf" in sources["content"] and "page 3" in sources["content"]
+    assert "<b>" not in sources["content"], "document text is escaped"
+
+
+def test_live_answer_fan_out_panel_and_final_message() -> None:
+    live = LiveAnswer(mode="all", simulated=set())
+    live.apply(AskStarted(request_id="r1", session_id=None, citations=[]))
+    live.apply(QueryStarted("r1", ["desk", "pi"], ["llama3.1:8b", "llama3.2:1b"], "all"))
+    live.apply(AgentDelta("r1", "desk", "llama3.1:8b", "Four"))
+    live.apply(AgentDelta("r1", "pi", "llama3.2:1b", "4"))
+    streaming = live.messages()[0]["content"]
+    assert "asking 2 agents" in streaming
+    pi = AgentAnswer("pi", "llama3.2:1b", "4", ResultStats(ttft_s=0.2, tokens_per_s=9), simulated=True)
+    desk = AgentAnswer("desk", "llama3.1:8b", "Four")
+    live.apply(AgentFinished("r1", pi))
+    live.apply(AgentFinished("r1", desk))
+    live.apply(
+        QueryFinished("r1", "Four", ["desk", "pi"], ["llama3.1:8b", "llama3.2:1b"], "all", answers=[desk, pi],
+                      aggregation="consensus", agreement=0.75)
+    )
+    panel = live.panel_html()
+    assert panel.count('class="slb-card"') == 2
+    assert "simulated" in panel and "agreement <b>0.75</b>" in panel
+    final = live.messages()
+    assert "agreement 0.75" in final[0]["content"]
+    assert "pi (llama3.2:1b, simulated)" in final[0]["content"]
+    assert final[1]["metadata"]["title"] == "Every agent's answer (2)"
+
+
+def test_failed_and_stopped_answers_say_so() -> None:
+    live = LiveAnswer(mode="auto", simulated=set())
+    live.apply(QueryStarted("r2", ["desk"], ["m"], "auto"))
+    live.apply(TextDelta("r2", "partial", "desk", "m"))
+    live.apply(QueryFailed("r2", "cancelled by the caller", "cancelled", "partial"))
+    assert "(stopped)" in live.messages()[0]["content"]
+    record = AnswerRecord()
+    record.apply(QueryFailed("r3", "no agent serves llama9", "no_agent"))
+    assert stats_of(record, set())["error_code"] == "no_agent"
+
+
+def test_agents_table_escapes_and_marks_simulated_and_pulling() -> None:
+    snapshot = ClusterSnapshot(
+        agents=[
+            _agent("<script>x</script>", simulated=True),
+            _agent("laptop", model_state="pulling", model_progress=0.42, backend_reachable=False,
+                   backend_error="connection refused"),
+        ],
+        ready_models=["llama3.2:1b"],
+        connected=True,
+        generated_at=time.time(),
+    )
+    html = agents_table_html(snapshot)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "simulated" in html
+    assert 'style="width:42%"' in html and "unreachable" in html
+    assert list(scores_frame(snapshot).columns) == ["agent", "score", "kind"]
+
+
+def test_plan_html_and_empty_history_frames() -> None:
+    plan = PlanView(
+        entries=[PlanEntry("desk", "llama3.2:1b", "llama3.1:8b", True, "score 90 | fits 24 GB")],
+        excluded={"pi": "offline"},
+        applied=False,
+        created_at=time.time(),
+    )
+    text = plan_html(plan, {"desk"})
+    assert "What-if" in text and "<b>yes</b>" in text and "simulated" in text and "offline" in text
+    assert "score 90 | fits 24 GB" in text
+    speed, load = history_frames([])
+    assert len(speed) == 1 and list(load.columns) == ["time", "agent", "jobs", "cpu_percent"]
+
+
+# ---------------------------------------------------------------------------- settings and requests
+
+
+def test_settings_refuse_wildcard_cors_and_half_a_login() -> None:
+    with pytest.raises(ValidationError, match="wildcard"):
+        AppSettings(cors_origins=["*"])
+    with pytest.raises(ValidationError, match="both"):
+        AppSettings(ui_username="admin")
+    settings = AppSettings(cors_origins="http://a.lan:3000, http://b.lan")  # type: ignore[arg-type]
+    assert settings.cors_origins == ["http://a.lan:3000", "http://b.lan"]
+    assert settings.loopback_only and not AppSettings(host="0.0.0.0").loopback_only
+
+
+def test_openai_request_maps_options_and_refuses_images() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+         "max_tokens": 50, "temperature": 0.2, "stop": "END", "unknown_field": True}
+    )
+    assert request.options() == {"temperature": 0.2, "num_predict": 50, "stop": ["END"]}
+    assert request.messages[0].text() == "hi"
+    image = ChatCompletionRequest.model_validate(
+        {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    )
+    with pytest.raises(ApiError, match="only text"):
+        image.messages[0].text()
+
+
+def test_ollama_options_are_checked() -> None:
+    assert ollama_options({"temperature": 0.5, "num_ctx": 4096, "mystery": 1}) == {
+        "temperature": 0.5, "num_ctx": 4096
+    }
+    with pytest.raises(ApiError, match="temperature"):
+        ollama_options({"temperature": "warm"})
+    with pytest.raises(ApiError, match="stop"):
+        ollama_options({"stop": [1, 2]})
+
+
+async def test_body_limit_refuses_large_api_bodies_only() -> None:
+    app = FastAPI()
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    wrapped = BodyLimitMiddleware(app, max_bytes=1000)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://test") as client:
+        assert (await client.post("/v1/echo", content=b"x" * 10)).json() == {"size": 10}
+        refused = await client.post("/v1/echo", content=b"x" * 2000)
+        assert refused.status_code == 413 and "limit" in refused.json()["error"]["message"]
+        assert (await client.post("/upload", content=b"x" * 2000)).json() == {"size": 2000}
+
+
+def test_route_labels_are_bounded() -> None:
+    assert route_label("/v1/chat/completions") == "/v1/chat/completions"
+    assert route_label("/gradio_api/queue/join") == "/gradio_api"
+    assert route_label("/api/whatever/123") == "/api/other"
+    assert route_label("/assets/index-abc.js") == "/ui"
