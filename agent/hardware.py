@@ -310,12 +310,17 @@ class DeclaredGpu(BaseModel):
     name: str = "unknown"
     vendor: str = "unknown"
     vram_total_gb: float | None = Field(default=None, ge=0)
+    vram_free_gb: float | None = Field(default=None, ge=0)
     unified_memory: bool = False
     memory_bandwidth_gbps: float | None = Field(default=None, ge=0)
 
 
 class HardwareProfile(BaseModel):
-    """A ``--hardware-profile`` file: every field optional; unknown fields are refused (typos)."""
+    """A ``--hardware-profile`` file: every field optional; unknown fields are refused (typos).
+
+    The fields are those of the published ``Hardware`` message, so a snapshot taken with
+    ``mosquitto_sub`` (less ``v``/``ts``/``benchmark``) can be replayed as a profile.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -328,6 +333,7 @@ class HardwareProfile(BaseModel):
     gpus: list[DeclaredGpu] | None = None
     os: str | None = None
     arch: str | None = None
+    hostname: str | None = None
 
     @property
     def covers_cpu(self) -> bool:

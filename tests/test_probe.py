@@ -150,3 +150,15 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.resolved_backend_url == "http://0.0.0.0:11500"
     with pytest.raises(ValueError):
         AgentSettings(agent_id="a/b")
+
+
+def test_every_hardware_fixture_is_a_valid_profile() -> None:
+    """The coordinator's hardware snapshots double as --hardware-profile files."""
+    from agent.hardware import load_profile
+
+    folder = Path(__file__).resolve().parent / "fixtures" / "hardware"
+    files = sorted(folder.glob("*.json"))
+    assert files
+    for path in files:
+        profile = load_profile(path)
+        assert profile.model_dump(exclude_none=True) or path.name == "detection_failed.json"
