@@ -243,7 +243,8 @@ class JobRunner:
     def reject_payload(self, payload: bytes, reason: str) -> None:
         """A job that failed validation: answer ``bad_job`` if its request id is readable, else only log."""
         request_id = None
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
+        # RecursionError: deeply nested JSON ("[[[[…") must be dropped like any other junk, not escape the handler.
+        with contextlib.suppress(ValueError, TypeError, AttributeError, RecursionError):
             candidate = json.loads(payload).get("request_id")
             if isinstance(candidate, str) and is_valid_agent_id(candidate):
                 request_id = candidate
@@ -384,9 +385,12 @@ class JobRunner:
             ttft_s=round(ttft_s, 4) if ttft_s is not None else None,
             tokens_per_s=round(tokens_per_s, 2) if tokens_per_s is not None else None,
             total_s=round(finished - handle.received, 4),
+            queue_s=round(max(0.0, started - handle.received), 4),
         )
         handle.stream.finish(stats=stats)
         self.completed += 1
-        self.recent.add(job.model, stats.tokens_per_s, stats.ttft_s)
+        # Telemetry and the benchmark describe the backend: its first token, not our queue in front of it.
+        backend_ttft = None if ttft_s is None else round(max(0.0, handle.first_token_at - started), 4)
+        self.recent.add(job.model, stats.tokens_per_s, backend_ttft)
         if self._on_finished is not None:
-            self._on_finished(job.model, stats.tokens_per_s, stats.ttft_s)
+            self._on_finished(job.model, stats.tokens_per_s, backend_ttft)

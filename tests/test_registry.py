@@ -104,6 +104,13 @@ def test_observed_speed_is_a_moving_average() -> None:
     assert estimate.ttft_s == pytest.approx(0.5)
 
 
+def test_queue_wait_at_the_agent_is_not_learned_as_time_to_first_token() -> None:
+    """Routing adds the queue wait itself; the agent's queue inside ttft_s must not count twice."""
+    stats = ResultStats(tokens_per_s=30.0, ttft_s=2.3, queue_s=2.0)
+    state = apply(joined(), AnswerMeasured("a", "llama3.2:1b", stats), 1.0)
+    assert state.agents["a"].observed["llama3.2:1b"].ttft_s == pytest.approx(0.3)
+
+
 def test_restart_rebuilds_the_same_picture_from_retained_messages() -> None:
     """A new coordinator that receives the retained topics again sees the same cluster."""
     retained = [

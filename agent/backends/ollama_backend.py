@@ -120,18 +120,21 @@ class OllamaBackend:
         keep_alive: str | None = None,
     ) -> AsyncIterator[ChatEvent]:
         payload = as_payload_messages(messages, assistant_prefix)
-        started = False
+        started = finished = False
         try:
             stream = await self._client.chat(
                 model=model, messages=payload, options=options or None, stream=True, keep_alive=keep_alive
             )
             async with contextlib.aclosing(stream):
                 async for part in stream:
+                    if finished:  # read the body to its end: a response left unread costs its connection
+                        continue
                     text = part.message.content if part.message is not None else None
                     if text:
                         started = True
                         yield ChatDelta(text)
                     if part.done:
+                        finished = True
                         yield ChatDone(
                             done_reason=part.done_reason,
                             prompt_tokens=part.prompt_eval_count,
@@ -139,10 +142,12 @@ class OllamaBackend:
                             generation_s=_seconds(part.eval_duration),
                             load_s=_seconds(part.load_duration),
                         )
-                        return
         except Exception as error:  # noqa: BLE001 - translated
+            if finished:  # the answer is complete; only the end of the body went wrong
+                return
             raise self._translate(error, mid_stream=started) from None
-        raise StreamBroken(f"backend at {self.url} ended the answer without a final message")
+        if not finished:
+            raise StreamBroken(f"backend at {self.url} ended the answer without a final message")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

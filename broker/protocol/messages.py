@@ -32,9 +32,13 @@ def is_valid_agent_id(value: str) -> bool:
 
 
 class Message(BaseModel):
-    """Base of every payload: protocol version and sender's time."""
+    """Base of every payload: protocol version and sender's time.
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    NaN and infinities are refused in every number (``allow_inf_nan=False``): a job whose deadline is NaN
+    would otherwise put a NaN timer into the agent's event loop and run without a deadline (found by fuzzing).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     v: int = Field(default=PROTOCOL_VERSION, ge=1, description="Protocol version.")
     ts: float = Field(default_factory=time.time, description="Sender's UTC time, Unix seconds.")
@@ -60,7 +64,7 @@ class Status(Message):
 class GpuInfo(BaseModel):
     """One GPU; unknown values stay ``None``."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     name: str = "unknown"
     vendor: str = Field(default="unknown", description="nvidia, amd, intel, apple or unknown.")
@@ -73,7 +77,7 @@ class GpuInfo(BaseModel):
 class Benchmark(BaseModel):
     """Generation speed the agent measured on its own backend."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     model: str
     tokens_per_s: float = Field(ge=0)
@@ -134,13 +138,16 @@ class ModelState(Message):
 class ResultStats(BaseModel):
     """Usage and timing, on the last chunk of an answer."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     prompt_tokens: int | None = Field(default=None, ge=0)
     output_tokens: int | None = Field(default=None, ge=0)
     ttft_s: float | None = Field(default=None, ge=0)
     tokens_per_s: float | None = Field(default=None, ge=0)
     total_s: float | None = Field(default=None, ge=0)
+    queue_s: float | None = Field(
+        default=None, ge=0, description="Time the job waited at the agent for a free slot (included in ttft_s)."
+    )
 
 
 ErrorCode = Literal[
@@ -186,7 +193,7 @@ class Assign(Message):
 class ChatMessage(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
