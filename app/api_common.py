@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.service import AnswerRecord, AppService, AskEvent, answer_dict
-from app.settings import AppSettings
+from app.settings import LOOPBACK_ORIGINS, AppSettings
 from broker.query import ROUTING_MODES, QueryFailed, QueryFinished, QueryStarted, TextDelta
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,25 @@ class ApiContext:
         self.service = service
         self.settings: AppSettings = service.settings
 
+    def origin_allowed(self, request: Request, origin: str) -> bool:
+        """Loopback pages, the configured ``--cors-origins``, and pages served by this app itself."""
+        if re.match(LOOPBACK_ORIGINS, origin) or origin in self.settings.cors_origins:
+            return True
+        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+        return any(origin in (f"http://{host}", f"https://{host}") for host in hosts if host)
+
     async def require_api_key(self, request: Request) -> None:
-        """FastAPI dependency of /v1 and /api: the bearer key, when one is configured."""
+        """FastAPI dependency of /v1 and /api: the browser origin, then the bearer key when one is configured.
+
+        A page on another site can send a "simple" cross-origin POST (``text/plain`` body, no preflight) that
+        CORS does not stop; the body is parsed as JSON regardless, so without this check any website a user
+        visits could run queries on the cluster through the user's browser (found by
+        tests/test_security_web.py). Tools (SDKs, curl, Open WebUI's server) send no ``Origin``.
+        """
+        origin = request.headers.get("origin")
+        if origin is not None and not self.origin_allowed(request, origin):
+            raise ApiError(403, f"requests from web pages at {origin} are not allowed; list the origin in "
+                                "--cors-origins to allow them", "origin_not_allowed")
         key = self.settings.api_key.get_secret_value() if self.settings.api_key is not None else None
         if not key:
             return

@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from app.http_api import build_http_api, install_error_handlers  # noqa: E402
 from app.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware  # noqa: E402
 from app.service import AppService  # noqa: E402
-from app.settings import AppSettings  # noqa: E402
+from app.settings import LOOPBACK_ORIGINS, AppSettings  # noqa: E402
 from app.store import RagStore, SessionStore  # noqa: E402
 from app.ui import CSS, TITLE, build_ui  # noqa: E402
 
@@ -34,7 +34,6 @@ THEME = gr.themes.Soft(
     font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
     font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"],
 )
-LOOPBACK_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 
 
 def _make_coordinator(settings: AppSettings) -> Any:
@@ -119,4 +118,9 @@ def create_app(settings: AppSettings, *, coordinator: Any | None = None) -> Fast
         theme=THEME,
         allowed_paths=[],
     )
+    # Gradio checks that a file a client names (FileData.path) was uploaded to this app only once the Blocks
+    # "has launched", which mount_gradio_app never marks: without this, /rag_add (and the upload button's
+    # event) ingested any readable file on the server, e.g. {"path": "/home/me/notes.txt"}, and search then
+    # read it back. Found by tests/test_security_web.py.
+    demo.has_launched = True
     return app

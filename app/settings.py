@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from broker.config import CoordinatorSettings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+LOOPBACK_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+"""Browser origins always allowed to call the HTTP API (pages served from this machine)."""
 
 
 class AppSettings(CoordinatorSettings):

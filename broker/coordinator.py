@@ -169,6 +169,7 @@ class Coordinator:
         self._replan_handle: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()  # replaced on every notify; binds to a loop only when awaited
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._listening_since: float | None = None  # monotonic time of the last (re)connect; None while offline
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,6 +188,8 @@ class Coordinator:
                                                                     coordinator_version=COORDINATOR_VERSION)),
             birth=lambda: OutboundMessage.of(status_topic, CoordinatorStatus(state="online",
                                                                              coordinator_version=COORDINATOR_VERSION)),
+            on_ready=self._on_connected,
+            on_disconnected=self._on_disconnected,
             loop=self._loop,
         )
         self._connection.start()
@@ -279,6 +282,24 @@ class Coordinator:
         elif isinstance(payload, Assign):
             self._apply(AssignmentSeen(agent_id, payload))
 
+    def _on_connected(self) -> None:
+        """After every (re)connect: silence is judged from now on, and the retained assignments go back.
+
+        A broker restarted without its persistence file (SIGKILL, a new machine) has forgotten the
+        assignments, and an agent that restarts afterwards would wait for its model forever. The payload is
+        the one published before (same assignment id), so agents that still have it treat it as a no-op.
+        """
+        self._listening_since = time.monotonic()
+        if self._connection is None:
+            return
+        for record in list(self._state.agents.values()):
+            if record.assignment is not None:
+                self._connection.publish(self.topics.assign(record.agent_id), record.assignment, qos=1, retain=True)
+
+    def _on_disconnected(self) -> None:
+        """While we cannot hear anyone, nobody's silence means anything (see :meth:`_housekeep`)."""
+        self._listening_since = None
+
     def _on_cleared(self, kind: TopicKind, agent_id: str) -> None:
         event: Event | None = {
             TopicKind.STATUS: StatusReceived(agent_id, None),
@@ -339,12 +360,20 @@ class Coordinator:
         self._wake = asyncio.Event()
 
     async def _housekeep(self) -> None:
-        """Expire silent agents (an explicit, logged event) and refresh gauges."""
+        """Expire silent agents (an explicit, logged event) and refresh gauges.
+
+        Only silence while we were listening counts: during our own broker outage every agent is silent, and
+        expiring them all used to fail every running query although the agents kept answering (found by
+        tests/test_faults_broker.py). After a reconnect an agent gets a full expiry period to speak again.
+        """
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             try:
                 now = time.monotonic()
+                listening_since = self._listening_since
                 for expired in find_expired(self._state, now, self.settings.expiry_factor):
+                    if listening_since is None or now - listening_since < expired.limit_s:
+                        continue
                     logger.warning("agent %s expired: no telemetry for %.1f s (limit %.1f s)", expired.agent_id,
                                    expired.silent_s, expired.limit_s)
                     self.metrics.agent_expiries.inc()

@@ -132,7 +132,12 @@ Hook = Callable[[], None]
 
 
 class MqttConnection:
-    """A resilient MQTT client: subscriptions, presence, offline queue, acknowledged publishes."""
+    """A resilient MQTT client: subscriptions, presence, offline queue, acknowledged publishes.
+
+    Reconnection backs off from ``reconnect_min_s`` to at most ``reconnect_max_s`` (5 s): a home cluster has
+    a handful of clients, and after a broker restart they should be back within seconds, not after a
+    30 s back-off step (measured in docs/reliability.md).
+    """
 
     def __init__(
         self,
@@ -149,7 +154,7 @@ class MqttConnection:
         loop: asyncio.AbstractEventLoop | None = None,
         max_offline_queue: int = 1000,
         reconnect_min_s: float = 0.5,
-        reconnect_max_s: float = 30.0,
+        reconnect_max_s: float = 5.0,
     ) -> None:
         self.settings = settings
         self.client_id = client_id

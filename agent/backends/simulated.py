@@ -31,8 +31,13 @@ FILLER = (
 ).split()
 
 
+MAX_SIMULATED_TOKENS = 32_768
+"""Longest simulated answer: a job asking for 2**31 tokens must not build a list of 2**31 words (found by fuzzing)."""
+
+
 def simulated_text(model: str, messages: list[ChatMessage], max_tokens: int = 48) -> list[str]:
     """Deterministic answer pieces: a header naming the prompt, then filler chosen by the prompt's hash."""
+    max_tokens = min(max_tokens, MAX_SIMULATED_TOKENS)
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     words = last_user.split()[:12]
     head = ["[simulated", f"{model}]", "You", "asked:", *words] if words else ["[simulated", f"{model}]"]

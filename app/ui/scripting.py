@@ -65,6 +65,13 @@ def build_script_api(service: AppService) -> None:
     async def stream_answer(
         question: str, session_id: str | None, mode: str, aggregation: str, use_rag: bool
     ) -> AsyncIterator[dict[str, Any]]:
+        # Scripts can send any JSON: say which argument is wrong instead of "'int' object has no attribute 'strip'".
+        for name, value in (("prompt", question), ("session_id", session_id), ("mode", mode),
+                            ("aggregation", aggregation)):
+            if value is not None and not isinstance(value, str):
+                raise gr.Error(f"{name} must be text, got {type(value).__name__}")
+        if use_rag is not None and not isinstance(use_rag, bool):
+            raise gr.Error(f"use_rag must be true or false, got {type(use_rag).__name__}")
         simulated = {agent.id for agent in service.snapshot().agents if agent.simulated}
         record = AnswerRecord()
         started: AskStarted | None = None
@@ -174,7 +181,13 @@ def build_script_api(service: AppService) -> None:
     async def rag_search(query: str, k: int = 5) -> list[dict[str, Any]]:
         """The k best passages of your documents for a query, best first, with their sources."""
         try:
-            hits = await service.search_documents(query, int(k))
+            count = int(k) if not isinstance(k, bool) and isinstance(k, int | float | str) else None
+        except ValueError:
+            count = None
+        if count is None:
+            raise gr.Error(f"k must be a whole number, got {k!r}")
+        try:
+            hits = await service.search_documents(query, count)
         except StoreError as error:
             raise gr.Error(str(error)) from None
         return [hit.model_dump(mode="json") | {"location": hit.location} for hit in hits]
