@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import threading
@@ -53,11 +54,19 @@ from broker.protocol import (
     Topics,
     decode,
 )
+from broker.protocol.topics import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
 
 BENCHMARK_REFRESH_S = 300.0
 """How often measured job speed may replace the published benchmark."""
+
+
+def agent_client_id(agent_id: str, prefix: str) -> str:
+    """MQTT client id of an agent: unique per (agent id, topic prefix), readable for the default prefix."""
+    if prefix == DEFAULT_PREFIX:
+        return f"slb-agent-{agent_id}"
+    return f"slb-agent-{agent_id}-{hashlib.sha256(prefix.encode()).hexdigest()[:6]}"
 
 
 T = TypeVar("T")
@@ -346,8 +355,9 @@ class Agent:
         self.connection = MqttConnection(
             settings,
             # Stable client id: a second process with the same agent id takes the session over (and the two
-            # visibly fight in their logs) instead of both silently answering the same jobs.
-            f"slb-agent-{self.agent_id}",
+            # visibly fight in their logs) instead of both silently answering the same jobs. Clusters on other
+            # topic prefixes (one broker, several clusters or test runs) get their own ids.
+            agent_client_id(self.agent_id, self.topics.prefix),
             on_message=self._on_message,
             subscriptions=[(self.topics.control_of(self.agent_id), 1)],
             will=OutboundMessage.of(status_topic, self._status("offline")),

@@ -250,3 +250,12 @@ async def test_zero_interval_sends_every_token(interval: float) -> None:
     runner.submit(job("r1"))
     await collector.final("r1")
     assert [chunk.delta for chunk in collector.of("r1")] == ["t0 ", "t1 ", "t2 ", "t3 ", ""]
+
+
+def test_agent_client_ids_differ_per_topic_prefix() -> None:
+    """Two clusters on one broker must not knock each other's agents off (same agent id, other prefix)."""
+    from agent.agent import agent_client_id
+
+    assert agent_client_id("desk-pc", "slb/v1") == "slb-agent-desk-pc"
+    assert agent_client_id("desk-pc", "lab/v1") != agent_client_id("desk-pc", "home/v1")
+    assert agent_client_id("desk-pc", "lab/v1") == agent_client_id("desk-pc", "lab/v1")
