@@ -6,7 +6,7 @@ tests do, only longer. Figures are printed and written as JSON
 (``--output``, default ``tests/artifacts/chaos.json``); the exit code is 1
 when any scenario found a problem.
 
-    python -m tests.chaos --trials 100                      # everything (about 25-40 min on 2 cores)
+    python -m tests.chaos --trials 100                      # everything (about 15 min on 2 cores)
     python -m tests.chaos --only agent-kill --trials 100
     python -m tests.chaos --only broker-outage --outage-s 180
 """
