@@ -27,6 +27,8 @@ from typing import Any
 
 import psutil
 
+from broker.broker_runner import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = REPO / "agent" / "profiles"
@@ -278,14 +280,7 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 8.0) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        stop_process(self.process, timeout)
 
 
 def spawn(name: str, args: Sequence[str], folder: Path, env: dict[str, str] | None = None) -> Child:

@@ -102,6 +102,21 @@ def render_mosquitto_config(
     return "\n".join(lines) + "\n"
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float, signum: int = signal.SIGTERM) -> int | None:
+    """Ask a child to stop (``signum``), wait up to ``timeout``, then SIGKILL it; return its exit code.
+
+    The one shutdown sequence for every child we start (broker, app, agents, bench and test processes).
+    """
+    if process.poll() is None:
+        process.send_signal(signum)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until something accepts TCP connections on host:port."""
     deadline = time.monotonic() + timeout
@@ -150,14 +165,8 @@ class RunningBroker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop gracefully (SIGTERM), then force."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL, for fault tests."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from broker.broker_runner import RunningBroker, free_port
+from broker.broker_runner import RunningBroker, free_port, stop_process
 from tests.ollama_double import OllamaDouble
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,14 +57,7 @@ class Proc:
             return ""
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def spawn(name: str, args: list[str], folder: Path) -> Proc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from broker.broker_runner import stop_process
 from broker.mqtt_client import InboundMessage, MqttConnection
 from broker.protocol import ChatMessage, Job, Message, PayloadError, Result, TopicKind, Topics, decode
 from broker.settings import MqttSettings
@@ -42,14 +43,7 @@ class AgentProcess:
         return self.process.poll() is None
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return stop_process(self.process, timeout, signum)  # type: ignore[return-value]
 
 
 def spawn_agent(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.broker_runner import stop_process
 from broker.config import CoordinatorSettings
 from broker.coordinator import Coordinator
 from broker.protocol import ChatMessage
@@ -66,13 +67,8 @@ class AgentProcess:
         return at
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        self.signal(signal.SIGCONT)  # a frozen (SIGSTOP) child cannot act on SIGTERM
+        stop_process(self.process, timeout)
 
     def log(self, tail: int = 3000) -> str:
         try:
