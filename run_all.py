@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from broker.broker_runner import RunningBroker, start_broker
-from broker.cli import configure_logging, parse_settings
+from broker.mqtt.cli import configure_logging, parse_settings
+from broker.mqtt.local_broker import RunningBroker, start_broker
 
 logger = logging.getLogger("run_all")
 ROOT = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ from agent import __version__
 from agent.agent import Agent
 from agent.hardware import load_profile, probe_hardware
 from agent.settings import AgentSettings
-from broker.cli import configure_logging, parse_settings
+from broker.mqtt.cli import configure_logging, parse_settings
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from agent.identity import resolve_agent_id
 from agent.jobs import JobRunner
 from agent.models import ModelManager
 from agent.settings import AgentSettings
-from broker.mqtt_client import InboundMessage, MqttAuthError, MqttConnection, OutboundMessage
+from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, OutboundMessage
 from broker.protocol import (
     Assign,
     Benchmark,

@@ -1,4 +1,4 @@
-"""The agent's settings: every field is a ``--flag`` and an ``SLB_`` variable (see broker.cli)."""
+"""The agent's settings: every field is a ``--flag`` and an ``SLB_`` variable (see broker.mqtt.cli)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import is_valid_agent_id
-from broker.settings import MqttSettings
 
 DEFAULT_BACKEND_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8080", "simulated": ""}
 """Where each backend listens by default (Ollama's own default; llama.cpp server's default port)."""

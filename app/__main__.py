@@ -11,7 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from app.settings import AppSettings  # noqa: E402
-from broker.cli import configure_logging, parse_settings  # noqa: E402
+from broker.mqtt.cli import configure_logging, parse_settings  # noqa: E402
 
 logger = logging.getLogger("app")
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from app.service import AnswerRecord, AppService, AskEvent, answer_dict
 from app.settings import LOOPBACK_ORIGINS, AppSettings
-from broker.query import ROUTING_MODES, QueryFailed, QueryFinished, QueryStarted, TextDelta
+from broker.coordinator.contract import ROUTING_MODES, QueryFailed, QueryFinished, QueryStarted, TextDelta
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from app.api_common import (
     stats_fields,
     validation_message,
 )
+from broker.coordinator.contract import QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
-from broker.query import QueryFailed, QueryFinished, TextDelta
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ THEME = gr.themes.Soft(
 
 
 def _make_coordinator(settings: AppSettings) -> Any:
-    from broker.coordinator import Coordinator
+    from broker.coordinator.runtime import Coordinator
 
     return Coordinator(settings)
 

@@ -36,8 +36,7 @@ from app.store import (
     build_rag_prompt,
 )
 from app.store import ChatMessage as StoredMessage
-from broker.protocol.messages import ChatMessage
-from broker.query import (
+from broker.coordinator.contract import (
     AgentAnswer,
     AgentDelta,
     AgentFinished,
@@ -53,6 +52,7 @@ from broker.query import (
     TextDelta,
     new_request_id,
 )
+from broker.protocol.messages import ChatMessage
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchResult, Child, agent_args, bench_main, mosquitto, spawn, spread
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
+from broker.coordinator.contract import QueryFailed, QueryFinished, QueryRequest
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage
-from broker.query import QueryFailed, QueryFinished, QueryRequest
 
 NAME = "fanout"
 AGENTS = (("fan-gpu", "gpu-desktop", 200.0, 80.0), ("fan-laptop", "laptop", 60.0, 200.0),

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from broker.broker_runner import free_port, start_broker
-from broker.mqtt_client import InboundMessage, MqttConnection
-from broker.settings import MqttSettings
+from broker.mqtt.client import InboundMessage, MqttConnection
+from broker.mqtt.local_broker import free_port, start_broker
+from broker.mqtt.settings import MqttSettings
 
 logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"

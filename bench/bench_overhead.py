@@ -41,10 +41,10 @@ from bench.common import (
     spread,
     wait_until,
 )
-from broker.broker_runner import free_port
-from broker.mqtt_client import InboundMessage, MqttConnection
+from broker.mqtt.client import InboundMessage, MqttConnection
+from broker.mqtt.local_broker import free_port
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Job, Result, Topics, decode, encode
-from broker.settings import MqttSettings
 
 NAME = "overhead"
 MODELS = "llama3.1:8b,llama3.2:3b,llama3.2:1b"
@@ -166,7 +166,7 @@ def mqtt_echo(broker_url: str, count: int) -> dict[str, dict[str, float]]:
     import threading
 
     from bench import raw_mqtt
-    from broker.settings import parse_broker_url
+    from broker.mqtt.settings import parse_broker_url
 
     address = parse_broker_url(broker_url)
     replies: queue.SimpleQueue[float] = queue.SimpleQueue()

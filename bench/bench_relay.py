@@ -28,10 +28,10 @@ from typing import Any
 
 from bench import raw_mqtt
 from bench.common import BenchResult, Child, agent_args, bench_main, mosquitto, spawn
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
+from broker.coordinator.contract import QueryFinished, QueryRequest, TextDelta
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage, Result, encode
-from broker.query import QueryFinished, QueryRequest, TextDelta
 
 NAME = "relay"
 AGENTS = 4

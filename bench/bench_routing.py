@@ -42,10 +42,10 @@ from bench.routing_sim import (
     make_workload,
     simulate,
 )
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
+from broker.coordinator.contract import QueryFailed, QueryFinished, QueryRequest, TextDelta
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage
-from broker.query import QueryFailed, QueryFinished, QueryRequest, TextDelta
 
 NAME = "routing"
 HETEROGENEOUS = [

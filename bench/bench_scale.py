@@ -67,8 +67,8 @@ def generate(broker_url: str, prefix: str, first: int, count: int, seconds: floa
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+    from broker.mqtt.settings import parse_broker_url
     from broker.protocol import Hardware, ModelState, Status, Telemetry, Topics, encode
-    from broker.settings import parse_broker_url
 
     address = parse_broker_url(broker_url)
     topics = Topics(prefix)
@@ -127,8 +127,8 @@ def generate(broker_url: str, prefix: str, first: int, count: int, seconds: floa
 
 
 async def host(broker_url: str, prefix: str, expected: int, window_s: float, folder: Path) -> dict[str, Any]:
-    from broker.config import CoordinatorSettings
-    from broker.coordinator import Coordinator
+    from broker.coordinator.runtime import Coordinator
+    from broker.coordinator.settings import CoordinatorSettings
 
     process = psutil.Process()
     coordinator = Coordinator(CoordinatorSettings(broker_url=broker_url, topic_prefix=prefix, data_dir=folder,
@@ -202,11 +202,10 @@ def _samples(coordinator: Any, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 def placement_timing(repeats: int) -> dict[str, Any]:
-    from broker.catalog import load_catalog
-    from broker.config import DEFAULT_CATALOG
-    from broker.placement import PlacementSettings, plan_placement
     from broker.protocol import Hardware, ModelState, Status, Telemetry
-    from broker.registry import (
+    from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
+    from broker.scheduling.placement import PlacementSettings, plan_placement
+    from broker.scheduling.registry import (
         ClusterState,
         HardwareReceived,
         ModelStateReceived,

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from broker.broker_runner import stop_process
+from broker.mqtt.local_broker import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -329,7 +329,7 @@ def children() -> Iterator[list[Child]]:
 @contextmanager
 def mosquitto() -> Iterator[Any]:
     """A fresh Mosquitto on a free port in a temporary folder (the project's config, persistence off)."""
-    from broker.broker_runner import free_port, start_broker
+    from broker.mqtt.local_broker import free_port, start_broker
 
     with tempfile.TemporaryDirectory(prefix="slb-bench-broker-") as folder:
         broker = start_broker(Path(folder), port=free_port(), prefer="mosquitto",

@@ -3,10 +3,10 @@
 Why simulate: a routing comparison needs thousands of requests per policy and
 load level, hours of wall time on real agents. Why trust it: every decision
 goes through the real routing code — registry events applied with
-:func:`broker.registry.apply`, candidates from :func:`broker.routing.route_candidates`
-(so speed estimates come from :mod:`broker.estimates` exactly as in the
-coordinator), and the choice from :class:`broker.routing.Router`; models are
-placed by :func:`broker.placement.plan_placement`. What the simulation adds is
+:func:`broker.scheduling.registry.apply`, candidates from :func:`broker.scheduling.routing.route_candidates`
+(so speed estimates come from :mod:`broker.scheduling.estimates` exactly as in the
+coordinator), and the choice from :class:`broker.scheduling.routing.Router`; models are
+placed by :func:`broker.scheduling.placement.plan_placement`. What the simulation adds is
 only what the coordinator and the agents do around those calls, mirrored line
 by line (bench/bench_routing.py checks it against a real run):
 
@@ -39,11 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import PROFILES
-from broker.catalog import Catalog, load_catalog
-from broker.config import DEFAULT_CATALOG
-from broker.placement import PlacementSettings, plan_placement
 from broker.protocol.messages import Benchmark, Hardware, ModelState, ResultStats, Status, Telemetry
-from broker.registry import (
+from broker.scheduling.catalog import DEFAULT_CATALOG, Catalog, load_catalog
+from broker.scheduling.placement import PlacementSettings, plan_placement
+from broker.scheduling.registry import (
     AnswerMeasured,
     ClusterState,
     HardwareReceived,
@@ -52,7 +51,7 @@ from broker.registry import (
     TelemetryReceived,
     apply,
 )
-from broker.routing import Router, route_candidates
+from broker.scheduling.routing import Router, route_candidates
 
 POLICIES = ("auto", "round_robin", "random", "least_outstanding", "oracle")
 AGENT_QUEUE_LIMIT = 4  # CoordinatorSettings.agent_queue_limit default

@@ -13,11 +13,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from broker.catalog import CatalogError
-from broker.cli import configure_logging, parse_settings
-from broker.config import CoordinatorSettings
-from broker.console import Console, stdin_lines
-from broker.coordinator import Coordinator
+from broker.coordinator.console import Console, stdin_lines
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.cli import configure_logging, parse_settings
+from broker.scheduling.catalog import CatalogError
 
 logger = logging.getLogger(__name__)
 

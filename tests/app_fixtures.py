@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.broker_runner import RunningBroker
+from broker.mqtt.local_broker import RunningBroker
 from tests.app_support import (
     API_KEY,
     ARTIFACTS,

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from broker.broker_runner import RunningBroker, free_port, stop_process
+from broker.mqtt.local_broker import RunningBroker, free_port, stop_process
 from tests.ollama_double import OllamaDouble
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,9 +22,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from broker.broker_runner import SECURE_CONFIG, RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
-from broker.mqtt_client import MqttConnection  # noqa: E402
-from broker.settings import MqttSettings  # noqa: E402
+from broker.mqtt.client import MqttConnection  # noqa: E402
+from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
+from broker.mqtt.settings import MqttSettings  # noqa: E402
 
 SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
 

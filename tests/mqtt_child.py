@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 import time
 
-from broker.mqtt_client import MqttConnection, OutboundMessage
+from broker.mqtt.client import MqttConnection, OutboundMessage
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Status, Topics
-from broker.settings import MqttSettings
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from broker.mqtt_client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Cancel, Status, Topics
-from broker.settings import MqttSettings
 
 TOPICS = Topics("slb/v1")  # the ACL is written for the default prefix
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.broker_runner import RunningBroker, free_port
+from broker.mqtt.local_broker import RunningBroker, free_port
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import (
     Assign,
     Cancel,
@@ -21,7 +22,6 @@ from broker.protocol import (
     Telemetry,
     TopicKind,
 )
-from broker.settings import MqttSettings
 from tests.ollama_double import OllamaDouble, reply_text
 from tests.test_agent_harness import PROJECT_ROOT, AgentProcess, Watcher, spawn_agent
 

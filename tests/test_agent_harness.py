@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.broker_runner import stop_process
-from broker.mqtt_client import InboundMessage, MqttConnection
+from broker.mqtt.client import InboundMessage, MqttConnection
+from broker.mqtt.local_broker import stop_process
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Job, Message, PayloadError, Result, TopicKind, Topics, decode
-from broker.settings import MqttSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 M = TypeVar("M", bound=Message)

@@ -26,8 +26,7 @@ from app.ui.render import (
     plan_html,
     scores_frame,
 )
-from broker.protocol.messages import ResultStats
-from broker.query import (
+from broker.coordinator.contract import (
     AgentAnswer,
     AgentDelta,
     AgentFinished,
@@ -40,6 +39,7 @@ from broker.query import (
     QueryStarted,
     TextDelta,
 )
+from broker.protocol.messages import ResultStats
 
 # ---------------------------------------------------------------------------- throttling
 

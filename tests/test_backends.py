@@ -20,7 +20,7 @@ from agent.backends import (
 from agent.backends.ollama_backend import OllamaBackend
 from agent.backends.openai_backend import OpenAIBackend
 from agent.backends.simulated import SimulatedBackend, simulated_text
-from broker.broker_runner import free_port
+from broker.mqtt.local_broker import free_port
 from broker.protocol import ChatMessage
 from tests.ollama_double import OllamaDouble, reply_text
 

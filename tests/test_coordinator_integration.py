@@ -21,10 +21,7 @@ from typing import Any
 import pytest
 
 from agent.backends.simulated import simulated_text
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
-from broker.protocol import Cancel, ChatMessage, TopicKind, Topics, decode
-from broker.query import (
+from broker.coordinator.contract import (
     AgentDelta,
     AgentFinished,
     AgentSwitched,
@@ -35,7 +32,10 @@ from broker.query import (
     QueryStarted,
     TextDelta,
 )
-from broker.settings import MqttSettings
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.settings import MqttSettings
+from broker.protocol import Cancel, ChatMessage, TopicKind, Topics, decode
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.aggregation import consensus, similarity, synthesis_messages
-from broker.catalog import CatalogError, load_catalog
-from broker.config import DEFAULT_CATALOG, CoordinatorSettings
-from broker.coordinator import Coordinator
-from broker.jobs import Attempt, EchoFilter, ReorderBuffer
-from broker.mqtt_client import InboundMessage
+from broker.coordinator.attempts import Attempt, EchoFilter, ReorderBuffer
+from broker.coordinator.contract import AgentSwitched, QueryFailed, QueryFinished, QueryRequest, QueryStarted, TextDelta
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.client import InboundMessage
 from broker.protocol import (
     ChatMessage,
     Hardware,
@@ -26,7 +25,8 @@ from broker.protocol import (
     decode,
     encode,
 )
-from broker.query import AgentSwitched, QueryFailed, QueryFinished, QueryRequest, QueryStarted, TextDelta
+from broker.scheduling.aggregation import consensus, similarity, synthesis_messages
+from broker.scheduling.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
 
 
 def chunk(seq: int, delta: str = "", done: bool = False, error: str | None = None) -> Result:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.broker_runner import RunningBroker
+from broker.mqtt.local_broker import RunningBroker
 from tests.chaos.harness import Cluster
 from tests.chaos.scenarios import broker_outage, broker_restart
 from tests.ollama_double import OllamaDouble

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.broker_runner import RunningBroker
+from broker.mqtt.local_broker import RunningBroker
 from tests.chaos.app_faults import coordinator_restart
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,10 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 from agent.backends import BackendHealth, ChatDelta, ChatDone
 from agent.jobs import JobRunner
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
-from broker.mqtt_client import InboundMessage
+from broker.coordinator.contract import QueryEvent, QueryFinished, QueryRequest, TextDelta
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.client import InboundMessage
 from broker.protocol import (
     ChatMessage,
     Hardware,
@@ -44,7 +45,6 @@ from broker.protocol import (
     decode,
     encode,
 )
-from broker.query import QueryEvent, QueryFinished, QueryRequest, TextDelta
 
 MACHINE_SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None, database=None,
                             suppress_health_check=list(HealthCheck))

@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, example, given, settings
 
 from agent.agent import Agent
 from agent.settings import AgentSettings
-from broker.broker_runner import RunningBroker
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
-from broker.mqtt_client import InboundMessage, MqttConnection
+from broker.coordinator.contract import QueryRequest
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.client import InboundMessage, MqttConnection
+from broker.mqtt.local_broker import RunningBroker
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, ChatMessage, Status, TopicKind
-from broker.query import QueryRequest
-from broker.settings import MqttSettings
 from tests.chaos.payloads import topic_and_payload
 from tests.test_agent_harness import Watcher
 

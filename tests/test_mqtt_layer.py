@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.broker_runner import free_port, start_broker
-from broker.mqtt_client import InboundMessage, MqttConnection, OutboundMessage
+from broker.mqtt.client import InboundMessage, MqttConnection, OutboundMessage
+from broker.mqtt.local_broker import free_port, start_broker
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Cancel, PayloadError, Status, TopicKind, Topics, decode
-from broker.settings import MqttSettings
 from tests.test_protocol import EXAMPLES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

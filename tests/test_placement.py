@@ -9,11 +9,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.catalog import load_catalog
-from broker.config import DEFAULT_CATALOG
-from broker.placement import PlacementSettings, Plan, plan_placement
 from broker.protocol import Assign, GpuInfo, Hardware, ModelState, Status, Telemetry
-from broker.registry import (
+from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
+from broker.scheduling.placement import PlacementSettings, Plan, plan_placement
+from broker.scheduling.registry import (
     AssignmentSeen,
     ClusterState,
     HardwareReceived,
@@ -22,7 +21,7 @@ from broker.registry import (
     TelemetryReceived,
     apply,
 )
-from broker.scoring import Score
+from broker.scheduling.scoring import Score
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 CATALOG = load_catalog(DEFAULT_CATALOG)
@@ -237,7 +236,7 @@ def test_catalog_order_within_a_tier_and_current_model_kept() -> None:
     """Two models in one tier: placement assigns the first, but an agent on the second keeps it."""
     data = json.loads(Path(DEFAULT_CATALOG).read_text())
     data["models"].insert(1, {"name": "qwen2.5:7b", "parameters_b": 7.6, "memory_gb": 6.0, "tier": "large"})
-    from broker.catalog import Catalog
+    from broker.scheduling.catalog import Catalog
     catalog = Catalog.model_validate(data)
     state = add(ClusterState(), "a", "desktop_ryzen9_rtx4090_24g", current="qwen2.5:7b", model_state="ready")
     state = add(state, "b", "desktop_ryzen9_rtx4090_24g")

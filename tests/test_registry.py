@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.protocol import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
-from broker.registry import (
+from broker.scheduling.registry import (
     AgentExpired,
     AnswerMeasured,
     AssignmentSeen,

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.catalog import load_catalog
-from broker.config import DEFAULT_CATALOG
 from broker.protocol import Hardware, ModelState, ResultStats, Status, Telemetry
-from broker.registry import (
+from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
+from broker.scheduling.registry import (
     AnswerMeasured,
     ClusterState,
     HardwareReceived,
@@ -21,7 +20,7 @@ from broker.registry import (
     TelemetryReceived,
     apply,
 )
-from broker.routing import CircuitBreaker, RouteCandidate, Router, largest_model, route_candidates
+from broker.scheduling.routing import CircuitBreaker, RouteCandidate, Router, largest_model, route_candidates
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 CATALOG = load_catalog(DEFAULT_CATALOG)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from broker.broker_runner import free_port
+from broker.mqtt.local_broker import free_port
 from tests.app_support import REPO, child_env
 from tests.ollama_double import OllamaDouble, reply_text
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.catalog import load_catalog
-from broker.config import DEFAULT_CATALOG
 from broker.protocol import Benchmark, GpuInfo, Hardware
-from broker.scoring import (
+from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
+from broker.scheduling.scoring import (
     DETECTION_FAILED_SCORE,
     MeasuredSpeed,
     estimate_tokens_per_s,

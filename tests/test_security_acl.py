@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from agent.__main__ import main as agent_main
-from broker.broker_runner import SECURE_CONFIG, RunningBroker, free_port, start_broker
-from broker.mqtt_client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, start_broker
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, CoordinatorStatus, Status, Topics
-from broker.settings import MqttSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 ADD_USER = ROOT / "mosquitto" / "add-user.sh"

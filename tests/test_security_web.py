@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app
 from app.settings import AppSettings
-from broker.query import ClusterSnapshot
+from broker.coordinator.contract import ClusterSnapshot
 from tests.app_support import UI_USER, RunningApp
 
 pytest_plugins = ["tests.app_fixtures"]

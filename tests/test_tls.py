@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.broker_runner import SECURE_CONFIG, free_port, start_broker
-from broker.mqtt_client import MqttConnection
-from broker.settings import MqttSettings
+from broker.mqtt.client import MqttConnection
+from broker.mqtt.local_broker import SECURE_CONFIG, free_port, start_broker
+from broker.mqtt.settings import MqttSettings
 from tests.conftest import SECURE_USERS
 
 

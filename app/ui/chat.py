@@ -16,7 +16,7 @@ from app.service import AGGREGATIONS, AppService
 from app.store import StoreError
 from app.streaming import throttled
 from app.ui.render import LiveAnswer, history_messages
-from broker.query import ROUTING_MODES, QueryFailed
+from broker.coordinator.contract import ROUTING_MODES, QueryFailed
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import pandas as pd
 from app.service import AnswerRecord, AskEvent, AskStarted, ClusterSample, stats_of
 from app.store import ChatMessage as StoredMessage
 from app.store import Citation, Document, SearchHit
-from broker.query import (
+from broker.coordinator.contract import (
     AgentDelta,
     AgentFinished,
     AgentSwitched,

@@ -20,7 +20,7 @@ from app.service import AnswerRecord, AppService, AskStarted, answer_dict, plan_
 from app.store import StoreError
 from app.streaming import throttled
 from app.ui.documents import add_files
-from broker.query import QueryFailed
+from broker.coordinator.contract import QueryFailed
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from broker.broker_runner import RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
+from broker.mqtt.local_broker import RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
 from tests.chaos import scenarios  # noqa: E402
 from tests.chaos.harness import ROOT, Cluster, Report  # noqa: E402
 from tests.ollama_double import OllamaDouble  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from broker.broker_runner import RunningBroker
+from broker.mqtt.local_broker import RunningBroker
 from tests.app_support import RASPBERRY_PI, RunningApp, start_agent, start_app
 from tests.chaos.harness import Report, summary
 from tests.chaos.store_faults import EMBEDDING_NAME, HashEmbedder

@@ -21,11 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.broker_runner import stop_process
-from broker.config import CoordinatorSettings
-from broker.coordinator import Coordinator
+from broker.coordinator.contract import (
+    AgentSwitched,
+    QueryEvent,
+    QueryFailed,
+    QueryFinished,
+    QueryRequest,
+    QueryStarted,
+    TextDelta,
+)
+from broker.coordinator.runtime import Coordinator
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.local_broker import stop_process
 from broker.protocol import ChatMessage
-from broker.query import AgentSwitched, QueryEvent, QueryFailed, QueryFinished, QueryRequest, QueryStarted, TextDelta
 from tests.ollama_double import OllamaDouble, reply_text
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,10 +17,10 @@ from typing import Any
 
 from agent.agent import Agent
 from agent.settings import AgentSettings
-from broker.broker_runner import RunningBroker
+from broker.coordinator.contract import QueryFinished, TextDelta
+from broker.mqtt.local_broker import RunningBroker
+from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, TopicKind
-from broker.query import QueryFinished, TextDelta
-from broker.settings import MqttSettings
 from tests.chaos.harness import Cluster, QueryOutcome, Report, summary, wait_until
 from tests.ollama_double import OllamaDouble
 from tests.test_agent_harness import Watcher

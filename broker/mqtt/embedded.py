@@ -2,7 +2,7 @@
 
 MQTT 3.1.1 only, anonymous, no ACL and no TLS: good enough for a
 single-machine cluster after a plain ``pip install``; use Mosquitto otherwise.
-Run as ``python -m broker.embedded_broker --port 1883``.
+Run as ``python -m broker.mqtt.embedded --port 1883``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,18 @@
 """Settings of the coordinator (``python -m broker`` and the web process, whose settings subclass these).
 
-Every field has an environment twin ``SLB_<NAME>`` and, through :mod:`broker.cli`,
+Every field has an environment twin ``SLB_<NAME>`` and, through :mod:`broker.mqtt.cli`,
 a flag ``--<name>``; the flag wins.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from broker.settings import MqttSettings
-
-DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.json"
-
-RoutingPolicy = Literal["auto", "round_robin", "random", "least_outstanding"]
+from broker.mqtt.settings import MqttSettings
+from broker.scheduling.catalog import DEFAULT_CATALOG
+from broker.scheduling.routing import RoutingPolicy
 
 
 class CoordinatorSettings(MqttSettings):

@@ -24,7 +24,7 @@ from typing import Literal
 
 logger = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_DIR = PROJECT_ROOT / "mosquitto"
 DEFAULT_CONFIG = MOSQUITTO_DIR / "mosquitto.conf"
 SECURE_CONFIG = MOSQUITTO_DIR / "mosquitto.secure.conf"
@@ -220,7 +220,7 @@ def start_broker(
         kind="embedded",
         host=host,
         port=port,
-        command=[sys.executable, "-m", "broker.embedded_broker", "--host", host, "--port", str(port)],
+        command=[sys.executable, "-m", "broker.mqtt.embedded", "--host", host, "--port", str(port)],
         log_path=data_dir / f"embedded-broker-{port}.log",
     )
     env_note = "" if prefer == "embedded" else " (mosquitto not found on PATH)"

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from broker.catalog import Catalog, CatalogModel
 from broker.protocol.messages import GpuInfo, Hardware
+from broker.scheduling.catalog import Catalog, CatalogModel
 
 DETECTION_FAILED_SCORE = 50.0
 """The original design's score for a machine whose hardware could not be read."""

@@ -2,7 +2,7 @@
 
 One pydantic-settings object per process, env prefix ``SLB_``; each process
 extends :class:`MqttSettings`. Flags (``--broker-url``) win over variables
-(``SLB_BROKER_URL``): see :mod:`broker.cli`.
+(``SLB_BROKER_URL``): see :mod:`broker.mqtt.cli`.
 """
 
 from __future__ import annotations

@@ -10,15 +10,40 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal
 
 from broker.protocol.messages import ChatMessage, ResultStats
+from broker.scheduling.placement import PlanEntry as PlanEntry  # re-exported: part of the contract
+from broker.scheduling.placement import PlanView as PlanView
 
-Aggregation = Literal["consensus", "synthesize", "first"]
-"""How a fan-out (mode ``all``) is combined into one answer."""
 
-ROUTING_MODES = ("auto", "quality", "all")
-"""Modes besides a model name (any other mode string names a model)."""
+class Aggregation(str, Enum):
+    """How a fan-out (mode ``all``) is combined into one answer; the only list of these names."""
+
+    CONSENSUS = "consensus"
+    SYNTHESIZE = "synthesize"
+    FIRST = "first"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RoutingMode(str, Enum):
+    """How a query picks its agent; any other ``mode`` string names a model. The only list of these names."""
+
+    AUTO = "auto"
+    QUALITY = "quality"
+    ALL = "all"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ROUTING_MODES: tuple[str, ...] = tuple(mode.value for mode in RoutingMode)
+"""The routing modes' names, for choices lists and membership tests."""
+AGGREGATIONS: tuple[str, ...] = tuple(method.value for method in Aggregation)
+"""The aggregation names, for choices lists and membership tests."""
 
 
 def new_request_id() -> str:
@@ -31,7 +56,7 @@ class QueryRequest:
 
     messages: list[ChatMessage]
     mode: str = "auto"
-    aggregation: Aggregation = "consensus"
+    aggregation: Aggregation = Aggregation.CONSENSUS
     options: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
     request_id: str = field(default_factory=new_request_id)
@@ -174,26 +199,3 @@ class ClusterSnapshot:
     connected: bool
     generated_at: float
 
-
-@dataclass(frozen=True)
-class PlanEntry:
-    """What placement wants for one agent, and why."""
-
-    agent_id: str
-    current_model: str | None
-    target_model: str | None
-    change: bool
-    reason: str
-    score: float | None = None
-    tier: str | None = None
-    deferred: bool = False  # a change held back so that the cluster keeps answering while models move
-
-
-@dataclass(frozen=True)
-class PlanView:
-    """A placement plan; ``applied`` is false for a dry run (what-if)."""
-
-    entries: list[PlanEntry]
-    excluded: dict[str, str]
-    applied: bool
-    created_at: float

@@ -29,11 +29,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from broker.catalog import Catalog, CatalogModel
-from broker.estimates import agent_score
-from broker.query import PlanEntry, PlanView
-from broker.registry import AgentRecord, ClusterState
-from broker.scoring import MachineFacts, Score
+from broker.scheduling.catalog import Catalog, CatalogModel
+from broker.scheduling.estimates import agent_score
+from broker.scheduling.registry import AgentRecord, ClusterState
+from broker.scheduling.scoring import MachineFacts, Score
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,30 @@ class PlacementSettings:
     move_fraction: float = 0.25
     mix: bool = True
     failed_retry_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """What placement wants for one agent, and why."""
+
+    agent_id: str
+    current_model: str | None
+    target_model: str | None
+    change: bool
+    reason: str
+    score: float | None = None
+    tier: str | None = None
+    deferred: bool = False  # a change held back so that the cluster keeps answering while models move
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """A placement plan; ``applied`` is false for a dry run (what-if)."""
+
+    entries: list[PlanEntry]
+    excluded: dict[str, str]
+    applied: bool
+    created_at: float
 
 
 @dataclass(frozen=True)

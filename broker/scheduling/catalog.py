@@ -1,6 +1,6 @@
 """The model catalog: which models the cluster may place, how much memory each needs, and its tier.
 
-A JSON file the user edits (``broker/catalog.json`` by default, ``--catalog-path``
+A JSON file the user edits (``broker/scheduling/catalog.json`` by default, ``--catalog-path``
 to use another). Tiers map score ranges to models: a machine scoring at least
 ``min_score`` qualifies for that tier. Within a tier the first model listed is
 the one placement assigns; the others are still valid named targets.
@@ -13,6 +13,9 @@ from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.json"
+"""The catalog shipped with the project; ``--catalog-path`` names another."""
 
 
 class CatalogError(ValueError):

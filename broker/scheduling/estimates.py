@@ -3,16 +3,16 @@
 Evidence, best first: answers the coordinator itself observed (per model),
 the agent's telemetry (recent tokens/s and time to first token of the model
 it serves), its hardware benchmark, and last the bandwidth-based prior from
-:mod:`broker.scoring` for an agent nobody has measured yet.
+:mod:`broker.scheduling.scoring` for an agent nobody has measured yet.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.catalog import Catalog, CatalogModel
-from broker.registry import AgentRecord
-from broker.scoring import MeasuredSpeed, Score, estimate_tokens_per_s, score_machine
+from broker.scheduling.catalog import Catalog, CatalogModel
+from broker.scheduling.registry import AgentRecord
+from broker.scheduling.scoring import MeasuredSpeed, Score, estimate_tokens_per_s, score_machine
 
 UNKNOWN_MODEL = CatalogModel(name="unknown", parameters_b=7.0, memory_gb=5.0, tier="unknown")
 """Stand-in size for a model that is not in the catalog (speed prior only)."""

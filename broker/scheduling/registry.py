@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from broker.protocol.messages import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
-from broker.scoring import MachineFacts, machine_facts
+from broker.scheduling.scoring import MachineFacts, machine_facts
 
 DEFAULT_TELEMETRY_INTERVAL_S = 2.0
 """Assumed interval until an agent's first telemetry says otherwise."""

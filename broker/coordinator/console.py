@@ -17,9 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TextIO
 
-from broker.coordinator import Coordinator
-from broker.protocol import ChatMessage
-from broker.query import (
+from broker.coordinator.contract import (
     ROUTING_MODES,
     AgentFinished,
     AgentSwitched,
@@ -31,6 +29,8 @@ from broker.query import (
     QueryStarted,
     TextDelta,
 )
+from broker.coordinator.runtime import Coordinator
+from broker.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker.mqtt.settings import MqttSettings
 from broker.protocol.codec import encode
 from broker.protocol.messages import Message
-from broker.settings import MqttSettings
 
 logger = logging.getLogger(__name__)
 

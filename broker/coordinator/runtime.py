@@ -22,14 +22,26 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from broker import aggregation
-from broker.catalog import Catalog, load_catalog
-from broker.config import CoordinatorSettings
-from broker.estimates import agent_score
-from broker.jobs import Attempt
-from broker.metrics import CoordinatorMetrics, mode_label
-from broker.mqtt_client import InboundMessage, MqttConnection, OutboundMessage, unique_client_id
-from broker.placement import PlacementSettings, Plan, plan_placement
+from broker.coordinator.attempts import Attempt
+from broker.coordinator.contract import (
+    ROUTING_MODES,
+    AgentAnswer,
+    AgentDelta,
+    AgentFinished,
+    AgentSwitched,
+    AgentView,
+    ClusterSnapshot,
+    PlanView,
+    QueryEvent,
+    QueryFailed,
+    QueryFinished,
+    QueryRequest,
+    QueryStarted,
+    TextDelta,
+)
+from broker.coordinator.metrics import CoordinatorMetrics, mode_label
+from broker.coordinator.settings import CoordinatorSettings
+from broker.mqtt.client import InboundMessage, MqttConnection, OutboundMessage, unique_client_id
 from broker.protocol import (
     MAX_PAYLOAD_BYTES,
     Assign,
@@ -50,23 +62,11 @@ from broker.protocol import (
     encode,
     is_valid_agent_id,
 )
-from broker.query import (
-    ROUTING_MODES,
-    AgentAnswer,
-    AgentDelta,
-    AgentFinished,
-    AgentSwitched,
-    AgentView,
-    ClusterSnapshot,
-    PlanView,
-    QueryEvent,
-    QueryFailed,
-    QueryFinished,
-    QueryRequest,
-    QueryStarted,
-    TextDelta,
-)
-from broker.registry import (
+from broker.scheduling import aggregation
+from broker.scheduling.catalog import Catalog, load_catalog
+from broker.scheduling.estimates import agent_score
+from broker.scheduling.placement import PlacementSettings, Plan, plan_placement
+from broker.scheduling.registry import (
     AgentExpired,
     AgentRecord,
     AnswerMeasured,
@@ -80,7 +80,15 @@ from broker.registry import (
     apply,
     find_expired,
 )
-from broker.routing import CircuitBreaker, Route, RouteCandidate, Router, largest_model, one_per_agent, route_candidates
+from broker.scheduling.routing import (
+    CircuitBreaker,
+    Route,
+    RouteCandidate,
+    Router,
+    largest_model,
+    one_per_agent,
+    route_candidates,
+)
 
 logger = logging.getLogger(__name__)
 

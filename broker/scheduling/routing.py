@@ -17,11 +17,14 @@ import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from broker.catalog import Catalog
-from broker.config import RoutingPolicy
-from broker.estimates import expected_speed
-from broker.registry import ClusterState
+from broker.scheduling.catalog import Catalog
+from broker.scheduling.estimates import expected_speed
+from broker.scheduling.registry import ClusterState
+
+RoutingPolicy = Literal["auto", "round_robin", "random", "least_outstanding"]
+"""How an agent is chosen among candidates: ``auto`` (lowest expected completion time) or a baseline."""
 
 CONTENTION = 0.1
 """Per-stream slowdown for each other job sharing an agent's parallel slots."""
