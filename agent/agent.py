@@ -6,14 +6,9 @@ tasks on the loop, so nothing blocks the MQTT client. Retained state
 (status, hardware, model) is re-published after every reconnect, because a
 restarted broker without persistence has forgotten it.
 
-Use in-process (run_all.py --demo, the coordinator's tests)::
-
-    agent = Agent(AgentSettings(broker_url=url, backend="simulated", agent_id="demo-1"))
-    agent.start()          # background thread with its own loop; returns once connected
-    ...
-    agent.stop()           # publishes offline, then disconnects
-
-or ``await agent.run()`` inside an existing loop (``agent.request_stop()`` ends it).
+``python -m agent`` runs ``await agent.run()`` until ``agent.request_stop()``
+(SIGTERM / Ctrl-C). Tests run the same coroutine on a thread of their own
+(``tests/support/loops.py``, ``AgentThread``).
 """
 
 from __future__ import annotations
@@ -126,9 +121,6 @@ class Agent:
         self.jobs: JobRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._connected = threading.Event()
-        self._finished = threading.Event()
         self._benchmark_updated = 0.0
         self._gpu_monitor: GpuMonitor | None = None
         self._killed = False
@@ -178,7 +170,6 @@ class Agent:
         self.publish_hardware()
         if self.models is not None:
             self._publish_model_state(self.models.state)
-        self._connected.set()
 
     def _on_fatal(self, error: Exception) -> None:
         logger.error("stopping: %s", error)
@@ -412,37 +403,6 @@ class Agent:
         else:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
-
-    def start(self, timeout: float = 10.0) -> bool:
-        """Run in a background thread with its own event loop; True once connected within ``timeout``."""
-        if self._thread is not None:
-            raise RuntimeError("agent already started")
-
-        def target() -> None:
-            try:
-                asyncio.run(self.run())
-            except Exception:  # noqa: BLE001 - report, don't lose the thread silently
-                logger.exception("agent %s crashed", self.agent_id)
-                self.exit_code = 1
-            finally:
-                self._finished.set()
-
-        self._thread = threading.Thread(target=target, name=f"agent-{self.agent_id}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._finished.is_set():
-            if self._connected.wait(0.05):
-                return True
-        return self._connected.is_set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the background agent: error chunks for running jobs, offline status, disconnect."""
-        while self._thread is not None and self._stop is None and not self._finished.is_set():
-            time.sleep(0.01)
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def kill(self) -> None:
         """Drop the MQTT connection without a goodbye, so the broker sends the will (crash drills)."""

@@ -2,15 +2,22 @@
 
 The agent's status and telemetry say what this monitor knows, and the model
 manager waits on it to re-run the assignment when the backend comes back.
+
+A check must never disturb an answer: llama-cpp-python cuts a running stream short on any request that touches
+its model, and a one-slot runtime queues the check behind a long answer until it times out. So while a job is
+producing tokens the check is skipped (the stream is itself proof of health), the check uses the runtime's
+least intrusive endpoint (``Backend.health``), and the model list, which may need a disturbing request, is only
+refreshed while the runtime is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
-from agent.backends.base import Backend
+from agent.backends.base import Backend, BackendError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +34,9 @@ class BackendMonitor:
         retry_min_s: float = 0.5,
         on_change: Callable[[bool], None] | None = None,
         on_models: Callable[[list[str]], None] | None = None,
+        streaming: Callable[[float], bool] | None = None,
+        idle: Callable[[], bool] | None = None,
+        models_interval_s: float = 30.0,
     ) -> None:
         self.backend = backend
         self.interval_s = interval_s
@@ -39,6 +49,11 @@ class BackendMonitor:
         self._up = asyncio.Event()
         self._poke = asyncio.Event()
         self.checks = 0
+        self.skipped = 0
+        self._streaming = streaming
+        self._idle = idle
+        self.models_interval_s = models_interval_s
+        self._models_listed_at = 0.0
 
     def _set(self, reachable: bool, error: str | None) -> None:
         changed = reachable != self.reachable
@@ -57,12 +72,33 @@ class BackendMonitor:
                 self.on_change(reachable)
 
     async def check(self) -> bool:
+        if self.reachable and self._streaming is not None and self._streaming(self.interval_s):
+            self.skipped += 1  # tokens are flowing: the runtime is up, and a request now could interrupt them
+            return True
         health = await self.backend.health()
         self.checks += 1
         self._set(health.reachable, None if health.reachable else health.error or f"no answer from {self.backend.url}")
         if health.models is not None and self.on_models is not None:
             self.on_models(list(health.models))
+            self._models_listed_at = time.monotonic()
+        elif health.reachable and self.on_models is not None:
+            await self._refresh_models()
         return health.reachable
+
+    async def _refresh_models(self) -> None:
+        """List models now and then, and only while no job runs (listing may interrupt one)."""
+        if time.monotonic() - self._models_listed_at < self.models_interval_s:
+            return
+        if self._idle is not None and not self._idle():
+            return
+        self._models_listed_at = time.monotonic()
+        try:
+            models = await self.backend.list_models()
+        except BackendError as error:
+            logger.debug("listing models failed: %s", error)
+            return
+        if self.on_models is not None:
+            self.on_models(models)
 
     def report_unreachable(self, error: str) -> None:
         """A job or the model manager found the backend gone: say so now and check again soon."""

@@ -1,11 +1,12 @@
 """Run jobs on the backend and stream the answers back as batched result chunks.
 
-Rules (DESIGN.md): the first chunk goes out the moment the backend yields its
-first token; after it, at most one message per ``chunk_interval`` or per
-``chunk_max_tokens`` tokens. A request id runs at most once (QoS 1 may deliver
-twice). Cancel, deadline and stall all end the job the same way: the job's task
-is cancelled, which closes the backend stream at once, and a final chunk says
-why. Every failure becomes an error chunk; nothing here may kill the agent.
+Rules (docs/agent.md, "How jobs are handled"): the first chunk goes out the
+moment the backend yields its first token; after it, at most one message per
+``chunk_interval`` or per ``chunk_max_tokens`` tokens. A request id runs at
+most once (QoS 1 may deliver twice). Cancel, deadline and stall all end the
+job the same way: the job's task is cancelled, which closes the backend stream
+at once, and a final chunk says why. Every failure becomes an error chunk;
+nothing here may kill the agent.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,58 @@ class RecentStats:
             round(statistics.median(speeds), 2) if speeds else None,
             round(statistics.median(ttfts), 4) if ttfts else None,
         )
+
+
+class SlotGate:
+    """How many jobs may run on the runtime at once: resizable, and lendable whole to a probe.
+
+    A semaphore cannot shrink, and the runtime profile (agent/runtime_profile.py) learns the real slot count only
+    after the model is warm; nor can a semaphore give the runtime to one caller alone, which the profile probe
+    needs because a job running beside it would disturb both (llama-cpp-python interrupts one of them).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.busy = 0
+        self._exclusive = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def _wake(self) -> None:
+        """Let every waiter look again (they resume in arrival order, so the queue stays first come first served)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    async def acquire(self) -> None:
+        await self._wait_until(lambda: not self._exclusive and self.busy < self.capacity)
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._wake()
+
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._wake()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Wait until no job runs, hold new ones back, and hand the runtime to the caller alone."""
+        await self._wait_until(lambda: not self._exclusive)
+        self._exclusive = True
+        try:
+            await self._wait_until(lambda: self.busy == 0)
+            yield
+        finally:
+            self._exclusive = False
+            self._wake()
 
 
 class ResultStream:
@@ -177,7 +230,7 @@ class JobRunner:
         self._check_model = check_model
         self._on_finished = on_finished
         self._on_backend_unreachable = on_backend_unreachable
-        self._slots = asyncio.Semaphore(max_parallel)
+        self.slots = SlotGate(max_parallel)
         self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._cancelled_before_arrival: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._jobs: dict[str, _Handle] = {}
@@ -186,6 +239,11 @@ class JobRunner:
         self.recent = RecentStats(stats_window_s)
         self.completed = 0
         self.failed = 0
+        self.last_token_at = 0.0
+
+    def streaming(self, within_s: float) -> bool:
+        """A job is running and the runtime produced a token within ``within_s``: that is proof of health."""
+        return self.slots.busy > 0 and time.monotonic() - self.last_token_at < within_s
 
     # ------------------------------------------------------------------ intake (event loop thread)
 
@@ -305,7 +363,8 @@ class JobRunner:
         handle.began = True
         queued = True
         try:
-            async with self._slots:
+            await self.slots.acquire()
+            try:
                 queued = False
                 self.queued -= 1
                 self.running += 1
@@ -313,6 +372,8 @@ class JobRunner:
                     await self._stream(handle)
                 finally:
                     self.running -= 1
+            finally:
+                self.slots.release()
         except asyncio.CancelledError:
             if handle.abort is None:
                 raise
@@ -363,7 +424,7 @@ class JobRunner:
                     now = time.monotonic()
                     if handle.first_token_at is None:
                         handle.first_token_at = now
-                    last_token_at = now
+                    last_token_at = self.last_token_at = now
                     pieces += 1
                     handle.stream.add(event.text)
                     self._arm_stall(handle)
@@ -386,6 +447,8 @@ class JobRunner:
             tokens_per_s=round(tokens_per_s, 2) if tokens_per_s is not None else None,
             total_s=round(finished - handle.received, 4),
             queue_s=round(max(0.0, started - handle.received), 4),
+            finish_reason=(done.done_reason or None) and done.done_reason[:32],
+            tokens_counted_by="agent" if done.counted or done.output_tokens is None else "runtime",
         )
         handle.stream.finish(stats=stats)
         self.completed += 1

@@ -10,9 +10,11 @@ soon as the backend answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 from agent.backends.base import (
     Backend,
@@ -22,7 +24,8 @@ from agent.backends.base import (
     ChatDone,
     same_model,
 )
-from broker.protocol import Assign, Benchmark, ChatMessage, ModelState
+from agent.runtime_profile import build_profile
+from broker.protocol import Assign, Benchmark, ChatMessage, ModelState, RuntimeProfile
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class ModelManager:
         on_benchmark: Callable[[Benchmark], None] | None = None,
         keep_alive: str | None = None,
         benchmark_tokens: int = 32,
+        exclusive: Callable[[], AbstractAsyncContextManager[None]] | None = None,
+        on_profile: Callable[[RuntimeProfile], None] | None = None,
+        probe_limit: int = 1,
     ) -> None:
         self.backend = backend
         self._publish = publish
@@ -53,6 +59,10 @@ class ModelManager:
         self._on_benchmark = on_benchmark
         self.keep_alive = keep_alive
         self.benchmark_tokens = benchmark_tokens
+        self._exclusive = exclusive or contextlib.nullcontext
+        self._on_profile = on_profile
+        self.probe_limit = probe_limit
+        self.profiles: dict[str, RuntimeProfile] = {}
         self.assignment: Assign | None = None
         self.state = ModelState(state="absent")
         self.local_models: list[str] = []
@@ -171,9 +181,16 @@ class ModelManager:
             await self._pull(model)
             self.local_models = await self.backend.list_models()
         self._set("loading")
-        await self.backend.warm(model, self.keep_alive)
-        benchmark = await self._benchmark(model) if self.benchmark_tokens else None
-        self.local_models = await self.backend.list_models()
+        # The runtime is ours alone while we warm, measure and probe it: a job beside the probe would disturb both.
+        async with self._exclusive():
+            await self.backend.warm(model, self.keep_alive)
+            benchmark = await self._benchmark(model) if self.benchmark_tokens else None
+            profile = self.profiles.get(model)
+            if profile is None:
+                profile = self.profiles[model] = await build_profile(self.backend, model, limit=self.probe_limit)
+            self.local_models = await self.backend.list_models()
+        if self._on_profile is not None:
+            self._on_profile(profile)
         self._set("ready", progress=1.0)
         if benchmark is not None and self._on_benchmark is not None:
             self._on_benchmark(benchmark)

@@ -1,9 +1,11 @@
-"""What the OpenAI- and Ollama-compatible routes share: errors, request checks, provenance, streaming helpers.
+"""What the OpenAI- and Ollama-compatible routes share: errors, request checks, reading an answer's stream.
 
-Every answer goes through :class:`~app.service.AppService`; these helpers turn
-its event stream into a complete record (non-streamed responses) or read it
-until the query is routed (streamed ones), so a failure before any text is a
-proper HTTP status rather than a broken stream.
+Every answer is an :class:`~app.answer_stream.AnswerStream` from
+:meth:`AppService.ask <app.service.AppService.ask>`. A non-streamed response
+reads it to its end (:func:`run_to_end`); a streamed one first reads until
+the query is routed (:func:`read_until_routed`), so a failure before any text
+is a proper HTTP status rather than a broken stream. Either way the record
+comes from the stream: nothing here folds events.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,31 +26,40 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.service import AnswerRecord, AppService, AskEvent, answer_dict
+from app.answer_stream import AnswerStream
+from app.answers import AnswerRecord
+from app.errors import AppError, BadRequest
+from app.service import AppService
 from app.settings import LOOPBACK_ORIGINS, AppSettings
-from broker.coordinator.contract import ROUTING_MODES, QueryFailed, QueryFinished, QueryStarted, TextDelta
+from broker.coordinator.contract import (
+    ROUTING_MODES,
+    QueryEvent,
+    QueryFailed,
+    QueryFinished,
+    QueryStarted,
+    RoutingMode,
+    TextDelta,
+)
 
 logger = logging.getLogger(__name__)
 
 OWNER = "smart-llm-balancer"
-FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "bad_request": 400, "failed": 502}
+FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "failed": 502}
+"""HTTP status of each ``QueryFailed.code``; ``bad_request`` becomes a :class:`~app.errors.BadRequest`."""
 VIRTUAL_MODELS = {
-    "auto": "the agent with the lowest expected completion time",
-    "quality": "the largest model ready in the cluster",
-    "all": "every agent answers; the answers are combined",
+    RoutingMode.AUTO.value: "the agent with the lowest expected completion time",
+    RoutingMode.QUALITY.value: "the largest model ready in the cluster",
+    RoutingMode.ALL.value: "every agent answers; the answers are combined",
 }
+"""The routing modes, listed as models by ``/v1/models`` and ``/api/tags``."""
 
 
-
-class ApiError(Exception):
-    """An error with an HTTP status, rendered in the protocol's error shape."""
+class ApiError(AppError):
+    """An error only the HTTP API has (a missing key, a refused origin, an unknown model), with its status."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
+        super().__init__(message, code=code, param=param)
+        self.http_status = status
 
 
 def now_iso() -> str:
@@ -88,103 +100,40 @@ def error_response(request: Request, status: int, message: str, code: str | None
 
 def check_total(settings_max_chars: int, max_messages: int, texts: list[str]) -> None:
     if len(texts) > max_messages:
-        raise ApiError(400, f"too many messages: {len(texts)}; the limit is {max_messages}", "too_many_messages")
+        raise BadRequest(f"too many messages: {len(texts)}; the limit is {max_messages}", code="too_many_messages")
     total = sum(len(text) for text in texts)
     if total > settings_max_chars:
-        raise ApiError(
-            400,
+        raise BadRequest(
             f"the prompt has {total} characters; the limit is {settings_max_chars}",
-            "context_length_exceeded",
-            "messages",
+            code="context_length_exceeded",
+            param="messages",
         )
-
-
-def stats_fields(record: AnswerRecord) -> dict[str, Any]:
-    finished = record.finished
-    stats = finished.stats if finished is not None else None
-    return {
-        "prompt_tokens": (stats.prompt_tokens if stats and stats.prompt_tokens is not None else 0),
-        "output_tokens": (stats.output_tokens if stats and stats.output_tokens is not None else 0),
-        "tokens_per_s": stats.tokens_per_s if stats else None,
-        "ttft_s": stats.ttft_s if stats else None,
-        "latency_s": finished.latency_s if finished else None,
-    }
-
-
-def provenance(record: AnswerRecord, service: AppService, mode: str) -> dict[str, Any]:
-    """Who answered, for the ``slb`` field of responses."""
-    simulated = {agent.id for agent in service.snapshot().agents if agent.simulated}
-    finished = record.finished
-    data: dict[str, Any] = {
-        "mode": mode,
-        "agents": record.agents,
-        "models": record.models,
-        "simulated_agents": sorted(set(record.agents) & simulated),
-    }
-    if finished is not None:
-        data["failovers"] = finished.failovers
-        data["latency_s"] = finished.latency_s
-        if finished.answers:
-            data["aggregation"] = finished.aggregation
-            data["agreement"] = finished.agreement
-            data["answers"] = [answer_dict(answer) for answer in finished.answers]
-    return data
 
 
 def provenance_headers(record: AnswerRecord) -> dict[str, str]:
     return {"X-SLB-Agents": ",".join(record.agents), "X-SLB-Models": ",".join(record.models)}
 
 
-class PreparedStream:
-    """A query whose routing is known (or which failed before any text), ready to stream."""
-
-    def __init__(self, events: AsyncIterator[AskEvent], head: list[AskEvent], record: AnswerRecord) -> None:
-        self.events = events
-        self.head = head
-        self.record = record
-
-    async def all_events(self) -> AsyncIterator[AskEvent]:
-        for event in self.head:
-            yield event
-        if self.head and isinstance(self.head[-1], QueryFinished | QueryFailed):
-            return
-        async for event in self.events:
-            self.record.apply(event)
-            yield event
-            if isinstance(event, QueryFinished | QueryFailed):
-                return
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.events.aclose()  # type: ignore[attr-defined]
+def unfinished_error(record: AnswerRecord) -> AppError:
+    """The error a non-streamed answer that did not finish becomes."""
+    if record.failed is None or record.stopped:  # no final event: the stream was stopped
+        return ApiError(FAILURE_STATUS["cancelled"], "the query was stopped before it finished", "cancelled")
+    return failure_error(record.failed)
 
 
-async def prepare(events: AsyncIterator[AskEvent]) -> PreparedStream:
-    """Read until the query is routed, so an early failure becomes a proper HTTP status instead of a broken stream."""
-    record = AnswerRecord()
-    head: list[AskEvent] = []
-    try:
-        async for event in events:
-            record.apply(event)
-            head.append(event)
-            if isinstance(event, QueryStarted | TextDelta | QueryFinished | QueryFailed):
-                break
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
-        raise
-    return PreparedStream(events, head, record)
+def failure_error(failed: QueryFailed) -> AppError:
+    """The error a failed query becomes; a ``bad_request`` failure is the app's BadRequest."""
+    if failed.code == "bad_request":
+        return BadRequest(failed.error, code=failed.code)
+    return ApiError(FAILURE_STATUS.get(failed.code, 502), failed.error, failed.code)
 
 
-async def collect(events: AsyncIterator[AskEvent], request: Request) -> AnswerRecord:
-    """Run a query to its end; stop it on the agents if the client goes away meanwhile."""
-    record = AnswerRecord()
+async def run_to_end(stream: AnswerStream, request: Request) -> AnswerRecord:
+    """Read the answer to its end and close it; stop it on the agents if the client goes away meanwhile."""
 
     async def consume() -> None:
-        async for event in events:
-            record.apply(event)
-            if isinstance(event, QueryFinished | QueryFailed):
-                break
+        async for _ in stream:
+            pass
 
     task = asyncio.create_task(consume())
     try:
@@ -197,32 +146,61 @@ async def collect(events: AsyncIterator[AskEvent], request: Request) -> AnswerRe
         with contextlib.suppress(asyncio.CancelledError):
             await task
     finally:
-        if not task.done():
+        if not task.done():  # this request itself was cancelled: the reader goes first, then the stream closes
             task.cancel()
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
-    return record
+            await asyncio.wait({task})
+        await stream.aclose()
+    return stream.record
 
 
-def failure_error(failed: QueryFailed | None) -> ApiError:
-    if failed is None:  # the stream ended without a final event: it was stopped
-        return ApiError(FAILURE_STATUS["cancelled"], "the query was stopped before it finished", "cancelled")
-    return ApiError(FAILURE_STATUS.get(failed.code, 502), failed.error, failed.code)
+@dataclass
+class RoutedAnswer:
+    """A streamed answer whose routing is known: the events read so far, then the rest of the stream."""
+
+    head: list[QueryEvent]
+    stream: AnswerStream
+
+    async def events(self) -> AsyncIterator[QueryEvent]:
+        for event in self.head:
+            yield event
+        async for event in self.stream:
+            yield event
+
+
+async def read_until_routed(stream: AnswerStream) -> RoutedAnswer:
+    """Read until the query is routed, so an early failure becomes a proper HTTP status instead of a broken stream.
+
+    On a failure the stream is closed here and the error raised; otherwise the response body that reads
+    :meth:`RoutedAnswer.events` owns the stream and closes it.
+    """
+    head: list[QueryEvent] = []
+    try:
+        async for event in stream:
+            head.append(event)
+            if isinstance(event, QueryStarted | TextDelta | QueryFinished | QueryFailed):
+                break
+    except BaseException:
+        await stream.aclose()
+        raise
+    failed = next((event for event in head if isinstance(event, QueryFailed)), None)
+    if failed is not None:
+        await stream.aclose()
+        raise failure_error(failed)
+    return RoutedAnswer(head, stream)
 
 
 async def json_body(request: Request) -> Any:
     """The request's JSON, or a clear 400 (FastAPI's own parsing would answer 422 with a different shape)."""
     raw = await request.body()
     if not raw:
-        raise ApiError(400, "the request body is empty; send a JSON object")
+        raise BadRequest("the request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
+        raise BadRequest("the request body must be a JSON object")
     return body
-
 
 
 class ApiContext:
@@ -273,6 +251,6 @@ class ApiContext:
             return name.removesuffix(":latest")
         if ":" not in name and f"{name}:latest" in known:
             return f"{name}:latest"
-        choices = ", ".join([*ROUTING_MODES, *known]) or "auto, quality, all"
+        choices = ", ".join([*ROUTING_MODES, *known])
         raise ApiError(404, f"model {name!r} is not served by this cluster; use one of: {choices}", "model_not_found")
 

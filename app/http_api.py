@@ -9,26 +9,26 @@ their usual exceptions: OpenAI ``{"error": {"message", "type", "param",
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.api_common import ApiContext, ApiError, error_response, validation_message
+from app.api_common import ApiContext, error_response, validation_message
+from app.errors import AppError
 from app.middleware import HttpMetrics
 from app.ollama_api import build_ollama_router
 from app.openai_api import build_openai_router
 from app.service import AppService
-from app.store import StoreError
 
 logger = logging.getLogger(__name__)
 
 
-def build_http_api(service: AppService, metrics: HttpMetrics, coordinator_registry: Any | None) -> APIRouter:
+def build_http_api(
+    service: AppService, metrics: HttpMetrics, coordinator_registry: CollectorRegistry | None
+) -> APIRouter:
     """Every non-Gradio route of the web process."""
     router = APIRouter()
     context = ApiContext(service)
@@ -36,13 +36,12 @@ def build_http_api(service: AppService, metrics: HttpMetrics, coordinator_regist
     @router.get("/health", tags=["cluster"])
     async def health() -> JSONResponse:
         """Is the cluster able to answer? ``message`` says what to do when it is not."""
-        body = service.health()
-        return JSONResponse(body, status_code=200)
+        return JSONResponse(service.health())
 
     @router.get("/status", tags=["cluster"])
     async def status() -> JSONResponse:
         """The cluster summary and every agent's detail."""
-        return JSONResponse(json.loads(json.dumps(service.status(), default=str)))
+        return JSONResponse(service.status())
 
     @router.get("/metrics", tags=["cluster"])
     async def metrics_endpoint() -> Response:
@@ -58,19 +57,14 @@ def build_http_api(service: AppService, metrics: HttpMetrics, coordinator_regist
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Render every API error in the shape of the API it came from."""
+    """Render every API error in the shape of the API it came from; the one place app errors get a status."""
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, error: ApiError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        response = error_response(request, error.status, error.message, error.code, error.param)
-        if headers:
-            response.headers.update(headers)
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, error: AppError) -> Response:
+        response = error_response(request, error.http_status, error.message, error.code, error.param)
+        if error.http_status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
         return response
-
-    @app.exception_handler(StoreError)
-    async def _store_error(request: Request, error: StoreError) -> Response:
-        return error_response(request, error.http_status, str(error))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> Response:

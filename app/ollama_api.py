@@ -16,24 +16,22 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.answers import AnswerRecord, provenance, simulated_agents, usage_numbers
 from app.api_common import (
     OWNER,
     VIRTUAL_MODELS,
     ApiContext,
-    ApiError,
     check_total,
-    collect,
-    failure_error,
     json_body,
     now_iso,
-    prepare,
-    provenance,
     provenance_headers,
-    stats_fields,
+    read_until_routed,
+    run_to_end,
+    unfinished_error,
     validation_message,
 )
-from app.service import AnswerRecord
-from broker.coordinator.contract import QueryFailed, QueryFinished, TextDelta
+from app.errors import BadRequest
+from broker.coordinator.contract import Aggregation, QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -61,6 +59,7 @@ OLLAMA_OPTIONS = frozenset(
     }
 )
 
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -80,7 +79,7 @@ class OllamaChatRequest(BaseModel):
     options: dict[str, Any] | None = None
     format: Any = None
     keep_alive: Any = None
-    aggregation: Literal["consensus", "synthesize", "first"] = "consensus"
+    aggregation: Aggregation = Aggregation.CONSENSUS
     rag: bool = False
 
 
@@ -98,7 +97,7 @@ class OllamaGenerateRequest(BaseModel):
     format: Any = None
     keep_alive: Any = None
     raw: bool = False
-    aggregation: Literal["consensus", "synthesize", "first"] = "consensus"
+    aggregation: Aggregation = Aggregation.CONSENSUS
     rag: bool = False
 
 
@@ -121,12 +120,11 @@ def ollama_options(options: dict[str, Any] | None) -> dict[str, Any]:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise ApiError(400, "options.stop must be a string or a list of strings", param="options.stop")
+                raise BadRequest("options.stop must be a string or a list of strings", param="options.stop")
         elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ApiError(400, f"options.{name} must be a number", param=f"options.{name}")
+            raise BadRequest(f"options.{name} must be a number", param=f"options.{name}")
         kept[name] = value
     return kept
-
 
 
 def build_ollama_router(context: ApiContext) -> APIRouter:
@@ -165,7 +163,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
     @ollama.get("/ps")
     async def running() -> dict[str, Any]:
         """Models ready on some agent (Ollama's 'loaded models')."""
-        ready = sorted(set(service.snapshot().ready_models))
+        ready = sorted(set(service.coordinator.snapshot().ready_models))
         return {"models": [{**model_entry(name, name.split(":")[0]), "expires_at": now_iso(), "size_vram": 0}
                            for name in ready]}
 
@@ -176,10 +174,10 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         try:
             payload = OllamaShowRequest.model_validate(body)
         except ValidationError as error:
-            raise ApiError(400, validation_message(error)[0]) from None
+            raise BadRequest(validation_message(error)[0]) from None
         name = payload.model or payload.name
         if not name:
-            raise ApiError(400, "model is required", param="model")
+            raise BadRequest("model is required", param="model")
         mode = context.resolve_mode(name)
         entry = model_entry(mode, "cluster" if mode in VIRTUAL_MODELS else mode.split(":")[0])
         return {
@@ -201,13 +199,13 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         question: str,
         stream: bool,
         options: dict[str, Any],
-        aggregation: str,
+        aggregation: Aggregation,
         use_rag: bool,
         kind: Literal["chat", "generate"],
     ) -> Response:
         mode = context.resolve_mode(model)
         started = time.perf_counter()
-        events = service.ask(
+        answer = await service.ask(
             question if use_rag else "",
             messages=messages,
             mode=mode,
@@ -222,7 +220,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             return {"response": text}
 
         def final(record: AnswerRecord, text: str) -> dict[str, Any]:
-            numbers = stats_fields(record)
+            numbers = usage_numbers(record)
             total_s = numbers["latency_s"] or (time.perf_counter() - started)
             eval_s = (
                 numbers["output_tokens"] / numbers["tokens_per_s"]
@@ -241,28 +239,24 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                 "prompt_eval_duration": int((numbers["ttft_s"] or 0.0) * 1e9),
                 "eval_count": numbers["output_tokens"],
                 "eval_duration": int(eval_s * 1e9),
-                "slb": provenance(record, service, mode),
+                "slb": provenance(record, mode, simulated_agents(service.coordinator.snapshot())),
             }
             if kind == "generate":
                 body["context"] = []
             return body
 
         if not stream:
-            record = await collect(events, request)
+            record = await run_to_end(answer, request)
             if record.finished is None:
-                raise failure_error(record.failed)
+                raise unfinished_error(record)
             return JSONResponse(final(record, record.text), headers=provenance_headers(record))
 
-        prepared = await prepare(events)
-        head_failure = next((event for event in prepared.head if isinstance(event, QueryFailed)), None)
-        if head_failure is not None:
-            await prepared.close()
-            raise failure_error(head_failure)
+        routed = await read_until_routed(answer)
 
         async def ndjson() -> AsyncIterator[str]:
             streamed = False
             try:
-                async for event in prepared.all_events():
+                async for event in routed.events():
                     if isinstance(event, TextDelta) and event.text:
                         streamed = True
                         line = {"model": event.model or model, "created_at": now_iso(), **piece(event.text),
@@ -273,14 +267,14 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                             line = {"model": ",".join(event.models) or model, "created_at": now_iso(),
                                     **piece(event.text), "done": False}
                             yield json.dumps(line, ensure_ascii=False) + "\n"
-                        yield json.dumps(final(prepared.record, ""), ensure_ascii=False) + "\n"
+                        yield json.dumps(final(answer.record, ""), ensure_ascii=False) + "\n"
                     elif isinstance(event, QueryFailed):
                         yield json.dumps({"error": event.error}) + "\n"
             finally:
-                await prepared.close()
+                await answer.aclose()
 
         return StreamingResponse(
-            ndjson(), media_type="application/x-ndjson", headers=provenance_headers(prepared.record)
+            ndjson(), media_type="application/x-ndjson", headers=provenance_headers(answer.record)
         )
 
     @ollama.post("/chat")
@@ -290,9 +284,9 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         try:
             payload = OllamaChatRequest.model_validate(body)
         except ValidationError as error:
-            raise ApiError(400, validation_message(error)[0]) from None
+            raise BadRequest(validation_message(error)[0]) from None
         if any(message.images for message in payload.messages):
-            raise ApiError(400, "images are not supported by this cluster", param="messages")
+            raise BadRequest("images are not supported by this cluster", param="messages")
         options = ollama_options(payload.options)
         if not payload.messages:
             mode = context.resolve_mode(payload.model)
@@ -323,9 +317,9 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         try:
             payload = OllamaGenerateRequest.model_validate(body)
         except ValidationError as error:
-            raise ApiError(400, validation_message(error)[0]) from None
+            raise BadRequest(validation_message(error)[0]) from None
         if payload.images:
-            raise ApiError(400, "images are not supported by this cluster", param="images")
+            raise BadRequest("images are not supported by this cluster", param="images")
         options = ollama_options(payload.options)
         if not payload.prompt:
             mode = context.resolve_mode(payload.model)

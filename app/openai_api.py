@@ -18,22 +18,21 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.answers import AnswerRecord, provenance, simulated_agents, usage_numbers
 from app.api_common import (
     OWNER,
     VIRTUAL_MODELS,
     ApiContext,
-    ApiError,
     check_total,
-    collect,
-    failure_error,
     json_body,
-    prepare,
-    provenance,
     provenance_headers,
-    stats_fields,
+    read_until_routed,
+    run_to_end,
+    unfinished_error,
     validation_message,
 )
-from broker.coordinator.contract import QueryFailed, QueryFinished, TextDelta
+from app.errors import BadRequest
+from broker.coordinator.contract import Aggregation, QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class OpenAIMessage(BaseModel):
         parts: list[str] = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ApiError(400, f"only text content is supported, got a {part.type!r} part", param="messages")
+                raise BadRequest(f"only text content is supported, got a {part.type!r} part", param="messages")
             parts.append(part.text)
         return "".join(parts)
 
@@ -91,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=1)
-    aggregation: Literal["consensus", "synthesize", "first"] = "consensus"
+    aggregation: Aggregation = Aggregation.CONSENSUS
     rag: bool = False
 
     @field_validator("stop")
@@ -113,7 +112,6 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is not None:
             options["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return options
-
 
 
 def build_openai_router(context: ApiContext) -> APIRouter:
@@ -142,7 +140,7 @@ def build_openai_router(context: ApiContext) -> APIRouter:
             payload = ChatCompletionRequest.model_validate(body)
         except ValidationError as error:
             message, param = validation_message(error)
-            raise ApiError(400, message, "invalid_request", param) from None
+            raise BadRequest(message, code="invalid_request", param=param) from None
         texts = [message.text() for message in payload.messages]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
         mode = context.resolve_mode(payload.model)
@@ -152,7 +150,7 @@ def build_openai_router(context: ApiContext) -> APIRouter:
         ]
         question = next((text for message, text in zip(payload.messages, texts, strict=True)
                          if message.role == "user"), "")
-        events = service.ask(
+        answer = await service.ask(
             question if payload.rag else "",
             messages=messages,
             mode=mode,
@@ -162,11 +160,22 @@ def build_openai_router(context: ApiContext) -> APIRouter:
         )
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
+
+        def usage(record: AnswerRecord) -> dict[str, int]:
+            numbers = usage_numbers(record)
+            return {
+                "prompt_tokens": numbers["prompt_tokens"],
+                "completion_tokens": numbers["output_tokens"],
+                "total_tokens": numbers["prompt_tokens"] + numbers["output_tokens"],
+            }
+
+        def slb(record: AnswerRecord) -> dict[str, Any]:
+            return provenance(record, mode, simulated_agents(service.coordinator.snapshot()))
+
         if not payload.stream:
-            record = await collect(events, request)
+            record = await run_to_end(answer, request)
             if record.finished is None:
-                raise failure_error(record.failed)
-            numbers = stats_fields(record)
+                raise unfinished_error(record)
             return JSONResponse(
                 {
                     "id": completion_id,
@@ -181,22 +190,15 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                             "logprobs": None,
                         }
                     ],
-                    "usage": {
-                        "prompt_tokens": numbers["prompt_tokens"],
-                        "completion_tokens": numbers["output_tokens"],
-                        "total_tokens": numbers["prompt_tokens"] + numbers["output_tokens"],
-                    },
+                    "usage": usage(record),
                     "system_fingerprint": None,
-                    "slb": provenance(record, service, mode),
+                    "slb": slb(record),
                 },
                 headers=provenance_headers(record),
             )
 
-        prepared = await prepare(events)
-        head_failure = next((event for event in prepared.head if isinstance(event, QueryFailed)), None)
-        if head_failure is not None:
-            await prepared.close()
-            raise failure_error(head_failure)
+        routed = await read_until_routed(answer)
+        record = answer.record
         include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -204,7 +206,7 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": ",".join(prepared.record.models) or payload.model,
+                "model": ",".join(record.models) or payload.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                 **extra,
             }
@@ -214,28 +216,22 @@ def build_openai_router(context: ApiContext) -> APIRouter:
             streamed = False
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                async for event in prepared.all_events():
+                async for event in routed.events():
                     if isinstance(event, TextDelta) and event.text:
                         streamed = True
                         yield chunk({"content": event.text})
                     elif isinstance(event, QueryFinished):
                         if not streamed and event.text:
                             yield chunk({"content": event.text})
-                        record = prepared.record
-                        yield chunk({}, "stop", slb=provenance(record, service, mode))
+                        yield chunk({}, "stop", slb=slb(record))
                         if include_usage:
-                            numbers = stats_fields(record)
                             usage_chunk = {
                                 "id": completion_id,
                                 "object": "chat.completion.chunk",
                                 "created": created,
                                 "model": ",".join(record.models) or payload.model,
                                 "choices": [],
-                                "usage": {
-                                    "prompt_tokens": numbers["prompt_tokens"],
-                                    "completion_tokens": numbers["output_tokens"],
-                                    "total_tokens": numbers["prompt_tokens"] + numbers["output_tokens"],
-                                },
+                                "usage": usage(record),
                             }
                             yield f"data: {json.dumps(usage_chunk)}\n\n"
                     elif isinstance(event, QueryFailed):
@@ -248,12 +244,12 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                         yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                await prepared.close()
+                await answer.aclose()
 
         return StreamingResponse(
             sse(),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **provenance_headers(prepared.record)},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **provenance_headers(record)},
         )
 
     return openai

@@ -11,16 +11,17 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
 
 from app.http_api import build_http_api, install_error_handlers  # noqa: E402
 from app.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware  # noqa: E402
+from app.ports import CoordinatorPort  # noqa: E402
 from app.service import AppService  # noqa: E402
 from app.settings import LOOPBACK_ORIGINS, AppSettings  # noqa: E402
 from app.store import RagStore, SessionStore  # noqa: E402
@@ -36,13 +37,19 @@ THEME = gr.themes.Soft(
 )
 
 
-def _make_coordinator(settings: AppSettings) -> Any:
+def _make_coordinator(settings: AppSettings) -> CoordinatorPort:
     from broker.coordinator.runtime import Coordinator
 
     return Coordinator(settings)
 
 
-def create_app(settings: AppSettings, *, coordinator: Any | None = None) -> FastAPI:
+def _coordinator_registry(coordinator: CoordinatorPort) -> CollectorRegistry | None:
+    """The coordinator's Prometheus series for /metrics; not part of the port, so a stand-in may have none."""
+    metrics = getattr(coordinator, "metrics", None)
+    return getattr(metrics, "registry", None)
+
+
+def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = None) -> FastAPI:
     """Build the web process's ASGI app; nothing touches the network until the lifespan starts."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     coordinator = coordinator if coordinator is not None else _make_coordinator(settings)
@@ -79,8 +86,7 @@ def create_app(settings: AppSettings, *, coordinator: Any | None = None) -> Fast
     app.state.coordinator = coordinator
     app.state.http_metrics = http_metrics
     install_error_handlers(app)
-    registry = getattr(getattr(coordinator, "metrics", None), "registry", None)
-    app.include_router(build_http_api(service, http_metrics, registry))
+    app.include_router(build_http_api(service, http_metrics, _coordinator_registry(coordinator)))
 
     app.add_middleware(
         CORSMiddleware,

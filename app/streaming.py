@@ -32,8 +32,8 @@ async def throttled(source: AsyncIterator[T], interval_s: float) -> AsyncIterato
     """Yield lists of events from ``source``, at most one list per ``interval_s``.
 
     The first event is delivered at once (time to first token is what users
-    feel); later ones are gathered for up to ``interval_s``. Closing the
-    returned generator closes ``source``.
+    feel); later ones are gathered for up to ``interval_s``. The returned
+    generator owns ``source``: closing it (or reaching the end) closes ``source``.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -76,9 +76,8 @@ async def throttled(source: AsyncIterator[T], interval_s: float) -> AsyncIterato
     finally:
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):  # the pump hands every other error to the reader
                 await task
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+            await aclose()  # the source is this generator's: its reader is done, so nobody else closes it

@@ -28,7 +28,6 @@ from pathlib import Path
 from bench.common import (
     BenchResult,
     Figure,
-    child_env,
     machine_info,
     print_table,
     results_folder,
@@ -36,6 +35,7 @@ from bench.common import (
     timed_run,
     write_result,
 )
+from tests.support.processes import child_env
 
 ORDER = ("overhead", "relay", "routing", "fanout", "scale", "rag")
 FILES = {"rag": "rag_suite.json"}
@@ -46,9 +46,9 @@ TIMEOUT_S = {"quick": 240, "full": 1800}
 def rag_run(quick: bool) -> BenchResult:
     """RAG figures through bench/bench_rag.py's own functions (ingestion, recall, latency at scale)."""
     from app.store.embedding import Embedder
-    from app.store.evaluation import load_corpus
     from app.store.rag import RagStore
     from bench import bench_rag
+    from tests.support.rag_corpus import load_corpus
 
     result = BenchResult("rag", quick)
     rng = random.Random(20240601)

@@ -18,11 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, Child, agent_args, bench_main, mosquitto, spawn, spread
+from bench.common import BenchResult, agent_args, bench_main, mosquitto, spread
 from broker.coordinator.contract import QueryFailed, QueryFinished, QueryRequest
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage
+from tests.support.processes import ChildProcess, spawn
 
 NAME = "fanout"
 AGENTS = (("fan-gpu", "gpu-desktop", 200.0, 80.0), ("fan-laptop", "laptop", 60.0, 200.0),
@@ -90,7 +91,7 @@ def run(quick: bool) -> BenchResult:
     prefix = f"slbbench/fanout{uuid.uuid4().hex[:6]}/v1"
     with tempfile.TemporaryDirectory(prefix="slb-bench-fanout-") as name, mosquitto() as broker:
         folder = Path(name)
-        procs: list[Child] = []
+        procs: list[ChildProcess] = []
         try:
             for agent_id, profile, speed, ttft_ms in AGENTS:
                 procs.append(spawn(agent_id, agent_args(broker.url, prefix, agent_id, folder, profile=profile,

@@ -21,14 +21,11 @@ from pathlib import Path
 from broker.mqtt.client import InboundMessage, MqttConnection
 from broker.mqtt.local_broker import free_port, start_broker
 from broker.mqtt.settings import MqttSettings
+from tests.support.loops import LoopThread
+from tests.support.processes import percentile
 
 logger = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def measure(nodelay: bool, count: int) -> dict[str, float]:
@@ -43,8 +40,11 @@ def measure(nodelay: bool, count: int) -> dict[str, float]:
     def echo(message: InboundMessage) -> None:
         echo_holder[0].publish("rtt/pong", message.payload, qos=1)
 
-    client_a = MqttConnection(settings, "rtt-a", on_message=replies.put, subscriptions=[("rtt/pong", 1)])
-    client_b = MqttConnection(settings, "rtt-b", on_message=echo, subscriptions=[("rtt/ping", 1)])
+    # Each client hands its messages to a loop of its own, as two processes would.
+    loop_a, loop_b = LoopThread("rtt-a-loop"), LoopThread("rtt-b-loop")
+    client_a = MqttConnection(settings, "rtt-a", on_message=replies.put, subscriptions=[("rtt/pong", 1)],
+                              loop=loop_a.loop)
+    client_b = MqttConnection(settings, "rtt-b", on_message=echo, subscriptions=[("rtt/ping", 1)], loop=loop_b.loop)
     echo_holder.append(client_b)
     try:
         for client in (client_a, client_b):
@@ -71,6 +71,8 @@ def measure(nodelay: bool, count: int) -> dict[str, float]:
     finally:
         client_a.stop(timeout=0.5)
         client_b.stop(timeout=0.5)
+        loop_a.close()
+        loop_b.close()
         broker.stop()
 
 

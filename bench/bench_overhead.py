@@ -29,22 +29,13 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import (
-    BenchResult,
-    Child,
-    agent_args,
-    bench_main,
-    child_env,
-    children,
-    mosquitto,
-    spawn,
-    spread,
-    wait_until,
-)
+from bench.common import BenchResult, agent_args, bench_main, children, mosquitto, spread
 from broker.mqtt.client import InboundMessage, MqttConnection
 from broker.mqtt.local_broker import free_port
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Job, Result, Topics, decode, encode
+from tests.support.loops import LoopThread, mqtt_connection
+from tests.support.processes import ChildProcess, child_env, spawn, wait_until
 
 NAME = "overhead"
 MODELS = "llama3.1:8b,llama3.2:3b,llama3.2:1b"
@@ -117,9 +108,9 @@ class AgentProbe:
         self.topics = Topics(prefix)
         self.agent_id = agent_id
         self.inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
-        self.connection = MqttConnection(MqttSettings(broker_url=broker_url, topic_prefix=prefix),
-                                         f"bench-probe-{uuid.uuid4().hex[:6]}", on_message=self.inbox.put,
-                                         subscriptions=[(self.topics.result(agent_id), 1)])
+        self.connection = mqtt_connection(MqttSettings(broker_url=broker_url, topic_prefix=prefix),
+                                          f"bench-probe-{uuid.uuid4().hex[:6]}", on_message=self.inbox.put,
+                                          subscriptions=[(self.topics.result(agent_id), 1)])
 
     def start(self) -> None:
         self.connection.start()
@@ -162,9 +153,6 @@ class AgentProbe:
 def mqtt_echo(broker_url: str, count: int) -> dict[str, dict[str, float]]:
     """QoS 1 echo through a responder that answers in paho's network thread vs one that answers, as agent and
     coordinator do, on an asyncio loop (MqttConnection with ``loop=``): the difference is the thread hand-offs."""
-    import asyncio
-    import threading
-
     from bench import raw_mqtt
     from broker.mqtt.settings import parse_broker_url
 
@@ -180,13 +168,11 @@ def mqtt_echo(broker_url: str, count: int) -> dict[str, dict[str, float]]:
     raw.on_message = lambda client, userdata, message: client.publish("echo/pong/raw", message.payload, qos=1)
     raw.connect(address.host, address.port)
     raw.loop_start()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    background = LoopThread("echo-layer-loop")
     holder: list[MqttConnection] = []
     layer = MqttConnection(MqttSettings(broker_url=broker_url), f"echo-layer-{uuid.uuid4().hex[:6]}",
                            on_message=lambda message: holder[0].publish("echo/pong/layer", message.payload, qos=1),
-                           subscriptions=[("echo/ping/layer", 1)], loop=loop)
+                           subscriptions=[("echo/ping/layer", 1)], loop=background.loop)
     holder.append(layer)
     layer.start()
     layer.wait_connected(10)
@@ -202,15 +188,14 @@ def mqtt_echo(broker_url: str, count: int) -> dict[str, dict[str, float]]:
                     times[kind].append((ended - started) * 1000)
     finally:
         layer.stop(timeout=0.5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(2)
+        background.close(2)
         for client in (asker, raw):
             client.disconnect()
             client.loop_stop()
     return {kind: spread(values) for kind, values in times.items()}
 
 
-def start_double(folder: Path) -> tuple[Child, str]:
+def start_double(folder: Path) -> tuple[ChildProcess, str]:
     port = free_port()
     double = spawn("double", ["-m", "bench.double", "--port", str(port), "--models", MODELS,
                               "--tokens-per-s", str(TOKENS_PER_S), "--ttft-ms", str(TTFT_MS),
@@ -227,7 +212,7 @@ def start_double(folder: Path) -> tuple[Child, str]:
     return double, url
 
 
-def start_app(folder: Path, broker_url: str, prefix: str) -> tuple[Child, str]:
+def start_app(folder: Path, broker_url: str, prefix: str) -> tuple[ChildProcess, str]:
     port = free_port()
     app = spawn("app", ["-m", "app", "--port", str(port), "--broker-url", broker_url, "--topic-prefix", prefix,
                         "--data-dir", str(folder / "app-data"), "--no-rag-warm-up", "--replan-debounce-s", "0.3",

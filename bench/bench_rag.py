@@ -37,8 +37,9 @@ import pyarrow.compute as pc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.store.embedding import Embedder  # noqa: E402
-from app.store.evaluation import evaluate, load_corpus  # noqa: E402
 from app.store.rag import RagStore  # noqa: E402
+from tests.support.processes import percentile  # noqa: E402
+from tests.support.rag_corpus import evaluate, load_corpus  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rag.json"
 SYNTHETIC_HEADING = "Topic "
@@ -107,11 +108,6 @@ class PooledEmbedder(Embedder):
             for index, vector in zip(real, encoded, strict=True):
                 vectors[index] = vector
         return np.asarray(vectors, dtype=np.float32)
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def bench_ingestion(work: Path, sentences: list[str], documents: int, rng: random.Random) -> dict[str, float]:

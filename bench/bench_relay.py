@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import raw_mqtt
-from bench.common import BenchResult, Child, agent_args, bench_main, mosquitto, spawn
+from bench.common import BenchResult, agent_args, bench_main, mosquitto
 from broker.coordinator.contract import QueryFinished, QueryRequest, TextDelta
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage, Result, encode
+from tests.support.processes import ChildProcess, spawn
 
 NAME = "relay"
 AGENTS = 4
@@ -159,7 +160,7 @@ def run(quick: bool) -> BenchResult:
         folder = Path(name)
         # Raw before and after the project's run, averaged: the machine's other load drifts meanwhile.
         raw_before = _raw(broker.host, broker.port, AGENTS, RAW_TOKENS_PER_MESSAGE, raw_seconds, folder)
-        procs: list[Child] = []
+        procs: list[ChildProcess] = []
         try:
             for index in range(AGENTS):
                 agent_id = f"relay-{index}"

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, Child, agent_args, bench_main, mosquitto, percentile, spawn
+from bench.common import BenchResult, agent_args, bench_main, mosquitto
 from bench.routing_sim import (
     AgentSpec,
     Outcome,
@@ -46,6 +46,7 @@ from broker.coordinator.contract import QueryFailed, QueryFinished, QueryRequest
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.protocol import ChatMessage
+from tests.support.processes import ChildProcess, percentile, spawn
 
 NAME = "routing"
 HETEROGENEOUS = [
@@ -187,7 +188,7 @@ async def _run_trace(coordinator: Coordinator, workload: Sequence[Request],
 
 
 async def _real_runs(broker_url: str, folder: Path, policies: Sequence[str], workload: Sequence[Request],
-                     procs: list[Child], failures: dict[str, list[str]]) -> dict[str, list[Outcome | None]]:
+                     procs: list[ChildProcess], failures: dict[str, list[str]]) -> dict[str, list[Outcome | None]]:
     runs: dict[str, tuple[str, Coordinator]] = {}
     for policy in policies:
         prefix = f"slbbench/{policy}-{uuid.uuid4().hex[:6]}/v1"
@@ -232,7 +233,7 @@ def real_section(quick: bool) -> dict[str, Any]:
     workload = make_workload(5, count, capacity * 0.75, scale)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slb-bench-routing-") as name, mosquitto() as broker:
-        procs: list[Child] = []
+        procs: list[ChildProcess] = []
         failures: dict[str, list[str]] = {policy: [] for policy in policies}
         try:
             real = asyncio.run(_real_runs(broker.url, Path(name), policies, workload, procs, failures))

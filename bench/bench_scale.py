@@ -32,7 +32,8 @@ from typing import Any
 
 import psutil
 
-from bench.common import REPO, BenchResult, Child, CpuMeter, bench_main, mosquitto, spawn, spread
+from bench.common import BenchResult, CpuMeter, bench_main, mosquitto, spread
+from tests.support.processes import REPO, ChildProcess, spawn
 
 NAME = "scale"
 AGENTS = 1000
@@ -249,7 +250,7 @@ def placement_timing(repeats: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- orchestration
 
 
-def _wait_line(child: Child, word: str, timeout: float) -> None:
+def _wait_line(child: ChildProcess, word: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if word in child.log(100_000):
@@ -267,7 +268,7 @@ def run(quick: bool) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="slb-bench-scale-") as name, mosquitto() as broker:
         folder = Path(name)
         output = folder / "coordinator.json"
-        procs: list[Child] = []
+        procs: list[ChildProcess] = []
         try:
             coordinator = spawn("coordinator", ["-m", "bench.bench_scale", "--role", "coordinator", "--broker-url",
                                                 broker.url, "--prefix", prefix, "--window", str(window),

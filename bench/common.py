@@ -1,10 +1,13 @@
-"""What every benchmark shares: percentiles, goals, the results file, the machine, and child processes.
+"""What every benchmark shares: goals, the results file, the machine, agent command lines, a broker.
 
 A benchmark is a module with ``run(quick: bool) -> BenchResult`` and a
 ``main()`` that runs it standalone. Results go to ``bench/results/<name>.json`` (quick runs: ``quick/``)
 with the machine they ran on and the load average around the run, because on
 a shared 2-core machine an absolute figure means little without the baseline
 measured in the same run (every benchmark measures one) and the load.
+
+Child processes, waiting and percentiles are the tests' own (``tests/support/processes.py``): one harness
+for the tests, the chaos runs and the benchmarks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,25 +29,13 @@ from typing import Any
 
 import psutil
 
-from broker.mqtt.local_broker import stop_process
+from tests.support.processes import REPO, ChildProcess, percentile
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = REPO / "agent" / "profiles"
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = fraction * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def spread(values: Sequence[float], digits: int = 3) -> dict[str, float]:
@@ -249,50 +239,6 @@ def _own_cpu() -> float:
 # ---------------------------------------------------------------- child processes
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child: this repository importable, no stray SLB_ settings, nothing fetched."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SLB_")}
-    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Child:
-    """A child process with its log; stopped with SIGTERM, then SIGKILL, by its own pid only."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 8.0) -> None:
-        stop_process(self.process, timeout)
-
-
-def spawn(name: str, args: Sequence[str], folder: Path, env: dict[str, str] | None = None) -> Child:
-    """Start ``python <args>`` from the repository root, its output in ``folder/name.log``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / f"{name}.log"
-    with log_path.open("wb") as handle:
-        process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env or child_env(), stdout=handle,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Child(name, process, log_path)
-
-
 def agent_args(broker_url: str, prefix: str, agent_id: str, folder: Path, *, backend: str = "simulated",
                profile: str = "gpu-desktop", tokens_per_s: float | None = None, ttft_ms: float | None = None,
                max_parallel: int | None = None, telemetry_s: float = 1.0, extra: Sequence[str] = ()) -> list[str]:
@@ -313,9 +259,9 @@ def agent_args(broker_url: str, prefix: str, agent_id: str, folder: Path, *, bac
 
 
 @contextmanager
-def children() -> Iterator[list[Child]]:
+def children() -> Iterator[list[ChildProcess]]:
     """A list to add child processes to; all are stopped on the way out, whatever happened."""
-    started: list[Child] = []
+    started: list[ChildProcess] = []
     try:
         yield started
     finally:
@@ -338,17 +284,6 @@ def mosquitto() -> Iterator[Any]:
             yield broker
         finally:
             broker.stop()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it is truthy; TimeoutError naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -56,7 +56,7 @@ from broker.scheduling.routing import Router, route_candidates
 POLICIES = ("auto", "round_robin", "random", "least_outstanding", "oracle")
 AGENT_QUEUE_LIMIT = 4  # CoordinatorSettings.agent_queue_limit default
 EXPECTED_OUTPUT_TOKENS = 256  # CoordinatorSettings.expected_output_tokens default
-OUTPUT_TOKENS_SMOOTHING = 0.1  # broker.coordinator.OUTPUT_TOKENS_SMOOTHING
+OUTPUT_TOKENS_SMOOTHING = 0.1  # broker.coordinator.execution.OUTPUT_TOKENS_SMOOTHING
 STATS_WINDOW_S = 120.0  # AgentSettings.stats_window_s default
 BENCHMARK_TOKENS = 8  # bench.common.agent_args passes --benchmark-tokens 8
 
@@ -207,7 +207,8 @@ class Simulation:
         self.telemetry_interval_s = telemetry_interval_s
         self.slowdown = slowdown
         self.catalog = catalog or load_catalog(DEFAULT_CATALOG)
-        self.router = Router(policy if policy != "oracle" else "auto", rng=random.Random(seed))  # type: ignore[arg-type]
+        # The bench calls the policy "auto"; the router calls it "expected_completion" (the oracle needs no router).
+        self.router = Router("expected_completion" if policy in ("auto", "oracle") else policy, rng=random.Random(seed))
         self.state = ClusterState()
         self.own: dict[str, int] = {}
         self.external: dict[str, int] = {}
@@ -286,12 +287,12 @@ class Simulation:
         return min(sorted(self.agents), key=lambda agent_id: finish(self.agents[agent_id]))
 
     def _expected_tokens(self, request: Request) -> float:
-        if self.length_hint:  # Coordinator._expected_output_tokens with num_predict in the options
+        if self.length_hint:  # QueryExecutor._expected_output_tokens with num_predict in the options
             return min(float(request.output_tokens), self.output_tokens)
         return self.output_tokens
 
     def _admit(self, now: float) -> None:
-        """Coordinator._admit for every waiting query, oldest first (all wake on the same notify)."""
+        """QueryExecutor._admit for every waiting query, oldest first (all wake on the same notify)."""
         still_waiting: collections.deque[Request] = collections.deque()
         while self.waiting:
             request = self.waiting.popleft()
@@ -344,7 +345,7 @@ class Simulation:
             self.own.pop(agent_id, None)
         if self.policy == "oracle":
             return
-        # Coordinator._end_attempt: measured speed, answer-length average, then wake waiting queries.
+        # QueryExecutor._end_attempt: measured speed, answer-length average, then wake waiting queries.
         self.state = apply(self.state, AnswerMeasured(agent_id, agent.model, stats), now)
         self.output_tokens += OUTPUT_TOKENS_SMOOTHING * (tokens - self.output_tokens)
         self._admit(now)

@@ -26,7 +26,7 @@ from tests.app_support import (
     RunningApp,
     start_agent,
     start_app,
-    wait_until,
+    wait_for_app,
 )
 from tests.ollama_double import OllamaDouble
 
@@ -53,7 +53,7 @@ def app_cluster(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathFacto
                 for name in (OLLAMA_AGENT, SIMULATED_AGENT)
             )
 
-        wait_until(both_ready, 60, "both agents online with a ready model", running)
+        wait_for_app(both_ready, 60, "both agents online with a ready model", running)
         yield running
     finally:
         running.stop()

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from broker.mqtt.local_broker import RunningBroker, free_port, stop_process
+from broker.mqtt.local_broker import RunningBroker, free_port
 from tests.ollama_double import OllamaDouble
+from tests.support.processes import REPO, AgentProcess, ChildProcess, spawn, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 ARTIFACTS = REPO / "tests" / "artifacts"
 API_KEY = "test-key-" + uuid.uuid4().hex[:8]
 UI_USER = ("admin", "pass-" + uuid.uuid4().hex[:6])
@@ -25,50 +24,8 @@ OLLAMA_AGENT = "gpu-box"
 SIMULATED_AGENT = "pi-sim"
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": str(REPO),
-            "GRADIO_ANALYTICS_ENABLED": "False",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    for name in list(env):
-        if name.startswith("SLB_"):
-            del env[name]
-    return env
-
-
-@dataclass
-class Proc:
-    """A child process with its log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        return stop_process(self.process, timeout)
-
-
-def spawn(name: str, args: list[str], folder: Path) -> Proc:
-    folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / f"{name}.log"
-    handle = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO, env=child_env(), stdout=handle, stderr=subprocess.STDOUT
-    )
-    handle.close()
-    return Proc(name, process, log_path)
+APP_NOT_YET = (httpx.HTTPError, json.JSONDecodeError, KeyError)
+"""What polling a starting or busy app may raise before the awaited state is there."""
 
 
 @dataclass
@@ -78,9 +35,9 @@ class RunningApp:
     data_dir: Path
     topic_prefix: str
     broker_url: str
-    app: Proc
+    app: ChildProcess
     double: OllamaDouble | None = None
-    agents: dict[str, Proc] = field(default_factory=dict)
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
     api_key: str | None = None
     auth: tuple[str, str] | None = None
 
@@ -92,8 +49,8 @@ class RunningApp:
         return httpx.get(f"{self.url}/status", timeout=10).json()
 
     def logs(self) -> str:
-        parts = [f"--- {self.app.name}\n{self.app.log()[-6000:]}"]
-        parts += [f"--- {proc.name}\n{proc.log()[-3000:]}" for proc in self.agents.values()]
+        parts = [f"--- {self.app.name}\n{self.app.log(6000)}"]
+        parts += [f"--- {proc.name}\n{proc.log(3000)}" for proc in self.agents.values()]
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -125,7 +82,7 @@ def start_app(
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.process.poll() is not None:
-            raise RuntimeError(f"python -m app exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+            raise RuntimeError(f"python -m app exited with {proc.process.returncode}:\n{proc.log(4000)}")
         try:
             if httpx.get(f"{running.url}/health", timeout=2).status_code == 200:
                 return running
@@ -133,7 +90,7 @@ def start_app(
             pass
         time.sleep(0.2)
     proc.stop()
-    raise RuntimeError(f"python -m app did not answer /health within 90 s:\n{proc.log()[-4000:]}")
+    raise RuntimeError(f"python -m app did not answer /health within 90 s:\n{proc.log(4000)}")
 
 
 # Declared hardware for the agents (``--hardware-profile``): a GPU desktop and a Raspberry Pi.
@@ -158,7 +115,7 @@ def write_profile(folder: Path, agent_id: str, profile: dict[str, Any]) -> Path:
 def start_agent(
     running: RunningApp, folder: Path, agent_id: str, *, backend: str, backend_url: str | None = None,
     profile: dict[str, Any], extra: list[str] | None = None,
-) -> Proc:
+) -> AgentProcess:
     args = [
         "-m", "agent",
         "--broker-url", running.broker_url,
@@ -171,22 +128,14 @@ def start_agent(
         *(["--backend-url", backend_url] if backend_url else []),
         *(extra or []),
     ]
-    proc = spawn(agent_id, args, folder)
+    proc = spawn(agent_id, args, folder, kind=AgentProcess)
     running.agents[agent_id] = proc
     return proc
 
 
-def wait_until(predicate, timeout: float, what: str, running: RunningApp | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, json.JSONDecodeError, KeyError) as error:
-            last = error
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}\n{running.logs() if running else ''}")
+def wait_for_app(predicate: Callable[[], T], timeout: float, what: str, running: RunningApp | None = None) -> T:
+    """:func:`tests.support.processes.wait_until` for app state: HTTP errors mean "not yet"; logs on timeout."""
+    return wait_until(predicate, timeout, what, running.logs if running is not None else None, interval=0.2,
+                      ignore=APP_NOT_YET)
 
 

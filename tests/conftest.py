@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 from broker.mqtt.client import MqttConnection  # noqa: E402
 from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
 from broker.mqtt.settings import MqttSettings  # noqa: E402
+from tests.support.loops import mqtt_connection  # noqa: E402
 
 SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
 
@@ -109,13 +110,16 @@ def mqtt_settings(mosquitto: RunningBroker, topic_prefix: str, tmp_path: Path) -
 
 @pytest.fixture()
 def connect(request: pytest.FixtureRequest) -> Iterator[Callable[..., MqttConnection]]:
-    """Factory: ``connect(settings, client_id, **kwargs)`` starts an MqttConnection and stops it at teardown."""
+    """Factory: ``connect(settings, client_id, **kwargs)`` starts an MqttConnection and stops it at teardown.
+
+    Its callbacks run on the shared background loop of ``tests/support/loops.py``.
+    """
     made: list[MqttConnection] = []
 
     def factory(settings: MqttSettings, client_id: str | None = None, *, wait: bool = True, **kwargs: object):
-        connection = MqttConnection(
+        connection = mqtt_connection(
             settings, client_id or f"test-{uuid.uuid4().hex[:8]}", on_message=kwargs.pop("on_message", lambda m: None),
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         made.append(connection)
         connection.start()
@@ -127,5 +131,5 @@ def connect(request: pytest.FixtureRequest) -> Iterator[Callable[..., MqttConnec
     for connection in made:
         try:
             connection.stop(timeout=1)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a test may have stopped or broken it already; teardown goes on
             pass

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.client import InboundMessage, MqttAuthError, MqttPublishRefused
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Cancel, Status, Topics
+from tests.support.loops import mqtt_connection
 
 TOPICS = Topics("slb/v1")  # the ACL is written for the default prefix
 
@@ -68,7 +69,7 @@ def test_agent_cannot_read_another_agents_jobs(secure_mosquitto, connect) -> Non
 
 def test_subscription_to_everything_is_refused_with_a_reason_code(secure_mosquitto) -> None:
     codes: list[int] = []
-    connection = MqttConnection(settings_for(secure_mosquitto, "agent-a"), "agent-a-sub", on_message=lambda m: None)
+    connection = mqtt_connection(settings_for(secure_mosquitto, "agent-a"), "agent-a-sub", on_message=lambda m: None)
     original = connection._handle_subscribe
 
     def spy(client, userdata, mid, reason_codes, properties):  # noqa: ANN001
@@ -92,7 +93,7 @@ def test_subscription_to_everything_is_refused_with_a_reason_code(secure_mosquit
 
 @pytest.mark.parametrize(("user", "password"), [(None, None), ("agent-a", "wrong"), ("nobody", "x")])
 def test_anonymous_and_wrong_passwords_are_refused(secure_mosquitto, user, password) -> None:
-    connection = MqttConnection(settings_for(secure_mosquitto, user, password), "intruder", on_message=lambda m: None)
+    connection = mqtt_connection(settings_for(secure_mosquitto, user, password), "intruder", on_message=lambda m: None)
     fatal: list[Exception] = []
     connection._on_fatal = fatal.append
     connection.start()

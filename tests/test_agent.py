@@ -23,10 +23,11 @@ from broker.protocol import (
     TopicKind,
 )
 from tests.ollama_double import OllamaDouble, reply_text
-from tests.test_agent_harness import PROJECT_ROOT, AgentProcess, Watcher, spawn_agent
+from tests.support.processes import REPO, AgentProcess
+from tests.test_agent_harness import Watcher, spawn_agent
 
 MODEL = "llama3.2:1b"
-PROFILES = PROJECT_ROOT / "agent" / "profiles"
+PROFILES = REPO / "agent" / "profiles"
 
 
 def assert_answer(chunks: list[Result], text: str | None = None) -> Result:

@@ -1,49 +1,26 @@
 """Helpers (no tests) for agent integration tests: spawn ``python -m agent`` and watch its topics on a real broker.
 
 Reusable by the coordinator's tests: ``spawn_agent(...)`` returns an
-:class:`AgentProcess`; :class:`Watcher` records every message under a prefix
-and waits for the one a test needs (never a blind sleep).
+:class:`~tests.support.processes.AgentProcess`; :class:`Watcher` records every
+message under a prefix and waits for the one a test needs (never a blind sleep).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.mqtt.client import InboundMessage, MqttConnection
-from broker.mqtt.local_broker import stop_process
+from broker.mqtt.client import InboundMessage
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Job, Message, PayloadError, Result, TopicKind, Topics, decode
+from tests.support.loops import mqtt_connection
+from tests.support.processes import AgentProcess, child_env, spawn
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 M = TypeVar("M", bound=Message)
-
-
-@dataclass
-class AgentProcess:
-    """A ``python -m agent`` child process and its log."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    agent_id: str
-
-    def log(self, tail: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        return stop_process(self.process, timeout, signum)  # type: ignore[return-value]
 
 
 def spawn_agent(
@@ -56,10 +33,8 @@ def spawn_agent(
     env: dict[str, str] | None = None,
 ) -> AgentProcess:
     """Start an agent with test-friendly timings (fast telemetry, health checks and keepalive)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / f"agent-{agent_id}-{uuid.uuid4().hex[:4]}.log"
     command = [
-        sys.executable, "-m", "agent",
+        "-m", "agent",
         "--broker-url", broker_url,
         "--topic-prefix", prefix,
         "--agent-id", agent_id,
@@ -73,15 +48,8 @@ def spawn_agent(
     if backend_url is not None:
         command += ["--backend-url", backend_url]
     command += list(extra)
-    child_env = {key: value for key, value in os.environ.items() if not key.startswith("SLB_")}
-    child_env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    child_env.pop("OLLAMA_HOST", None)
-    child_env.pop("OLLAMA_NUM_PARALLEL", None)
-    child_env.update(env or {})
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    return AgentProcess(process, log_path, agent_id)
+    return spawn(agent_id, command, data_dir, log_name=f"agent-{agent_id}-{uuid.uuid4().hex[:4]}.log",
+                 env=child_env(**(env or {})), kind=AgentProcess)
 
 
 class Watcher:
@@ -91,8 +59,8 @@ class Watcher:
         self.topics = Topics(prefix)
         self.messages: list[InboundMessage] = []
         self._condition = threading.Condition()
-        self.connection = MqttConnection(settings, f"watcher-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
-                                         subscriptions=[(f"{self.topics.prefix}/#", 1)], reconnect_max_s=1.0)
+        self.connection = mqtt_connection(settings, f"watcher-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
+                                          subscriptions=[(f"{self.topics.prefix}/#", 1)], reconnect_max_s=1.0)
         self.connection.start()
         if not self.connection.wait_connected(10):
             raise RuntimeError("watcher could not connect")

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from app.api_common import ApiError
+from app.answer_stream import AnswerStream
+from app.answers import AnswerRecord, stats_of
+from app.errors import BadRequest
 from app.middleware import BodyLimitMiddleware, route_label
 from app.ollama_api import ollama_options
 from app.openai_api import ChatCompletionRequest
-from app.service import AnswerRecord, AskStarted, stats_of
 from app.settings import AppSettings
 from app.streaming import throttled
+from app.ui.live import LiveAnswer
 from app.ui.render import (
-    LiveAnswer,
     agents_table_html,
     answer_messages,
     history_frames,
@@ -34,6 +35,7 @@ from broker.coordinator.contract import (
     ClusterSnapshot,
     PlanEntry,
     PlanView,
+    QueryEvent,
     QueryFailed,
     QueryFinished,
     QueryStarted,
@@ -126,6 +128,54 @@ async def test_throttle_ends_when_the_source_is_cancelled_from_elsewhere() -> No
     assert await asyncio.wait_for(reader, 2) == [1]
 
 
+# ---------------------------------------------------------------------------- answer streams
+
+
+def _answer(events: AsyncGenerator[QueryEvent, None], closed: list[AnswerStream]) -> AnswerStream:
+    async def on_close(stream: AnswerStream) -> None:
+        closed.append(stream)
+
+    return AnswerStream(request_id="r9", session_id=None, mode="auto", citations=[], owner=None, events=events,
+                        on_close=on_close)
+
+
+async def test_an_answer_stream_folds_its_record_once_and_ends_once() -> None:
+    async def source() -> AsyncGenerator[QueryEvent, None]:
+        yield QueryStarted("r9", ["desk"], ["m"], "auto")
+        yield TextDelta("r9", "Hello", "desk", "m")
+        yield QueryFinished("r9", "Hello", ["desk"], ["m"], "auto")
+
+    closed: list[AnswerStream] = []
+    answer = _answer(source(), closed)
+    events = [event async for event in answer]
+    assert [type(event) for event in events] == [QueryStarted, TextDelta, QueryFinished]
+    assert answer.record.text == "Hello" and answer.record.finished is not None
+    await answer.aclose()
+    assert closed == [answer] and not answer.record.stopped
+
+
+async def test_closing_an_answer_early_closes_its_query_and_marks_it_stopped() -> None:
+    log: list[str] = []
+
+    async def source() -> AsyncGenerator[QueryEvent, None]:
+        try:
+            yield TextDelta("r9", "partial", "desk", "m")
+            await asyncio.sleep(10)
+        finally:
+            log.append("query closed")
+
+    closed: list[AnswerStream] = []
+    answer = _answer(source(), closed)
+    async for _ in answer:
+        break
+    await answer.aclose()
+    await answer.aclose()
+    assert log == ["query closed"] and closed == [answer]
+    failed = answer.record.failed
+    assert answer.record.stopped and failed is not None and failed.code == "cancelled"
+    assert failed.partial_text == "partial"
+
+
 # ---------------------------------------------------------------------------- rendering
 
 
@@ -153,9 +203,16 @@ def test_every_answer_names_its_agent_model_and_simulated_marker() -> None:
     assert "<b>" not in sources["content"], "document text is escaped"
 
 
+class _FedLiveAnswer(LiveAnswer):
+    """Stands in for the AnswerStream, which folds each event into the record before the live view sees it."""
+
+    def apply(self, event: QueryEvent) -> None:
+        self.record.apply(event)
+        super().apply(event)
+
+
 def test_live_answer_fan_out_panel_and_final_message() -> None:
-    live = LiveAnswer(mode="all", simulated=set())
-    live.apply(AskStarted(request_id="r1", session_id=None, citations=[]))
+    live = _FedLiveAnswer(mode="all", simulated=set())
     live.apply(QueryStarted("r1", ["desk", "pi"], ["llama3.1:8b", "llama3.2:1b"], "all"))
     live.apply(AgentDelta("r1", "desk", "llama3.1:8b", "Four"))
     live.apply(AgentDelta("r1", "pi", "llama3.2:1b", "4"))
@@ -179,7 +236,7 @@ def test_live_answer_fan_out_panel_and_final_message() -> None:
 
 
 def test_failed_and_stopped_answers_say_so() -> None:
-    live = LiveAnswer(mode="auto", simulated=set())
+    live = _FedLiveAnswer(mode="auto", simulated=set())
     live.apply(QueryStarted("r2", ["desk"], ["m"], "auto"))
     live.apply(TextDelta("r2", "partial", "desk", "m"))
     live.apply(QueryFailed("r2", "cancelled by the caller", "cancelled", "partial"))
@@ -244,7 +301,7 @@ def test_openai_request_maps_options_and_refuses_images() -> None:
     image = ChatCompletionRequest.model_validate(
         {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
     )
-    with pytest.raises(ApiError, match="only text"):
+    with pytest.raises(BadRequest, match="only text"):
         image.messages[0].text()
 
 
@@ -252,9 +309,9 @@ def test_ollama_options_are_checked() -> None:
     assert ollama_options({"temperature": 0.5, "num_ctx": 4096, "mystery": 1}) == {
         "temperature": 0.5, "num_ctx": 4096
     }
-    with pytest.raises(ApiError, match="temperature"):
+    with pytest.raises(BadRequest, match="temperature"):
         ollama_options({"temperature": "warm"})
-    with pytest.raises(ApiError, match="stop"):
+    with pytest.raises(BadRequest, match="stop"):
         ollama_options({"stop": [1, 2]})
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +35,14 @@ from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Cancel, ChatMessage, TopicKind, Topics, decode
+from tests.support.processes import AgentProcess
+from tests.support.processes import wait_until_async as wait_until
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "agent" / "profiles"
 TELEMETRY_S = 0.5
-
-
-@dataclass
-class AgentProcess:
-    agent_id: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def signal(self, signum: int) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL: the broker sees the socket close and publishes the agent's last will."""
-        self.signal(signal.SIGKILL)
-        self.process.wait(5)
 
 
 @pytest.fixture()
@@ -118,15 +103,6 @@ async def coordinators(mqtt_settings: MqttSettings) -> AsyncIterator[Callable[..
     for coordinator in made:
         if coordinator.connected:
             await coordinator.stop()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def models_of(coordinator: Coordinator) -> dict[str, tuple[str | None, str | None]]:

@@ -194,6 +194,14 @@ def test_every_setting_is_described_and_has_an_env_twin(monkeypatch: pytest.Monk
     assert json.loads(Path(settings.catalog_path).read_text())["models"]
 
 
+def test_routing_policy_auto_is_an_alias_of_expected_completion() -> None:
+    """``--routing-policy auto`` predates the name clash with the routing mode ``auto`` and still works."""
+    assert CoordinatorSettings(routing_policy="auto").routing_policy == "expected_completion"  # type: ignore[arg-type]
+    assert CoordinatorSettings().routing_policy == "expected_completion"
+    with pytest.raises(ValueError):
+        CoordinatorSettings(routing_policy="fastest")  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- coordinator wiring, without a network
 
 

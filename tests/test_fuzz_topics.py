@@ -32,6 +32,7 @@ from broker.mqtt.local_broker import RunningBroker
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, ChatMessage, Status, TopicKind
 from tests.chaos.payloads import topic_and_payload
+from tests.support.loops import AgentThread, mqtt_connection
 from tests.test_agent_harness import Watcher
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ async def memory_growth(deliver: Callable[[str, bytes], None], corpus: list[tupl
 
 def publish_batch(settings_: MqttSettings, corpus: list[tuple[str, bytes]]) -> int:
     """Send hostile traffic through the real broker; topics paho itself refuses (wildcards) are skipped."""
-    publisher = MqttConnection(settings_, f"fuzzer-{time.monotonic_ns()}", on_message=lambda message: None)
+    publisher = mqtt_connection(settings_, f"fuzzer-{time.monotonic_ns()}", on_message=lambda message: None)
     publisher.start()
     sent = 0
     try:
@@ -98,7 +99,7 @@ def publish_batch(settings_: MqttSettings, corpus: list[tuple[str, bytes]]) -> i
                 continue
             sent += 1
         for ticket in tickets:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a refused or unacknowledged hostile message is the point
                 ticket.wait(10)
     finally:
         publisher.stop(timeout=1)
@@ -128,9 +129,9 @@ async def test_coordinator_survives_hostile_traffic(mosquitto: RunningBroker, to
             # What the UI and the router read must survive any state the traffic leaves behind.
             coordinator.snapshot()
             coordinator.plan()
-            candidates = coordinator._candidates(None, frozenset(), PROBE)
+            candidates = coordinator._execution.candidates(None, frozenset(), PROBE)
             if candidates:
-                coordinator._router.choose(candidates, 40)
+                coordinator._execution.router.choose(candidates, 40)
             if len(corpus) < CORPUS_SIZE:
                 corpus.append(pair)
 
@@ -147,7 +148,7 @@ async def test_coordinator_survives_hostile_traffic(mosquitto: RunningBroker, to
             settings_ = MqttSettings(broker_url=mosquitto.url, topic_prefix=topic_prefix)
             sent = await asyncio.to_thread(publish_batch, settings_, corpus[:BROKER_BATCH])
             assert sent > BROKER_BATCH // 2
-            marker = MqttConnection(settings_, "fuzz-marker", on_message=lambda message: None)
+            marker = mqtt_connection(settings_, "fuzz-marker", on_message=lambda message: None)
             marker.start()
             try:
                 assert await asyncio.to_thread(marker.wait_connected, 10)
@@ -175,7 +176,8 @@ async def test_agent_survives_hostile_traffic(mosquitto: RunningBroker, topic_pr
     ))
     settings_ = MqttSettings(broker_url=mosquitto.url, topic_prefix=topic_prefix)
     watcher = Watcher(settings_, topic_prefix)
-    assert await asyncio.to_thread(agent.start, 20)
+    runner = AgentThread(agent)
+    assert await asyncio.to_thread(runner.start, 20)
     loop = agent._loop
     assert loop is not None
 
@@ -236,7 +238,7 @@ async def test_agent_survives_hostile_traffic(mosquitto: RunningBroker, topic_pr
             assert examples >= EXAMPLES_PER_SIDE
             jobs = agent.jobs
             assert jobs is not None and jobs.completed >= 20, "too few fuzzed jobs ran to the end to mean much"
-            assert agent._thread is not None and agent._thread.is_alive()
+            assert runner.alive()
             assert network_thread_alive(agent.connection) and agent.connection is not None
             await settle()
             growth = await memory_growth(deliver, corpus, settle)
@@ -244,8 +246,8 @@ async def test_agent_survives_hostile_traffic(mosquitto: RunningBroker, topic_pr
             sent = await asyncio.to_thread(publish_batch, settings_, corpus[:BROKER_BATCH])
             assert sent > BROKER_BATCH // 2
             await asyncio.to_thread(serve_probe, "after")  # in order after the batch: everything was handled
-            assert agent._thread.is_alive() and network_thread_alive(agent.connection)
+            assert runner.alive() and network_thread_alive(agent.connection)
             assert agent.connection.connected
     finally:
-        await asyncio.to_thread(agent.stop, 10)
+        await asyncio.to_thread(runner.stop, 10)
         watcher.close()

@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from tests.app_support import OLLAMA_AGENT, SIMULATED_AGENT, UI_USER, RunningApp, wait_until
+from tests.app_support import OLLAMA_AGENT, SIMULATED_AGENT, UI_USER, RunningApp, wait_for_app
 from tests.ollama_double import reply_text
 
 pytest_plugins = ["tests.app_fixtures"]
@@ -138,7 +138,7 @@ def test_cancel_stops_the_job_on_the_agent(client: Client, app_cluster: RunningA
     double.config.reply_tokens = 3000  # ~7 s at 400 tokens/s
     try:
         job = client.submit("a very long answer please", model, "consensus", False, api_name="/query")
-        request_id = wait_until(
+        request_id = wait_for_app(
             lambda: next((item["request_id"] for item in job.outputs() if item["text"]), None), 20, "first text"
         )
         started = time.monotonic()
@@ -146,8 +146,8 @@ def test_cancel_stops_the_job_on_the_agent(client: Client, app_cluster: RunningA
         final = job.result(timeout=20)
         assert final["error_code"] == "cancelled"
         assert time.monotonic() - started < 5
-        wait_until(lambda: double.stats.streams_aborted_by_client > aborted_before, 10,
-                   "the agent to stop its backend stream")
+        wait_for_app(lambda: double.stats.streams_aborted_by_client > aborted_before, 10,
+                     "the agent to stop its backend stream")
     finally:
         double.config.reply_tokens = None
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.mqtt.client import InboundMessage, MqttConnection, OutboundMessage
-from broker.mqtt.local_broker import free_port, start_broker
+from broker.mqtt.client import InboundMessage, OutboundMessage
+from broker.mqtt.local_broker import start_broker
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Cancel, PayloadError, Status, TopicKind, Topics, decode
+from tests.support.loops import mqtt_connection
+from tests.support.processes import REPO, free_port
 from tests.test_protocol import EXAMPLES
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def inbox() -> tuple[queue.Queue[InboundMessage], object]:
@@ -131,7 +131,7 @@ def test_last_will_is_published_when_the_process_is_killed(mqtt_settings: MqttSe
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.mqtt_child", mqtt_settings.broker_url, mqtt_settings.topic_prefix,
          "killed-agent", "2"],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "READY"
@@ -172,8 +172,8 @@ def test_reconnects_and_resubscribes_after_broker_restart(own_mosquitto, topic_p
 def test_offline_queue_is_bounded_and_flushed_on_connect(topic_prefix: str, tmp_path: Path, connect) -> None:
     port = free_port()
     settings = MqttSettings(broker_url=f"mqtt://127.0.0.1:{port}", topic_prefix=topic_prefix)
-    client = MqttConnection(settings, "offline-queue", on_message=lambda m: None, max_offline_queue=50,
-                            reconnect_min_s=0.2, reconnect_max_s=0.5)
+    client = mqtt_connection(settings, "offline-queue", on_message=lambda m: None, max_offline_queue=50,
+                             reconnect_min_s=0.2, reconnect_max_s=0.5)
     client.start()
     try:
         tickets = [client.publish(f"{topic_prefix}/q", str(i).encode(), qos=1) for i in range(500)]
@@ -196,7 +196,7 @@ def test_offline_queue_is_bounded_and_flushed_on_connect(topic_prefix: str, tmp_
 
 def test_publish_and_wait_times_out_without_acknowledgement(topic_prefix: str) -> None:
     settings = MqttSettings(broker_url=f"mqtt://127.0.0.1:{free_port()}", topic_prefix=topic_prefix)
-    client = MqttConnection(settings, "no-broker", on_message=lambda m: None)
+    client = mqtt_connection(settings, "no-broker", on_message=lambda m: None)
     client.start()
     try:
         with pytest.raises(TimeoutError):

@@ -18,10 +18,13 @@ from broker.protocol import (
     GpuInfo,
     Hardware,
     Job,
+    Manage,
     ModelState,
+    Operation,
     PayloadError,
     Result,
     ResultStats,
+    RuntimeProfile,
     Status,
     Telemetry,
     TopicKind,
@@ -32,7 +35,9 @@ from broker.protocol import (
 )
 
 EXAMPLES = [
-    Status(state="online", agent_version="0.1.0", backend="ollama", backend_url="http://127.0.0.1:11434"),
+    Status(state="online", agent_version="0.1.0", backend="ollama", backend_url="http://127.0.0.1:11434",
+           runtime=RuntimeProfile(kind="llama-cpp-python", slots=1, slots_source="measured",
+                                  continues_prefill=False, interrupts_running=True)),
     Hardware(
         cpu_brand="AMD Ryzen 9 7950X",
         cpu_physical_cores=16,
@@ -46,7 +51,10 @@ EXAMPLES = [
     ),
     Telemetry(cpu_percent=12.5, ram_used_gb=10, ram_free_gb=54, jobs_running=1, jobs_queued=2, tokens_per_s=98.0),
     ModelState(model="llama3.2:3b", state="pulling", progress=0.42, completed_bytes=42, total_bytes=100),
-    Result(request_id="r1", seq=3, delta="Hello", done=True, stats=ResultStats(prompt_tokens=5, output_tokens=7)),
+    Result(request_id="r1", seq=3, delta="Hello", done=True,
+           stats=ResultStats(prompt_tokens=5, output_tokens=7, finish_reason="length", tokens_counted_by="agent")),
+    Operation(request_id="m1", action="pull", model="qwen2.5:0.5b", status="downloading", completed_bytes=5,
+              total_bytes=10),
     Assign(model="llama3.1:8b", assignment_id="a-1", reason="score 92 >= 80"),
     Job(
         request_id="r1",
@@ -57,6 +65,7 @@ EXAMPLES = [
         assistant_prefix="Hel",
     ),
     Cancel(request_id="r1"),
+    Manage(request_id="m1", action="unload", model="qwen2.5:0.5b"),
     CoordinatorStatus(state="online"),
 ]
 

@@ -1,4 +1,4 @@
-"""Retrieval quality on the labelled corpus of app.store.evaluation; guards the default search mode."""
+"""Retrieval quality on the labelled corpus of tests/support/rag_corpus.py; guards the default search mode."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from app.store import RagStore
 from app.store.embedding import Embedder
-from app.store.evaluation import CORPUS, QUESTIONS, RetrievalScore, evaluate, load_corpus
+from tests.support.rag_corpus import CORPUS, QUESTIONS, RetrievalScore, evaluate, load_corpus
 
 
 @pytest.fixture(scope="module")

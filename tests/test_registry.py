@@ -74,6 +74,13 @@ def test_agent_without_telemetry_expires_on_the_default_interval() -> None:
     assert [e.agent_id for e in find_expired(state, 6.5, factor=3.0)] == ["a"]
 
 
+def test_only_silence_while_listening_expires_an_agent() -> None:
+    state = apply(joined(now=0.0), TelemetryReceived("a", Telemetry(interval_s=1.0)), 0.0)
+    assert find_expired(state, 10.0, factor=3.0, listening_since=None) == []  # the coordinator is offline
+    assert find_expired(state, 10.0, factor=3.0, listening_since=8.0) == []  # reconnected 2 s ago, limit 3 s
+    assert [e.agent_id for e in find_expired(state, 10.0, factor=3.0, listening_since=7.0)] == ["a"]
+
+
 def test_backend_down_means_no_ready_model() -> None:
     state = apply(joined(), TelemetryReceived("a", Telemetry(backend_reachable=False)), 1.0)
     assert state.agents["a"].online and state.agents["a"].ready_model is None

@@ -48,7 +48,7 @@ def test_expected_completion_time_adds_queue_wait_ttft_and_generation() -> None:
 
 
 def test_auto_picks_the_fast_agent_until_its_queue_makes_the_slow_one_faster() -> None:
-    router = Router("auto")
+    router = Router("expected_completion")
     fast_busy = candidate("fast", tokens_per_s=100, outstanding=3)
     slow_idle = candidate("slow", tokens_per_s=10)
     assert router.choose([fast_busy, slow_idle], 256).candidate.agent_id == "fast"
@@ -63,13 +63,14 @@ def test_auto_uses_measured_speed_not_the_static_score() -> None:
     state = ready_agent(ClusterState(), "desktop", "desktop_ryzen9_rtx4090_24g", "llama3.2:3b")
     state = ready_agent(state, "laptop", "laptop_i7_iris_16g", "llama3.2:3b")
     found = route_candidates(state, CATALOG, model=None, own_inflight={}, external={}, cooling={})
-    assert Router("auto").choose(found, 256).candidate.agent_id == "desktop"  # cold start: hardware prior
+    # cold start: hardware prior
+    assert Router("expected_completion").choose(found, 256).candidate.agent_id == "desktop"
     for _ in range(5):
         state = apply(state, AnswerMeasured("desktop", "llama3.2:3b", ResultStats(tokens_per_s=3, ttft_s=2)), 1.0)
         state = apply(state, AnswerMeasured("laptop", "llama3.2:3b", ResultStats(tokens_per_s=15, ttft_s=0.4)), 1.0)
     found = route_candidates(state, CATALOG, model=None, own_inflight={}, external={}, cooling={})
     assert {c.agent_id: c.speed_source for c in found} == {"desktop": "observed", "laptop": "observed"}
-    assert Router("auto").choose(found, 256).candidate.agent_id == "laptop"
+    assert Router("expected_completion").choose(found, 256).candidate.agent_id == "laptop"
 
 
 def test_telemetry_speed_is_used_before_any_observation() -> None:
@@ -100,7 +101,7 @@ def test_quality_is_the_largest_ready_model() -> None:
 
 
 def test_equal_agents_share_the_load() -> None:
-    router = Router("auto")
+    router = Router("expected_completion")
     pool = [candidate(name, tokens_per_s=20) for name in "abc"]
     picks = Counter(router.choose(pool, 100).candidate.agent_id for _ in range(30))
     assert picks == {"a": 10, "b": 10, "c": 10}
@@ -127,7 +128,7 @@ def test_least_outstanding_ignores_speed() -> None:
 
 
 def test_cooling_agents_are_a_last_resort() -> None:
-    router = Router("auto")
+    router = Router("expected_completion")
     pool = [candidate("fast", 1000, cooling=True), candidate("slow", 1)]
     assert router.choose(pool, 100).candidate.agent_id == "slow"
     route = router.choose([candidate("fast", 1000, cooling=True)], 100)

@@ -16,9 +16,8 @@ import httpx
 import openai
 import pytest
 
-from broker.mqtt.local_broker import free_port
-from tests.app_support import REPO, child_env
 from tests.ollama_double import OllamaDouble, reply_text
+from tests.support.processes import REPO, child_env, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 
 from agent.__main__ import main as agent_main
-from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, MqttPublishRefused
+from broker.mqtt.client import InboundMessage, MqttAuthError, MqttPublishRefused
 from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, start_broker
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, CoordinatorStatus, Status, Topics
+from tests.support.loops import mqtt_connection
 
 ROOT = Path(__file__).resolve().parent.parent
 ADD_USER = ROOT / "mosquitto" / "add-user.sh"
@@ -64,9 +65,9 @@ class Client:
                  subscriptions: list[str] | None = None) -> None:
         self.received: queue.Queue[InboundMessage] = queue.Queue()
         self.connack: list[int] = []
-        self.connection = MqttConnection(settings(broker, user, password), f"sec-{time.monotonic_ns()}",
-                                         on_message=self.received.put,
-                                         subscriptions=[(topic, 1) for topic in subscriptions or []])
+        self.connection = mqtt_connection(settings(broker, user, password), f"sec-{time.monotonic_ns()}",
+                                          on_message=self.received.put,
+                                          subscriptions=[(topic, 1) for topic in subscriptions or []])
         original = self.connection._handle_connect
 
         def spy(client, userdata, flags, reason_code, properties):  # noqa: ANN001 - paho's signature

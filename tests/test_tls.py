@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.mqtt.client import MqttConnection
 from broker.mqtt.local_broker import SECURE_CONFIG, free_port, start_broker
 from broker.mqtt.settings import MqttSettings
 from tests.conftest import SECURE_USERS
+from tests.support.loops import mqtt_connection
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -58,7 +58,7 @@ def test_client_with_the_ca_connects_over_tls(tls_broker) -> None:
     port, certs = tls_broker
     settings = MqttSettings(broker_url=f"mqtts://localhost:{port}", mqtt_tls_ca=certs["ca.crt"],
                             mqtt_username="coordinator", mqtt_password=SECURE_USERS["coordinator"])
-    client = MqttConnection(settings, "tls-ok", on_message=lambda m: None)
+    client = mqtt_connection(settings, "tls-ok", on_message=lambda m: None)
     client.start()
     try:
         assert client.wait_connected(10)
@@ -71,7 +71,7 @@ def test_client_without_the_ca_is_refused(tls_broker) -> None:
     port, _ = tls_broker
     settings = MqttSettings(broker_url=f"mqtts://localhost:{port}", mqtt_username="coordinator",
                             mqtt_password=SECURE_USERS["coordinator"])
-    client = MqttConnection(settings, "tls-no-ca", on_message=lambda m: None, reconnect_min_s=0.2)
+    client = mqtt_connection(settings, "tls-no-ca", on_message=lambda m: None, reconnect_min_s=0.2)
     client.start()
     try:
         started = time.monotonic()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.app_support import ARTIFACTS, OLLAMA_AGENT, SIMULATED_AGENT, UI_USER, RunningApp, wait_until
+from tests.app_support import ARTIFACTS, OLLAMA_AGENT, SIMULATED_AGENT, UI_USER, RunningApp, wait_for_app
 from tests.ollama_double import reply_text
 
 pytest_plugins = ["tests.app_fixtures"]
@@ -144,7 +144,7 @@ def test_stop_button_cancels_on_the_agent(page: Page, app_cluster: RunningApp) -
         expect(_last_answer(page)).to_contain_text("Echo:")
         page.locator("#slb-stop").click()
         expect(_last_answer(page)).to_contain_text("(stopped)", timeout=8_000)
-        wait_until(lambda: double.stats.streams_aborted_by_client > aborted, 10, "the agent to stop its backend")
+        wait_for_app(lambda: double.stats.streams_aborted_by_client > aborted, 10, "the agent to stop its backend")
     finally:
         double.config.reply_tokens = None
     _shot(page, "ui_chat_stopped")

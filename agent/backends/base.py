@@ -46,6 +46,7 @@ class ChatDone:
     output_tokens: int | None = None
     generation_s: float | None = None  # time spent producing output tokens (Ollama's eval_duration)
     load_s: float | None = None
+    counted: bool = False  # output_tokens counted by the agent (streamed pieces): the runtime sent no usage
 
 
 ChatEvent = ChatDelta | ChatDone
@@ -94,6 +95,27 @@ class StreamBroken(BackendError):
     code = "backend_error"
 
 
+class Truncated(BackendError):
+    """The runtime ended the stream cleanly but without a finish reason: the answer was cut short.
+
+    llama-cpp-python does this to a running stream whenever another request arrives (``--interrupt_requests``,
+    on by default); taking it for a complete answer is how answers got silently cut.
+    """
+
+    code = "truncated"
+
+
+@dataclass(frozen=True)
+class RuntimeFacts:
+    """What a backend learned about its server by asking endpoints that disturb nothing (no generation)."""
+
+    kind: str
+    detected_by: str
+    version: str | None = None
+    reported_slots: int | None = None
+    health_check: str = ""
+
+
 _CONTEXT_PATTERNS = re.compile(
     r"context (length|size|window)|exceeds? the (available )?context|too many tokens|maximum context|"
     r"prompt is too long|input length",
@@ -115,7 +137,11 @@ class Backend(Protocol):
     simulated: bool
 
     async def health(self) -> BackendHealth:
-        """Reachable or not, with the error and the URL tried; never raises."""
+        """Reachable or not, with the error and the URL tried; never raises. Never disturbs a running answer."""
+        ...
+
+    async def detect(self) -> RuntimeFacts:
+        """Which runtime serves ``url`` (kind, version, reported slots); raises BackendUnreachable."""
         ...
 
     async def list_models(self) -> list[str]:

@@ -25,6 +25,7 @@ from agent.backends.base import (
     ContextTooLong,
     ModelNotFound,
     PullProgress,
+    RuntimeFacts,
     StreamBroken,
     as_payload_messages,
     looks_like_context_error,
@@ -83,6 +84,18 @@ class OllamaBackend:
         except Exception as error:  # noqa: BLE001 - health never raises
             return BackendHealth(False, str(self._translate(error)))
         return BackendHealth(True, models=tuple(sorted(model.model for model in response.models if model.model)))
+
+    async def detect(self) -> RuntimeFacts:
+        try:
+            async with httpx.AsyncClient(base_url=self.url, timeout=HEALTH_TIMEOUT_S) as client:
+                response = await client.get("/api/version")  # the ollama client has no call for it
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+        version = None
+        with contextlib.suppress(ValueError, AttributeError):  # an old or odd server: the kind is still Ollama
+            version = response.json().get("version")
+        return RuntimeFacts("ollama", "backend ollama", version=str(version)[:100] if version else None,
+                            health_check="GET /api/tags (never touches a running answer)")
 
     async def list_models(self) -> list[str]:
         try:

@@ -1,9 +1,14 @@
-"""Any OpenAI-compatible server (llama.cpp server, vLLM, LM Studio) over httpx with SSE streaming.
+"""Any OpenAI-compatible server (llama.cpp server, llama-cpp-python, vLLM, LM Studio) over httpx with SSE.
 
 Such servers cannot pull models: a model they do not list is a failed
 assignment with a message saying so. A partial answer is sent as a trailing
-assistant message with ``continue_final_message`` (vLLM's flag; llama.cpp and
-LM Studio ignore unknown fields and continue a trailing assistant message).
+assistant message with ``continue_final_message`` (vLLM's flag); whether the
+server really continues it is probed (agent/runtime_profile.py), because
+llama-cpp-python ignores it and starts a new turn.
+
+The server's kind is learned from endpoints that generate nothing (docs/runtimes.md): llama-cpp-python
+interrupts a running stream on any request that touches its model, ``GET /v1/models`` included, so its health
+is checked with ``GET /openapi.json`` instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from agent.backends.base import (
     ContextTooLong,
     ModelNotFound,
     PullProgress,
+    RuntimeFacts,
     StreamBroken,
+    Truncated,
     as_payload_messages,
     looks_like_context_error,
 )
@@ -49,6 +56,25 @@ OPTION_NAMES = {
 """Ollama-style job options and their OpenAI request fields; others (num_ctx, ...) are dropped."""
 
 
+HEALTH_TIMEOUT_S = 5.0
+DETECT_TIMEOUT_S = 3.0
+HEALTH_PATHS = {
+    "llama.cpp": "/health",
+    "llama-cpp-python": "/openapi.json",
+    "vllm": "/health",
+    "ollama": "/api/version",
+}
+"""Per runtime, a request that never touches the model (so never interrupts or queues behind an answer)."""
+MODELS_PATH = "/v1/models"
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 def _error_message(response_text: str) -> str:
     try:
         body = json.loads(response_text)
@@ -66,7 +92,10 @@ class OpenAIBackend:
     name = "openai"
     simulated = False
 
-    def __init__(self, url: str, *, api_key: str | None = None, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, api_key: str | None = None, connect_timeout_s: float = 5.0,
+                 kind: str | None = None) -> None:
+        self.declared_kind = kind
+        self.kind: str | None = kind  # learned by detect(); decides the health check
         base = url.rstrip("/")
         self.url = base[: -len("/v1")] if base.endswith("/v1") else base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -93,19 +122,76 @@ class OpenAIBackend:
             return ModelNotFound(message if model is None else f"{message} (model {model!r} at {self.url})")
         return BackendError(f"HTTP {status} from {self.url}: {message}")
 
+    @property
+    def health_path(self) -> str:
+        """The request health checks use; ``/v1/models`` only for runtimes not known to mind it."""
+        return HEALTH_PATHS.get(self.kind or "", MODELS_PATH)
+
     async def health(self) -> BackendHealth:
+        path = self.health_path
         try:
-            response = await self._client.get("/v1/models", timeout=5.0)
+            response = await self._client.get(path, timeout=HEALTH_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - health never raises
             return BackendHealth(False, str(self._translate(error)))
         if response.status_code != 200:
-            return BackendHealth(False, f"HTTP {response.status_code} from {self.url}/v1/models")
+            return BackendHealth(False, f"HTTP {response.status_code} from {self.url}{path}")
+        if path != MODELS_PATH:
+            return BackendHealth(True)
         try:
             data = response.json().get("data") or []
             models = tuple(sorted(str(item["id"]) for item in data if isinstance(item, dict) and item.get("id")))
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):
             models = None
         return BackendHealth(True, models=models)
+
+    async def detect(self) -> RuntimeFacts:
+        """Ask the endpoints each runtime has and the others lack; none of them generates or interrupts."""
+        facts = await self._detect()
+        self.kind = facts.kind
+        return facts
+
+    async def _get(self, path: str) -> httpx.Response | None:
+        try:
+            return await self._client.get(path, timeout=DETECT_TIMEOUT_S)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise BackendUnreachable(self.url, str(error) or type(error).__name__) from None
+        except httpx.HTTPError:
+            return None
+
+    async def _detect(self) -> RuntimeFacts:
+        if self.declared_kind:
+            return RuntimeFacts(self.declared_kind, "declared (--runtime-kind)",
+                                health_check=f"GET {HEALTH_PATHS.get(self.declared_kind, MODELS_PATH)}")
+        response = await self._get("/api/version")
+        body = _json_or_none(response) if response is not None and response.status_code == 200 else None
+        if isinstance(body, dict) and isinstance(body.get("version"), str):
+            return RuntimeFacts("ollama", "GET /api/version", version=body["version"],
+                                health_check="GET /api/version")
+        response = await self._get("/props")
+        body = _json_or_none(response) if response is not None and response.status_code == 200 else None
+        if isinstance(body, dict) and ("total_slots" in body or "default_generation_settings" in body):
+            slots = body.get("total_slots")
+            build = body.get("build_info")
+            return RuntimeFacts("llama.cpp", "GET /props", version=str(build)[:100] if build else None,
+                                reported_slots=slots if isinstance(slots, int) and slots > 0 else None,
+                                health_check="GET /health")
+        response = await self._get("/openapi.json")
+        body = _json_or_none(response) if response is not None and response.status_code == 200 else None
+        info = body.get("info") if isinstance(body, dict) else None
+        title = str(info.get("title", "")) if isinstance(info, dict) else ""
+        if "llama.cpp python" in title.lower() or "llama-cpp-python" in title.lower():
+            version = info.get("version") if isinstance(info, dict) else None
+            return RuntimeFacts("llama-cpp-python", "GET /openapi.json (title)",
+                                version=str(version)[:100] if version else None,
+                                health_check="GET /openapi.json (GET /v1/models would interrupt a running answer)")
+        response = await self._get("/version")
+        body = _json_or_none(response) if response is not None and response.status_code == 200 else None
+        if isinstance(body, dict) and isinstance(body.get("version"), str):
+            return RuntimeFacts("vllm", "GET /version", version=body["version"], health_check="GET /health")
+        response = await self._get("/api/v0/models")
+        if response is not None and response.status_code == 200:
+            return RuntimeFacts("lm-studio", "GET /api/v0/models", health_check=f"GET {MODELS_PATH}")
+        return RuntimeFacts("openai", "no runtime-specific endpoint answered", health_check=f"GET {MODELS_PATH}")
 
     async def list_models(self) -> list[str]:
         try:
@@ -189,10 +275,17 @@ class OpenAIBackend:
             raise BackendError(f"unreadable stream from {self.url}: {error}") from None
         except Exception as error:  # noqa: BLE001 - translated
             raise self._translate(error, mid_stream=started) from None
+        if finish_reason is None:
+            raise Truncated(
+                f"the runtime at {self.url} ended the answer after {pieces} piece(s) without a finish reason: it "
+                "was cut short (llama-cpp-python interrupts a running answer whenever another request arrives)"
+            )
+        counted = usage.get("completion_tokens") is None
         yield ChatDone(
             done_reason=finish_reason,
             prompt_tokens=usage.get("prompt_tokens"),
-            output_tokens=usage.get("completion_tokens", pieces),
+            output_tokens=pieces if counted else usage.get("completion_tokens"),
+            counted=counted,
         )
 
     async def close(self) -> None:

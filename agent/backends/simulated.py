@@ -21,6 +21,7 @@ from agent.backends.base import (
     ChatEvent,
     ModelNotFound,
     PullProgress,
+    RuntimeFacts,
     normalize_model_name,
 )
 from broker.protocol import ChatMessage
@@ -71,6 +72,9 @@ class SimulatedBackend:
 
     async def health(self) -> BackendHealth:
         return BackendHealth(True, version="simulated", models=tuple(sorted(self._models)))
+
+    async def detect(self) -> RuntimeFacts:
+        return RuntimeFacts("simulated", "backend simulated", version="simulated", health_check="none (simulated)")
 
     async def list_models(self) -> list[str]:
         return sorted(self._models)

@@ -2,16 +2,20 @@
 
 Callers (the Gradio UI, the HTTP API) map them to user-facing messages and
 status codes without parsing text: each class carries the HTTP status it
-should become, so the API layer needs one ``except StoreError`` clause.
+should become (see app/errors.py). Bad input is a :class:`~app.errors.BadRequest`
+like bad input anywhere in the app; it is also a :class:`StoreError`, so the
+store's own ``except StoreError`` clauses let it pass unchanged.
 """
 
 from __future__ import annotations
 
+from app.errors import AppError, BadRequest
 
-class StoreError(Exception):
+
+class StoreError(AppError):
     """Base class: something in the chat or document store went wrong."""
 
-    http_status: int = 500
+    http_status = 500
 
 
 class NotFoundError(StoreError):
@@ -20,7 +24,7 @@ class NotFoundError(StoreError):
     http_status = 404
 
 
-class BadInputError(StoreError, ValueError):
+class BadInputError(StoreError, BadRequest):
     """The caller's input is invalid (empty, corrupt, malformed); retrying the same input will fail again."""
 
     http_status = 400

@@ -308,11 +308,6 @@ class RagStore:
         """Load the embedding model now rather than on the first upload or search."""
         self.embedder.warm_up()
 
-    def maintain(self) -> None:
-        """Compact the tables, fold new rows into the full-text index and prune old versions (deleted text)."""
-        with self._write_lock:
-            self._maintain_locked()
-
     def close(self) -> None:
         """Stop the search worker threads; every write is already committed, so nothing is flushed."""
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -42,7 +42,7 @@ def build_ui(service: AppService, *, metrics: Any = None) -> gr.Blocks:
 
         def chat_status(request: gr.Request):
             """Keep the chat's notice and the mode list current (only sends the mode list when it changed)."""
-            models = tuple(service.model_names())
+            models = tuple(service.coordinator.model_names())
             key = request.session_hash if request is not None else ""
             if known_models.get(key or "") == models:
                 return notice_markdown(service), gr.skip()
@@ -57,7 +57,7 @@ def build_ui(service: AppService, *, metrics: Any = None) -> gr.Blocks:
         )
 
         async def on_load(request: gr.Request):
-            models = tuple(service.model_names())
+            models = tuple(service.coordinator.model_names())
             if request is not None:
                 known_models[request.session_hash or ""] = models
             return (

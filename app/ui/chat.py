@@ -1,22 +1,27 @@
 """The Chat tab: sessions, streaming answers, mode and RAG, per-agent answers, stop.
 
 Handlers are async so they run on the same event loop as the coordinator;
-store calls go through worker threads inside :class:`AppService`. A stream is
+store calls go through worker threads (``service.sessions``). A stream is
 throttled to ``stream_updates_per_s`` so many browsers at once stay smooth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import gradio as gr
 
-from app.service import AGGREGATIONS, AppService
-from app.store import StoreError
+from app import cluster_status
+from app.answers import simulated_agents
+from app.errors import AppError
+from app.service import AppService
 from app.streaming import throttled
-from app.ui.render import LiveAnswer, history_messages
-from broker.coordinator.contract import ROUTING_MODES, QueryFailed
+from app.ui.errors import gradio_errors
+from app.ui.live import LiveAnswer
+from app.ui.render import history_messages
+from broker.coordinator.contract import AGGREGATIONS, Aggregation, RoutingMode
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +29,19 @@ MODE_HELP = (
     "auto: the agent expected to answer first · quality: the largest model ready · a model name: an agent serving it"
     " · all: every agent answers, then the answers are combined"
 )
+MODE_LABELS = {
+    RoutingMode.AUTO: "auto (fastest)",
+    RoutingMode.QUALITY: "quality (largest model)",
+    RoutingMode.ALL: "all (every agent)",
+}
 
 
 def mode_choices(models: list[str]) -> list[tuple[str, str]]:
-    labels = {"auto": "auto (fastest)", "quality": "quality (largest model)", "all": "all (every agent)"}
-    return [(labels[mode], mode) for mode in ROUTING_MODES] + [(f"model: {name}", name) for name in models]
+    return [(MODE_LABELS[mode], mode.value) for mode in RoutingMode] + [(f"model: {name}", name) for name in models]
 
 
 def notice_markdown(service: AppService) -> str:
-    health = service.health()
-    if health["healthy"]:
-        return health["message"]
-    return f"**The cluster cannot answer yet.** {health['message']}"
+    return cluster_status.notice_markdown(service.coordinator.snapshot(), service.settings.broker)
 
 
 def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any]:
@@ -75,8 +81,8 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
                 stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="slb-stop")
             with gr.Row():
                 mode = gr.Dropdown(
-                    choices=mode_choices(service.model_names()),
-                    value="auto",
+                    choices=mode_choices(service.coordinator.model_names()),
+                    value=RoutingMode.AUTO.value,
                     label="Mode",
                     info=MODE_HELP,
                     scale=3,
@@ -84,7 +90,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
                 )
                 aggregation = gr.Radio(
                     choices=list(AGGREGATIONS),
-                    value="consensus",
+                    value=Aggregation.CONSENSUS.value,
                     label="Combine answers (mode all)",
                     visible=False,
                     scale=2,
@@ -99,7 +105,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
     # ------------------------------------------------------------------ handlers
 
     async def session_choices() -> list[tuple[str, str]]:
-        listed = await service.list_sessions()
+        listed = await service.sessions.list_sessions()
         return [(f"{info.title} ({info.message_count})", info.id) for info in listed]
 
     async def refresh_sessions(session_id: str) -> Any:
@@ -121,32 +127,31 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         if not session_id:
-            try:
-                session_id = (await service.create_session()).id
-            except StoreError as error:
-                raise gr.Error(str(error)) from None
+            with gradio_errors():
+                session_id = (await service.sessions.create_session(None)).id
         owner = request.session_hash if request is not None else None
-        snapshot = service.snapshot()
-        simulated = {agent.id for agent in snapshot.agents if agent.simulated}
-        live = LiveAnswer(mode=mode_value or "auto", simulated=simulated)
+        mode_value = mode_value or RoutingMode.AUTO.value
+        live = LiveAnswer(mode=mode_value, simulated=simulated_agents(service.coordinator.snapshot()))
         base = [*history, {"role": "user", "content": text}]
         yield base + live.messages(), "", session_id, "", gr.skip()
         if metrics is not None:
             metrics.ui_streams.inc()
         try:
-            events = service.ask(
+            answer = await service.ask(
                 text,
                 session_id=session_id,
-                mode=mode_value or "auto",
-                aggregation=aggregation_value or "consensus",
+                mode=mode_value,
+                aggregation=aggregation_value or Aggregation.CONSENSUS,
                 use_rag=bool(rag_on),
                 owner=owner,
             )
-            async for batch in throttled(events, interval):
-                for event in batch:
-                    live.apply(event)
-                yield base + live.messages(), gr.skip(), gr.skip(), live.panel_html(), gr.skip()
-        except StoreError as error:
+            live.follow(answer)
+            async with contextlib.aclosing(throttled(answer, interval)) as batches:
+                async for batch in batches:
+                    for event in batch:
+                        live.apply(event)
+                    yield base + live.messages(), gr.skip(), gr.skip(), live.panel_html(), gr.skip()
+        except AppError as error:
             gr.Warning(str(error))
             live.note = None
             failed = [{"role": "assistant", "content": f"**Error: {error}**"}]
@@ -154,8 +159,6 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
         finally:
             if metrics is not None:
                 metrics.ui_streams.dec()
-        if live.record.finished is None and live.record.failed is None and live.request_id:
-            live.apply(QueryFailed(live.request_id, "stopped", "cancelled", live.record.text))
         yield base + live.messages(done=True), gr.skip(), session_id, live.panel_html(), await refresh_sessions(
             session_id
         )
@@ -169,9 +172,9 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
         if not session_id:
             return [], "", "", ""
         try:
-            info = await service.get_session(session_id)
-            history = await service.history(session_id)
-        except StoreError as error:
+            info = await service.sessions.get_session(session_id)
+            history = await service.sessions.get_history(session_id)
+        except AppError as error:
             gr.Warning(str(error))
             return [], "", "", ""
         return history_messages(history), session_id, info.title, ""
@@ -185,8 +188,8 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
             gr.Warning("Open or start a chat first.")
             return gr.skip()
         try:
-            await service.rename_session(session_id, title)
-        except StoreError as error:
+            await service.sessions.rename_session(session_id, title)
+        except AppError as error:
             gr.Warning(str(error))
             return gr.skip()
         return await refresh_sessions(session_id)
@@ -196,13 +199,13 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
             gr.Warning("Open a chat first.")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            await service.delete_session(session_id)
-        except StoreError as error:
+            await service.sessions.delete_session(session_id)
+        except AppError as error:
             gr.Warning(str(error))
         return [], "", gr.update(choices=await session_choices(), value=None), ""
 
     def mode_changed(value: str):
-        return gr.update(visible=value == "all")
+        return gr.update(visible=value == RoutingMode.ALL)
 
     # ------------------------------------------------------------------ wiring
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import gradio as gr
 
+from app import cluster_status
+from app.answers import simulated_agents
 from app.service import AppService
 from app.ui.render import (
     agents_table_html,
@@ -57,8 +59,8 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
     timer = gr.Timer(settings.cluster_refresh_s, active=False)
 
     def refresh():
-        snapshot = service.snapshot()
-        speed, load = history_frames(service.cluster_history())
+        snapshot = service.coordinator.snapshot()
+        speed, load = history_frames(service.sampler.history())
         online = sum(1 for agent in snapshot.agents if agent.online)
         simulated = sum(1 for agent in snapshot.agents if agent.simulated)
         head = (
@@ -67,9 +69,8 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
             + f" · broker {'connected' if snapshot.connected else '**not connected**'}"
             + f" · ready models: {', '.join(sorted(set(snapshot.ready_models))) or 'none'}"
         )
-        health = service.health()
-        if not health["healthy"]:
-            head += f"\n\n**The cluster cannot answer yet.** {health['message']}"
+        if not cluster_status.is_healthy(snapshot):
+            head += "\n\n" + cluster_status.notice_markdown(snapshot, settings.broker)
         # The y axis starts at 0 and never collapses (an idle cluster is a flat line, not an axis of 0.000000).
         speed_plot_value = gr.LinePlot(value=speed, y_lim=[0, max(10.0, float(speed["tokens_per_s"].max()) * 1.1)])
         load_plot_value = gr.LinePlot(value=load, y_lim=[0, max(2.0, float(load["jobs"].max()) + 1)])
@@ -83,19 +84,19 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
         )
 
     def simulated_ids() -> set[str]:
-        return {agent.id for agent in service.snapshot().agents if agent.simulated}
+        return simulated_agents(service.coordinator.snapshot())
 
     def preview():
         try:
-            return plan_html(service.plan(), simulated_ids())
-        except Exception as error:  # noqa: BLE001 - shown to the user instead of a broken tab
+            return plan_html(service.coordinator.plan(), simulated_ids())
+        except Exception as error:  # noqa: BLE001 - a placement bug is shown in the tab (and logged), not a broken tab
             logger.warning("what-if plan failed", exc_info=True)
             return f"could not compute the plan: {error}"
 
     async def reassign():
         try:
-            plan = await service.reassign()
-        except Exception as error:  # noqa: BLE001
+            plan = await service.coordinator.reassign()
+        except Exception as error:  # noqa: BLE001 - as in preview(): shown in the tab and logged
             logger.warning("reassign failed", exc_info=True)
             return f"reassign failed: {error}"
         changes = sum(1 for entry in plan.entries if entry.change)

@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
+from app.errors import AppError
 from app.service import AppService
-from app.store import StoreError
 from app.store.extract import SUPPORTED_EXTENSIONS
 from app.ui.render import documents_frame, search_markdown
 
@@ -45,8 +45,8 @@ async def add_files(
 
         report(0.0, "reading")
         try:
-            document = await service.add_document_file(path, name=name, progress=report)
-        except StoreError as error:
+            document = await service.documents.add_file(path, name=name, progress=report)
+        except AppError as error:
             errors.append(f"{name}: {error}")
             continue
         added.append(document.model_dump(mode="json"))
@@ -94,11 +94,11 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
 
     async def library() -> tuple[Any, Any]:
         try:
-            documents = await service.list_documents()
-        except StoreError as error:
+            documents = await service.documents.list_documents()
+        except AppError as error:
             gr.Warning(str(error))
             documents = []
-        except Exception:  # noqa: BLE001 - the table shows empty; the log says why
+        except Exception:  # noqa: BLE001 - opening LanceDB or the model fails in many ways; the log says why
             logger.warning("listing documents failed", exc_info=True)
             documents = []
         choices = [(f"{document.name} ({document.id[:8]})", document.id) for document in documents]
@@ -120,10 +120,10 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
 
     async def paste(name: str, text: str, progress: gr.Progress = gr.Progress()):  # noqa: B008
         try:
-            document = await service.add_document_text(
+            document = await service.documents.add_text(
                 text or "", name or "pasted text.txt", progress=lambda f, m: progress(f, desc=m)
             )
-        except StoreError as error:
+        except AppError as error:
             return f"Failed: {error}", gr.skip(), gr.skip()
         frame, choices = await library()
         return f"Added **{document.name}**: {document.chunk_count} chunks", frame, choices
@@ -133,8 +133,8 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
             gr.Warning("Choose a document to delete.")
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            await service.delete_document(document_id)
-        except StoreError as error:
+            await service.documents.delete_document(document_id)
+        except AppError as error:
             return f"Failed: {error}", gr.skip(), gr.skip()
         frame, choices = await library()
         return "Deleted.", frame, choices
@@ -144,8 +144,8 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
         if not text:
             return "Type something to search for."
         try:
-            found = await service.search_documents(text, 5)
-        except StoreError as error:
+            found = await service.documents.search(text, 5)
+        except AppError as error:
             return f"Failed: {error}"
         return search_markdown(text, found)
 

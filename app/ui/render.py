@@ -1,8 +1,10 @@
-"""Pure rendering for the UI: chat messages, agent cards, the cluster table, plot data.
+"""Pure rendering for the UI: chat messages, the cluster table, plans, plot data, documents.
 
-Kept apart from the Gradio wiring so it is unit-testable and so a stored
-answer re-opened from the session list looks exactly like it did live. All
-text that came from a model, a user or an agent is HTML-escaped here.
+Functions of their arguments only, kept apart from the Gradio wiring so they
+are unit-testable and so a stored answer re-opened from the session list
+looks exactly like it did live (app/ui/live.py renders the live one with
+them). All text that came from a model, a user or an agent is HTML-escaped
+here.
 """
 
 from __future__ import annotations
@@ -10,26 +12,15 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
 
-from app.service import AnswerRecord, AskEvent, AskStarted, ClusterSample, stats_of
+from app.sampler import ClusterSample
 from app.store import ChatMessage as StoredMessage
 from app.store import Citation, Document, SearchHit
-from broker.coordinator.contract import (
-    AgentDelta,
-    AgentFinished,
-    AgentSwitched,
-    AgentView,
-    ClusterSnapshot,
-    PlanView,
-    QueryFailed,
-    QueryFinished,
-    QueryStarted,
-)
+from broker.coordinator.contract import AgentView, ClusterSnapshot, PlanView
 
 CURSOR = " ▌"
 SIMULATED_BADGE = "simulated"
@@ -162,109 +153,37 @@ def history_messages(history: Sequence[StoredMessage], simulated: set[str] | Non
     return messages
 
 
-@dataclass
-class LiveAnswer:
-    """An answer while it streams: folds events and renders the chat bubble and the agent cards."""
+def agent_card_html(
+    agent: str, model: str | None, state: str, stats: dict[str, Any], text: str, simulated: bool
+) -> str:
+    """One agent's answer of a fan-out, as a card: machine, model, state, speed, text so far."""
+    numbers = []
+    if stats.get("ttft_s") is not None:
+        numbers.append(f"first token {stats['ttft_s']:.2f} s")
+    if stats.get("tokens_per_s"):
+        numbers.append(f"{stats['tokens_per_s']:.0f} tok/s")
+    badge = '<span class="slb-badge slb-sim">simulated</span>' if simulated else ""
+    return (
+        '<div class="slb-card">'
+        f'<div class="slb-card-head"><b>{html.escape(agent)}</b> {badge}'
+        f'<span class="slb-model">{html.escape(model or "")}</span></div>'
+        f'<div class="slb-card-state">{html.escape(state)}'
+        f'{" · " + html.escape(" · ".join(numbers)) if numbers else ""}</div>'
+        f'<div class="slb-card-text">{html.escape(text)}</div>'
+        "</div>"
+    )
 
-    mode: str
-    simulated: set[str]
-    record: AnswerRecord = field(default_factory=AnswerRecord)
-    citations: list[Citation] = field(default_factory=list)
-    request_id: str | None = None
-    agent_status: dict[str, str] = field(default_factory=dict)
-    agent_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
-    note: str | None = "routing…"
 
-    def apply(self, event: AskEvent) -> None:
-        if isinstance(event, AskStarted):
-            self.request_id = event.request_id
-            self.citations = list(event.citations)
-            return
-        self.record.apply(event)
-        if isinstance(event, QueryStarted):
-            labels = [
-                agent_label(agent, event.models[i] if i < len(event.models) else None, agent in self.simulated)
-                for i, agent in enumerate(event.agents)
-            ]
-            self.note = (
-                f"asking {len(event.agents)} agents: {', '.join(labels)}" if len(event.agents) > 1
-                else f"answering on {', '.join(labels)}"
-            )
-            for agent in event.agents:
-                self.agent_status.setdefault(agent, "waiting")
-        elif isinstance(event, AgentSwitched):
-            successor = agent_label(event.to_agent, event.model, event.to_agent in self.simulated)
-            self.note = f"{event.from_agent} failed ({event.reason}); {successor} continues"
-        elif isinstance(event, AgentDelta):
-            self.agent_status[event.agent_id] = "answering"
-        elif isinstance(event, AgentFinished):
-            answer = event.answer
-            if answer.simulated:
-                self.simulated.add(answer.agent_id)
-            self.agent_status[answer.agent_id] = f"failed: {answer.error}" if answer.error else "done"
-            if answer.stats is not None:
-                self.agent_stats[answer.agent_id] = answer.stats.model_dump(exclude_none=True)
-        elif isinstance(event, QueryFinished | QueryFailed):
-            self.note = None
-
-    @property
-    def fan_out(self) -> bool:
-        return bool(self.record.agent_texts) or self.mode == "all"
-
-    def messages(self, *, done: bool = False) -> list[Message]:
-        record = self.record
-        finished = done or record.finished is not None or record.failed is not None
-        text = record.text
-        status = self.note if not finished else None
-        if not finished and self.fan_out and not text:
-            status = (self.note or "asking every agent…") + " — their answers appear below the chat"
-        return answer_messages(
-            text,
-            agents=record.agents,
-            models=record.models,
-            mode=self.mode,
-            stats=stats_of(record, self.simulated) if finished else {},
-            citations=self.citations if finished else [],
-            simulated=self.simulated,
-            streaming=not finished,
-            status=status,
+def answers_panel_html(cards: Sequence[str], aggregation: str | None, agreement: float | None) -> str:
+    """The cards side by side, with how the answers were combined once that is known."""
+    summary = ""
+    if aggregation:
+        agreement_text = f" · agreement <b>{agreement:.2f}</b>" if agreement is not None else ""
+        summary = (
+            f'<div class="slb-summary">combined by <b>{html.escape(aggregation)}</b>'
+            f"{agreement_text} — the combined answer is in the chat</div>"
         )
-
-    def panel_html(self) -> str:
-        """Side-by-side cards of every agent's answer (fan-out) with the combined result's agreement."""
-        record = self.record
-        if not self.fan_out and not record.agent_texts:
-            return ""
-        cards = []
-        agents = list(dict.fromkeys([*self.agent_status, *record.agent_texts]))
-        for agent in agents:
-            model = record.agent_models.get(agent)
-            stats = self.agent_stats.get(agent, {})
-            numbers = []
-            if stats.get("ttft_s") is not None:
-                numbers.append(f"first token {stats['ttft_s']:.2f} s")
-            if stats.get("tokens_per_s"):
-                numbers.append(f"{stats['tokens_per_s']:.0f} tok/s")
-            state = self.agent_status.get(agent, "")
-            badge = '<span class="slb-badge slb-sim">simulated</span>' if agent in self.simulated else ""
-            cards.append(
-                '<div class="slb-card">'
-                f'<div class="slb-card-head"><b>{html.escape(agent)}</b> {badge}'
-                f'<span class="slb-model">{html.escape(model or "")}</span></div>'
-                f'<div class="slb-card-state">{html.escape(state)}'
-                f'{" · " + html.escape(" · ".join(numbers)) if numbers else ""}</div>'
-                f'<div class="slb-card-text">{html.escape(record.agent_texts.get(agent, ""))}</div>'
-                "</div>"
-            )
-        summary = ""
-        finished = record.finished
-        if finished is not None and finished.aggregation:
-            agreement = f" · agreement <b>{finished.agreement:.2f}</b>" if finished.agreement is not None else ""
-            summary = (
-                f'<div class="slb-summary">combined by <b>{html.escape(finished.aggregation)}</b>'
-                f"{agreement} — the combined answer is in the chat</div>"
-            )
-        return f'<div class="slb-answers"><div class="slb-grid">{"".join(cards)}</div>{summary}</div>'
+    return f'<div class="slb-answers"><div class="slb-grid">{"".join(cards)}</div>{summary}</div>'
 
 
 # ---------------------------------------------------------------------------- cluster view

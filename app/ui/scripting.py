@@ -9,6 +9,8 @@ readable message.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,44 +18,42 @@ from typing import Any
 
 import gradio as gr
 
-from app.service import AnswerRecord, AppService, AskStarted, answer_dict, plan_dict, stats_of
-from app.store import StoreError
+from app.answer_stream import AnswerStream
+from app.answers import fan_out_answers, simulated_agents, stats_of
+from app.errors import AppError
+from app.service import AppService
 from app.streaming import throttled
 from app.ui.documents import add_files
-from broker.coordinator.contract import QueryFailed
+from app.ui.errors import gradio_errors
+from broker.coordinator.contract import Aggregation, PlanView, RoutingMode
 
 logger = logging.getLogger(__name__)
 
 
-def _answer_payload(
-    record: AnswerRecord, started: AskStarted | None, mode: str, simulated: set[str], *, done: bool
-) -> dict[str, Any]:
+def _answer_payload(answer: AnswerStream, simulated: set[str], *, done: bool) -> dict[str, Any]:
+    record = answer.record
     finished = record.finished
-    answers: list[dict[str, Any]]
-    if finished is not None and finished.answers:
-        answers = [answer_dict(answer) for answer in finished.answers]
-    else:
-        answers = [
-            {"agent_id": agent, "model": record.agent_models.get(agent), "text": text, "simulated": agent in simulated}
-            for agent, text in record.agent_texts.items()
-        ]
     return {
-        "session_id": started.session_id if started else None,
-        "request_id": started.request_id if started else None,
+        "session_id": answer.session_id,
+        "request_id": answer.request_id,
         "text": record.text,
         "done": done,
-        "mode": mode,
+        "mode": answer.mode,
         "agents": record.agents,
         "models": record.models,
         "simulated_agents": sorted(set(record.agents) & simulated),
-        "answers": answers,
+        "answers": fan_out_answers(record, simulated),
         "aggregation": finished.aggregation if finished else None,
         "agreement": finished.agreement if finished else None,
-        "citations": [citation.model_dump(mode="json") for citation in (started.citations if started else [])],
+        "citations": [citation.model_dump(mode="json") for citation in answer.citations],
         "stats": stats_of(record, simulated) if done else {},
         "error": record.failed.error if record.failed else None,
         "error_code": record.failed.code if record.failed else None,
     }
+
+
+def _plan_json(plan: PlanView) -> dict[str, Any]:
+    return dataclasses.asdict(plan)
 
 
 def build_script_api(service: AppService) -> None:
@@ -72,33 +72,22 @@ def build_script_api(service: AppService) -> None:
                 raise gr.Error(f"{name} must be text, got {type(value).__name__}")
         if use_rag is not None and not isinstance(use_rag, bool):
             raise gr.Error(f"use_rag must be true or false, got {type(use_rag).__name__}")
-        simulated = {agent.id for agent in service.snapshot().agents if agent.simulated}
-        record = AnswerRecord()
-        started: AskStarted | None = None
-        mode = (mode or "auto").strip()
-        try:
-            events = service.ask(
-                question, session_id=session_id, mode=mode, aggregation=aggregation or "consensus",
-                use_rag=bool(use_rag),
+        simulated = simulated_agents(service.coordinator.snapshot())
+        with gradio_errors():
+            answer = await service.ask(
+                question, session_id=session_id, mode=(mode or RoutingMode.AUTO).strip(),
+                aggregation=aggregation or Aggregation.CONSENSUS, use_rag=bool(use_rag),
             )
-            async for batch in throttled(events, interval):
-                for event in batch:
-                    if isinstance(event, AskStarted):
-                        started = event
-                    else:
-                        record.apply(event)
-                yield _answer_payload(record, started, mode, simulated, done=False)
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
-        if record.finished is None and record.failed is None and started is not None:
-            record.apply(QueryFailed(started.request_id, "stopped", "cancelled", record.text))
-        yield _answer_payload(record, started, mode, simulated, done=True)
+            async with contextlib.aclosing(throttled(answer, interval)) as batches:
+                async for _ in batches:
+                    yield _answer_payload(answer, simulated, done=False)
+        yield _answer_payload(answer, simulated, done=True)
 
     async def chat(
         message: str,
         session_id: str = "",
-        mode: str = "auto",
-        aggregation: str = "consensus",
+        mode: str = RoutingMode.AUTO.value,
+        aggregation: str = Aggregation.CONSENSUS.value,
         use_rag: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """Ask within a chat session (created when session_id is empty); streams, the last item has done=true.
@@ -107,15 +96,16 @@ def build_script_api(service: AppService) -> None:
         mode: auto, quality, all, or a model name; aggregation (mode all): consensus, synthesize or first.
         """
         if not session_id:
-            try:
-                session_id = (await service.create_session()).id
-            except StoreError as error:
-                raise gr.Error(str(error)) from None
+            with gradio_errors():
+                session_id = (await service.sessions.create_session(None)).id
         async for item in stream_answer(message, session_id, mode, aggregation, use_rag):
             yield item
 
     async def query(
-        prompt: str, mode: str = "auto", aggregation: str = "consensus", use_rag: bool = False
+        prompt: str,
+        mode: str = RoutingMode.AUTO.value,
+        aggregation: str = Aggregation.CONSENSUS.value,
+        use_rag: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """Ask once, without a session; streams, the last item has done=true and every agent's answer in mode all."""
         async for item in stream_answer(prompt, None, mode, aggregation, use_rag):
@@ -135,48 +125,41 @@ def build_script_api(service: AppService) -> None:
 
     def models() -> list[str]:
         """Model names the cluster serves (usable as mode)."""
-        return service.model_names()
+        return list(service.coordinator.model_names())
 
     def plan() -> dict[str, Any]:
         """What placement would do now, without changing anything (what-if)."""
-        return plan_dict(service.plan())
+        return _plan_json(service.coordinator.plan())
 
     async def reassign() -> dict[str, Any]:
         """Re-plan model placement now and apply it; returns the plan with its reasons."""
-        return plan_dict(await service.reassign())
+        return _plan_json(await service.coordinator.reassign())
 
     async def sessions_list() -> list[dict[str, Any]]:
         """Every chat session, most recent first: id, title, created_at, updated_at, message_count."""
-        return [info.model_dump(mode="json") for info in await service.list_sessions()]
+        with gradio_errors():
+            return [info.model_dump(mode="json") for info in await service.sessions.list_sessions()]
 
     async def session_create(title: str = "") -> dict[str, Any]:
         """A new empty session (titled from its first question unless a title is given)."""
-        try:
-            return (await service.create_session(title or None)).model_dump(mode="json")
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            return (await service.sessions.create_session(title or None)).model_dump(mode="json")
 
     async def session_history(session_id: str) -> list[dict[str, Any]]:
         """Every message of a session, oldest first, with agents, models, mode, citations and stats."""
-        try:
-            return [message.model_dump(mode="json") for message in await service.history(session_id)]
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            return [message.model_dump(mode="json") for message in await service.sessions.get_history(session_id)]
 
     async def session_delete(session_id: str) -> dict[str, Any]:
         """Delete a session and all its messages."""
-        try:
-            await service.delete_session(session_id)
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            await service.sessions.delete_session(session_id)
         return {"deleted": session_id}
 
     async def session_rename(session_id: str, title: str) -> dict[str, Any]:
         """Give a session a title of your choosing."""
-        try:
-            return (await service.rename_session(session_id, title)).model_dump(mode="json")
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            return (await service.sessions.rename_session(session_id, title)).model_dump(mode="json")
 
     async def rag_search(query: str, k: int = 5) -> list[dict[str, Any]]:
         """The k best passages of your documents for a query, best first, with their sources."""
@@ -186,25 +169,19 @@ def build_script_api(service: AppService) -> None:
             count = None
         if count is None:
             raise gr.Error(f"k must be a whole number, got {k!r}")
-        try:
-            hits = await service.search_documents(query, count)
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            hits = await service.documents.search(query, count)
         return [hit.model_dump(mode="json") | {"location": hit.location} for hit in hits]
 
     async def rag_list() -> list[dict[str, Any]]:
         """Every document: id, name, format, size_bytes, chunk_count, added_at."""
-        try:
-            return [document.model_dump(mode="json") for document in await service.list_documents()]
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            return [document.model_dump(mode="json") for document in await service.documents.list_documents()]
 
     async def rag_delete(document_id: str) -> dict[str, Any]:
         """Delete a document and all its chunks."""
-        try:
-            await service.delete_document(document_id)
-        except StoreError as error:
-            raise gr.Error(str(error)) from None
+        with gradio_errors():
+            await service.documents.delete_document(document_id)
         return {"deleted": document_id}
 
     gr.api(chat, api_name="chat", **chat_limits)
@@ -232,9 +209,9 @@ def build_script_api(service: AppService) -> None:
         documents, errors = await add_files(service, files_value)
         if text_value and text_value.strip():
             try:
-                document = await service.add_document_text(text_value, name_value or "pasted text.txt")
+                document = await service.documents.add_text(text_value, name_value or "pasted text.txt")
                 documents.append(document.model_dump(mode="json"))
-            except StoreError as error:
+            except AppError as error:
                 errors.append(f"{name_value or 'text'}: {error}")
         if not documents and errors:
             raise gr.Error("; ".join(errors))

@@ -1,6 +1,6 @@
-"""One agent's attempt at a job: ordered chunks, stall detection, seamless continuation.
+"""Queries in flight: one agent's attempt at a job, the query it belongs to, and the ledger of both.
 
-Pure pieces the coordinator composes (tested without a broker):
+Pieces the coordinator composes (tested without a broker):
 
 * :class:`ReorderBuffer` releases result chunks in ``seq`` order; duplicates
   (QoS 1 may deliver twice) are dropped, and a gap that never fills shows up
@@ -8,12 +8,21 @@ Pure pieces the coordinator composes (tested without a broker):
 * :class:`EchoFilter` drops text a continuing agent repeats from the partial
   answer it was given, so the caller never sees text twice.
 * :class:`Attempt` holds one job's progress and says when it has stalled.
+* :class:`Run` is one query in progress; its inbox carries the signals its
+  attempts wait on (result chunks, an agent gone, a cancel).
+* :class:`InFlight` is the one owner of who works on what: runs by request id,
+  live attempts by wire id, and jobs per agent (routing reads those).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
+from broker.coordinator.contract import QueryEvent, QueryRequest
 from broker.protocol.messages import Result, ResultStats
 
 MAX_PENDING_CHUNKS = 4096
@@ -146,3 +155,154 @@ class Attempt:
         if self.last_progress_at is None:
             return min(self.deadline, self.started_at + first_chunk_s)
         return min(self.deadline, self.last_progress_at + between_chunks_s)
+
+
+# ---------------------------------------------------------------- one query in progress
+
+
+@dataclass(frozen=True)
+class CancelSignal:
+    """The caller (or ``stop()``) cancelled the query."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class GoneSignal:
+    """The agent working on ``wire_id`` went away (offline, or its telemetry stopped)."""
+
+    wire_id: str
+    reason: str
+
+
+Signal = Result | CancelSignal | GoneSignal
+"""What a run's attempts wait for: a result chunk, an agent gone, or a cancel."""
+
+
+@dataclass
+class Run:
+    """One query in progress: its deadline, the caller's event sink, and the inbox its attempts wait on."""
+
+    request: QueryRequest
+    started_at: float
+    deadline: float
+    emit: Callable[[QueryEvent], None]
+    inbox: asyncio.Queue[Signal] = field(default_factory=asyncio.Queue)
+    counter: int = 0
+    first_text_at: float | None = None
+    cancel_reason: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def next_wire_id(self) -> str:
+        """A fresh job id per attempt, so a late chunk of an abandoned attempt cannot pass for the new one."""
+        self.counter += 1
+        return f"{self.request_id[:48]}.{self.counter}"
+
+    def text_arrived(self, now: float) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = now
+
+    def cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.inbox.put_nowait(CancelSignal(reason))
+
+    def deliver(self, result: Result) -> None:
+        self.inbox.put_nowait(result)
+
+    def attempt_gone(self, wire_id: str, reason: str) -> None:
+        self.inbox.put_nowait(GoneSignal(wire_id, reason))
+
+    async def next_signal(self, until: float) -> Signal | None:
+        """The next signal, or ``None`` once monotonic time ``until`` has come."""
+        if not self.inbox.empty():
+            return self.inbox.get_nowait()
+        timeout = until - time.monotonic()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+class InFlight:
+    """Who works on what; the only place these tables change.
+
+    Runs by request id (for ``cancel`` and duplicate ids), live attempts by wire id (to hand each result
+    chunk to its run, and to tell runs when an agent goes away), and this coordinator's jobs per agent plus
+    the jobs the agent reports beyond those (routing's view of an agent's load).
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._attempts: dict[str, tuple[Run, Attempt]] = {}
+        self._own: dict[str, int] = {}
+        self._external: dict[str, int] = {}
+
+    # ---- runs
+
+    def open_run(self, run: Run) -> None:
+        self._runs[run.request_id] = run
+
+    def close_run(self, run: Run) -> None:
+        if self._runs.get(run.request_id) is run:
+            del self._runs[run.request_id]
+
+    def run(self, request_id: str) -> Run | None:
+        return self._runs.get(request_id)
+
+    def runs(self) -> list[Run]:
+        return list(self._runs.values())
+
+    # ---- attempts
+
+    def add_attempt(self, run: Run, attempt: Attempt) -> None:
+        self._attempts[attempt.wire_id] = (run, attempt)
+        self._own[attempt.agent_id] = self._own.get(attempt.agent_id, 0) + 1
+
+    def remove_attempt(self, attempt: Attempt) -> bool:
+        """Forget ``attempt``; ``False`` when it was already gone (ending an attempt twice is harmless)."""
+        if self._attempts.pop(attempt.wire_id, None) is None:
+            return False
+        count = self._own.get(attempt.agent_id, 1) - 1
+        if count > 0:
+            self._own[attempt.agent_id] = count
+        else:
+            self._own.pop(attempt.agent_id, None)
+        return True
+
+    def find(self, wire_id: str) -> tuple[Run, Attempt] | None:
+        return self._attempts.get(wire_id)
+
+    def attempt_of(self, run: Run, wire_id: str) -> Attempt | None:
+        """``run``'s live attempt with ``wire_id``, or ``None``."""
+        entry = self._attempts.get(wire_id)
+        return entry[1] if entry is not None and entry[0] is run else None
+
+    def attempts_of(self, run: Run) -> list[Attempt]:
+        return [attempt for owner, attempt in self._attempts.values() if owner is run]
+
+    def attempts_on(self, agent_id: str) -> list[tuple[Run, Attempt]]:
+        return [(run, attempt) for run, attempt in self._attempts.values() if attempt.agent_id == agent_id]
+
+    # ---- load per agent
+
+    def report_load(self, agent_id: str, reported_jobs: int) -> None:
+        """The agent's telemetry counts all its jobs; what exceeds ours came from elsewhere."""
+        self._external[agent_id] = max(0, reported_jobs - self._own.get(agent_id, 0))
+
+    @property
+    def own_jobs(self) -> Mapping[str, int]:
+        """Jobs this coordinator has on each agent (a read-only view)."""
+        return MappingProxyType(self._own)
+
+    @property
+    def external_jobs(self) -> Mapping[str, int]:
+        """Jobs each agent reported beyond this coordinator's (a read-only view)."""
+        return MappingProxyType(self._external)

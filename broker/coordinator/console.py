@@ -1,7 +1,8 @@
 """The original design's server console: type a prompt and watch the cluster answer.
 
-Commands: ``reassign``, ``plan`` (what-if), ``stats``, ``mode auto|quality|all|MODEL``,
-``aggregation consensus|synthesize|first``, ``help``, ``quit``. Anything else
+Commands: ``reassign``, ``plan`` (what-if), ``stats``, ``mode`` (a routing
+mode or a model name), ``aggregation`` (how mode ``all`` combines answers),
+``help``, ``quit``; :data:`HELP` lists them with their choices. Anything else
 is a prompt. Standard input is read by a daemon thread with ``os.read`` (never
 on the event loop, and no buffered-stdin lock at exit); at end of input the
 console goes quiet and the coordinator keeps running until SIGTERM or SIGINT.
@@ -18,15 +19,18 @@ from collections.abc import AsyncIterator
 from typing import TextIO
 
 from broker.coordinator.contract import (
+    AGGREGATIONS,
     ROUTING_MODES,
     AgentFinished,
     AgentSwitched,
+    Aggregation,
     ClusterSnapshot,
     PlanView,
     QueryFailed,
     QueryFinished,
     QueryRequest,
     QueryStarted,
+    RoutingMode,
     TextDelta,
 )
 from broker.coordinator.runtime import Coordinator
@@ -34,10 +38,10 @@ from broker.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
 
-HELP = """commands:
+HELP = f"""commands:
   <prompt>                  ask the cluster
-  mode auto|quality|all|M   how to route the next prompts (M: a model name)
-  aggregation consensus|synthesize|first   how 'all' combines answers
+  mode {'|'.join(ROUTING_MODES)}|M   how to route the next prompts (M: a model name)
+  aggregation {'|'.join(AGGREGATIONS)}   how '{RoutingMode.ALL}' combines answers
   reassign                  re-plan model placement now
   plan                      show what a re-plan would do, without doing it
   stats                     agents, models, load and counters
@@ -82,8 +86,8 @@ class Console:
         self.stop = stop
         self.out = out
         self.interactive = interactive
-        self.mode = "auto"
-        self.aggregation = "consensus"
+        self.mode: str = RoutingMode.AUTO.value
+        self.aggregation = Aggregation.CONSENSUS
 
     def write(self, text: str) -> None:
         self.out.write(text)
@@ -127,15 +131,15 @@ class Console:
             known = ROUTING_MODES + tuple(self.coordinator.model_names())
             note = "" if self.mode in known else " (no agent serves that model right now)"
             self.write(f"mode: {self.mode}{note}\n")
-        elif command == "aggregation" and argument.strip() in ("consensus", "synthesize", "first"):
-            self.aggregation = argument.strip()
+        elif command == "aggregation" and argument.strip() in AGGREGATIONS:
+            self.aggregation = Aggregation(argument.strip())
             self.write(f"aggregation: {self.aggregation}\n")
         else:
             await self.ask(line)
 
     async def ask(self, prompt: str) -> None:
         request = QueryRequest(messages=[ChatMessage(role="user", content=prompt)], mode=self.mode,
-                               aggregation=self.aggregation)  # type: ignore[arg-type]
+                               aggregation=self.aggregation)
         stream = self.coordinator.query(request)
         try:
             async for event in stream:
@@ -163,7 +167,7 @@ class Console:
 
 def format_finished(event: QueryFinished) -> str:
     lines = []
-    if event.mode == "all":
+    if event.mode == RoutingMode.ALL:
         agreement = f", agreement {event.agreement:.2f}" if event.agreement is not None else ""
         lines.append(f"\n=== combined ({event.aggregation}{agreement}; {event.combined_by})\n{event.text}")
     stats = event.stats

@@ -52,10 +52,10 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """One question for the cluster. ``mode``: auto, quality, all, or a model name."""
+    """One question for the cluster. ``mode``: a :class:`RoutingMode` value, or a model name."""
 
     messages: list[ChatMessage]
-    mode: str = "auto"
+    mode: str = RoutingMode.AUTO.value
     aggregation: Aggregation = Aggregation.CONSENSUS
     options: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from broker.coordinator.contract import ROUTING_MODES
+
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
 def mode_label(mode: str) -> str:
     """Named-model queries share one label value, so user input cannot grow the series without bound."""
-    return mode if mode in ("auto", "quality", "all") else "model"
+    return mode if mode in ROUTING_MODES else "model"
 
 
 class CoordinatorMetrics:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from broker.mqtt.settings import MqttSettings
 from broker.scheduling.catalog import DEFAULT_CATALOG
-from broker.scheduling.routing import RoutingPolicy
+from broker.scheduling.routing import POLICY_ALIASES, RoutingPolicy
 
 
 class CoordinatorSettings(MqttSettings):
@@ -49,8 +49,9 @@ class CoordinatorSettings(MqttSettings):
     )
     # ---- routing and admission
     routing_policy: RoutingPolicy = Field(
-        default="auto",
-        description="auto (lowest expected completion time) or a baseline: round_robin, random, least_outstanding.",
+        default="expected_completion",
+        description="expected_completion (lowest expected completion time; 'auto' is an alias) or a baseline: "
+                    "round_robin, random, least_outstanding.",
     )
     expected_output_tokens: int = Field(
         default=256, ge=1, description="Answer length assumed before any answer has been measured."
@@ -83,3 +84,9 @@ class CoordinatorSettings(MqttSettings):
     expiry_factor: float = Field(
         default=3.0, gt=1, description="An agent is gone after this many of its telemetry intervals without telemetry."
     )
+
+    @field_validator("routing_policy", mode="before")
+    @classmethod
+    def _resolve_policy_alias(cls, value: object) -> object:
+        """``--routing-policy auto`` still works: it was the policy's name before it clashed with mode ``auto``."""
+        return POLICY_ALIASES.get(value, value) if isinstance(value, str) else value

@@ -3,14 +3,16 @@
 Why it looks like this:
 
 * paho's network thread must never block, so callbacks only hand messages to
-  a dispatcher (an asyncio loop via ``call_soon_threadsafe``, or a dispatcher
-  thread reading a queue).
+  the owner's asyncio loop with ``call_soon_threadsafe`` (one mode, as in Home
+  Assistant's MQTT client). Synchronous tests and benchmarks borrow a loop
+  from ``tests/support/loops.py``.
 * MQTT v5 by default (a refused publish comes back as a reason code), with a
   fall back to 3.1.1 for brokers that only speak that (the embedded amqtt).
 * On every (re)connect: subscribe to everything again, then publish the birth
   message, then flush what was queued while offline. The last will says
   ``offline``; a clean stop publishes ``offline`` itself.
-* TCP_NODELAY on the socket: a QoS 1 round trip is ~0.35 ms instead of ~87 ms.
+* TCP_NODELAY on the socket: a QoS 1 round trip on loopback takes ~0.35 ms
+  instead of ~87 ms (Nagle on both ends; ``bench/bench_mqtt_rtt.py``).
 * Refused credentials stop the client with a clear message instead of
   retrying forever.
 """
@@ -21,7 +23,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import queue
 import socket
 import ssl
 import threading
@@ -38,7 +39,6 @@ from broker.protocol.codec import encode
 from broker.protocol.messages import Message
 
 logger = logging.getLogger(__name__)
-
 
 
 class _PahoNoiseFilter(logging.Filter):
@@ -76,7 +76,7 @@ class MqttPublishRefused(MqttError):
 
 @dataclass(frozen=True)
 class InboundMessage:
-    """A received message, as handed to the dispatcher."""
+    """A received message, as handed to the event loop."""
 
     topic: str
     payload: bytes
@@ -134,6 +134,9 @@ Hook = Callable[[], None]
 class MqttConnection:
     """A resilient MQTT client: subscriptions, presence, offline queue, acknowledged publishes.
 
+    Every callback (``on_message``, ``on_ready``, ``on_disconnected``, ``on_fatal``) runs on ``loop``,
+    handed over with ``call_soon_threadsafe``: paho's network thread never runs a handler.
+
     Reconnection backs off from ``reconnect_min_s`` to at most ``reconnect_max_s`` (5 s): a home cluster has
     a handful of clients, and after a broker restart they should be back within seconds, not after a
     30 s back-off step (measured in docs/reliability.md).
@@ -145,13 +148,13 @@ class MqttConnection:
         client_id: str,
         *,
         on_message: MessageHandler,
+        loop: asyncio.AbstractEventLoop,
         subscriptions: list[tuple[str, int]] | None = None,
         will: OutboundMessage | None = None,
         birth: OutboundMessage | Callable[[], OutboundMessage | None] | None = None,
         on_ready: Hook | None = None,
         on_disconnected: Hook | None = None,
         on_fatal: Callable[[Exception], None] | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
         max_offline_queue: int = 1000,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 5.0,
@@ -185,8 +188,6 @@ class MqttConnection:
         self.fatal_error: Exception | None = None
         self.connect_count = 0
         self._protocol = self._initial_protocol()
-        self._inbox: queue.SimpleQueue[InboundMessage | Hook | None] = queue.SimpleQueue()
-        self._dispatcher: threading.Thread | None = None
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ setup
@@ -236,10 +237,6 @@ class MqttConnection:
 
     def start(self) -> None:
         """Connect in the background; reconnects forever with back-off until :meth:`stop`."""
-        if self._loop is None and self._dispatcher is None:
-            self._dispatcher = threading.Thread(target=self._dispatch_forever, name=f"mqtt-dispatch-{self.client_id}",
-                                                daemon=True)
-            self._dispatcher.start()
         logger.info("connecting to %s as %s (MQTT %s)", self._address, self.client_id, self.protocol)
         self._client.connect_async(self._address.host, self._address.port, keepalive=self.settings.mqtt_keepalive,
                                    clean_start=True if self._protocol == MQTTProtocolVersion.MQTTv5 else
@@ -288,7 +285,6 @@ class MqttConnection:
                 logger.debug("disconnect failed", exc_info=True)
         self._client.loop_stop()
         self._connected.clear()
-        self._inbox.put(None)
 
     def kill(self) -> None:
         """Drop the connection without DISCONNECT, so the broker publishes the will (tests, crash drills)."""
@@ -301,7 +297,6 @@ class MqttConnection:
             except OSError:
                 pass
         self._client.loop_stop()
-        self._inbox.put(None)
 
     # ------------------------------------------------------------------ API
 
@@ -377,13 +372,11 @@ class MqttConnection:
             ticket._complete(*early)
 
     def _dispatch(self, item: InboundMessage | Hook) -> None:
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._run_item, item)
-            except RuntimeError:
-                logger.debug("event loop closed; dropping %s", item)
-        else:
-            self._inbox.put(item)
+        """Hand ``item`` to the event loop (from paho's network thread or a helper thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._run_item, item)
+        except RuntimeError:
+            logger.debug("event loop closed; dropping %s", item)
 
     def _run_item(self, item: InboundMessage | Hook) -> None:
         try:
@@ -391,15 +384,8 @@ class MqttConnection:
                 self._on_message(item)
             else:
                 item()
-        except Exception:  # noqa: BLE001 - a handler bug must not kill the dispatcher
+        except Exception:  # noqa: BLE001 - a handler bug must not stop the handling of later messages
             logger.exception("MQTT handler failed")
-
-    def _dispatch_forever(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            self._run_item(item)
 
     # ------------------------------------------------------------------ paho callbacks (network thread: stay thin)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -227,7 +226,3 @@ def start_broker(
     broker.start(timeout)
     logger.warning("broker: embedded amqtt on %s:%d%s. %s", host, port, env_note, EMBEDDED_LIMITS)
     return broker
-
-
-def _strip_comments(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not re.match(r"\s*#", line))

@@ -77,7 +77,7 @@ class MqttSettings(BaseSettings):
         default="auto", description="MQTT version: auto tries 5 and falls back to 3.1.1."
     )
     mqtt_tcp_nodelay: bool = Field(
-        default=True, description="Disable Nagle on the MQTT socket (QoS 1 round trip ~1 ms instead of ~88 ms)."
+        default=True, description="Disable Nagle on the MQTT socket (QoS 1 round trip ~0.35 ms instead of ~87 ms)."
     )
     log_level: str = Field(default="INFO", description="Logging level: DEBUG, INFO, WARNING, ERROR.")
 

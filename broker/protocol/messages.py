@@ -47,6 +47,33 @@ class Message(BaseModel):
 # ---------------------------------------------------------------- agent → coordinator
 
 
+RuntimeKind = Literal["ollama", "llama.cpp", "llama-cpp-python", "lm-studio", "vllm", "openai", "simulated"]
+
+
+class RuntimeProfile(BaseModel):
+    """What the agent learned about its inference runtime, and how it treats it (docs/runtimes.md).
+
+    The coordinator routes on these facts: ``slots`` bounds how many jobs the runtime really runs at once (the
+    agent queues the rest), ``continues_prefill`` decides whether a failover may continue a partial answer or
+    must restart it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+    kind: RuntimeKind = "openai"
+    detected_by: str = Field(default="", max_length=200, description="How the kind was learned (endpoint or flag).")
+    version: str | None = Field(default=None, max_length=100)
+    slots: int = Field(default=1, ge=1, le=64, description="Requests the runtime really runs at once.")
+    slots_source: Literal["measured", "reported", "declared", "default"] = "default"
+    continues_prefill: bool | None = Field(
+        default=None, description="Continues a trailing assistant message (None: not probed)."
+    )
+    interrupts_running: bool | None = Field(
+        default=None, description="A new request cuts a running stream short (llama-cpp-python's default)."
+    )
+    health_check: str = Field(default="", max_length=200, description="The request used to check health, and when.")
+
+
 class Status(Message):
     """Presence of an agent; retained, and also the agent's last will."""
 
@@ -59,6 +86,7 @@ class Status(Message):
     simulated: bool = Field(default=False, description="True for the simulated backend (demos, benchmarks).")
     hostname: str | None = None
     max_parallel: int | None = Field(default=None, ge=1)
+    runtime: RuntimeProfile | None = Field(default=None, description="The runtime profile, once learned.")
 
 
 class GpuInfo(BaseModel):
@@ -133,6 +161,9 @@ class ModelState(Message):
     error: str | None = None
     local_models: list[str] = Field(default_factory=list)
     assignment_id: str | None = None
+    loaded_models: list[str] = Field(
+        default_factory=list, description="Models in the runtime's memory now (Ollama /api/ps), when it says."
+    )
 
 
 class ResultStats(BaseModel):
@@ -148,6 +179,12 @@ class ResultStats(BaseModel):
     queue_s: float | None = Field(
         default=None, ge=0, description="Time the job waited at the agent for a free slot (included in ttft_s)."
     )
+    finish_reason: str | None = Field(
+        default=None, max_length=32, description="The runtime's own reason: stop, length, ... (Ollama done_reason)."
+    )
+    tokens_counted_by: Literal["runtime", "agent"] | None = Field(
+        default=None, description="agent: the runtime sent no usage, the agent counted streamed pieces."
+    )
 
 
 ErrorCode = Literal[
@@ -161,6 +198,7 @@ ErrorCode = Literal[
     "cancelled",
     "busy",
     "stalled",
+    "truncated",
     "internal",
 ]
 
@@ -216,6 +254,30 @@ class Cancel(Message):
 
     request_id: RequestId
     reason: str | None = None
+
+
+ManageAction = Literal["pull", "delete", "load", "unload"]
+
+
+class Manage(Message):
+    """Model management on one agent's runtime (Ollama's /api/pull, /api/delete, load, keep_alive 0)."""
+
+    request_id: RequestId
+    action: ManageAction
+    model: str = Field(min_length=1, max_length=200)
+
+
+class Operation(Message):
+    """Progress and outcome of a :class:`Manage` request; the last message has ``done``."""
+
+    request_id: RequestId
+    action: ManageAction
+    model: str = Field(min_length=1, max_length=200)
+    status: str = Field(default="", max_length=200, description="Ollama-style: pulling manifest, success, ...")
+    completed_bytes: int | None = Field(default=None, ge=0)
+    total_bytes: int | None = Field(default=None, ge=0)
+    done: bool = False
+    error: str | None = Field(default=None, max_length=2000)
 
 
 class CoordinatorStatus(Message):

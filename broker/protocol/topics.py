@@ -14,8 +14,10 @@ from broker.protocol.messages import (
     CoordinatorStatus,
     Hardware,
     Job,
+    Manage,
     Message,
     ModelState,
+    Operation,
     Result,
     Status,
     Telemetry,
@@ -43,9 +45,11 @@ class TopicKind(enum.Enum):
     TELEMETRY = TopicSpec(Telemetry, 0, False, "agent")
     MODEL = TopicSpec(ModelState, 1, True, "agent")
     RESULT = TopicSpec(Result, 1, False, "agent")
+    OPERATION = TopicSpec(Operation, 1, False, "agent")
     ASSIGN = TopicSpec(Assign, 1, True, "control")
     JOB = TopicSpec(Job, 1, False, "control")
     CANCEL = TopicSpec(Cancel, 1, False, "control")
+    MANAGE = TopicSpec(Manage, 1, False, "control")
     COORDINATOR_STATUS = TopicSpec(CoordinatorStatus, 1, True, "coordinator")
 
     @property
@@ -96,6 +100,9 @@ class Topics:
     def result(self, agent_id: str) -> str:
         return self._agent_topic(agent_id, "result")
 
+    def operation(self, agent_id: str) -> str:
+        return self._agent_topic(agent_id, "operation")
+
     # coordinator → agent
     def assign(self, agent_id: str) -> str:
         return self._control_topic(agent_id, "assign")
@@ -105,6 +112,9 @@ class Topics:
 
     def cancel(self, agent_id: str) -> str:
         return self._control_topic(agent_id, "cancel")
+
+    def manage(self, agent_id: str) -> str:
+        return self._control_topic(agent_id, "manage")
 
     def coordinator_status(self) -> str:
         return f"{self.prefix}/coordinator/status"
@@ -122,9 +132,6 @@ class Topics:
     def all_agents(self) -> str:
         """Everything every agent publishes (the coordinator's subscription)."""
         return f"{self.prefix}/agent/+/+"
-
-    def all_agents_of(self, kind: TopicKind) -> str:
-        return f"{self.prefix}/agent/+/{kind.leaf}"
 
     def all_controls_of(self, kind: TopicKind) -> str:
         """One control topic of every agent (the coordinator reads back its retained assignments)."""

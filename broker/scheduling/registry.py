@@ -2,20 +2,24 @@
 
 State changes go through one pure function, :func:`apply` (exo-style): it
 takes the current immutable :class:`ClusterState`, an event and the time, and
-returns the next state. Nothing here touches the network, so the whole
+returns the next state, through one small ``apply_<event>`` function per event
+type. Nothing here touches the network, so the whole
 registry is tested without a broker, and a restarted coordinator rebuilds the
 same picture from the retained topics (status, hardware, model, assign) plus
 one round of telemetry.
 
-Agent expiry is an explicit event: :func:`find_expired` lists the agents whose
-telemetry stopped, and the caller applies (and logs) :class:`AgentExpired`.
+Agent expiry is an explicit event: the reconciler :func:`find_expired` (state
+and time in, events out) lists the agents whose telemetry stopped, and the
+caller applies (and logs) each :class:`AgentExpired`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 from broker.protocol.messages import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
 from broker.scheduling.scoring import MachineFacts, machine_facts
@@ -216,61 +220,111 @@ def _record(state: ClusterState, agent_id: str, now: float) -> AgentRecord:
     return existing if existing is not None else AgentRecord(agent_id, first_seen=now, alive_at=now)
 
 
-def apply(state: ClusterState, event: Event, now: float) -> ClusterState:
-    """The next state after ``event`` at time ``now``; the only way the registry changes."""
-    if isinstance(event, StatusReceived):
-        if event.message is None:
-            return _without(state, event.agent_id)
-        record = _record(state, event.agent_id, now)
-        return _with(state, replace(record, status=event.message, alive_at=now, expired=False))
-    if isinstance(event, AgentExpired):
-        record = state.agents.get(event.agent_id)
-        if record is None or record.expired:
-            return state
-        return _with(state, replace(record, expired=True))
-    if isinstance(event, AnswerMeasured):
-        record = state.agents.get(event.agent_id)
-        if record is None:
-            return state
-        observed = dict(record.observed)
-        observed[event.model] = observed.get(event.model, SpeedEstimate()).update(event.stats, now)
-        return _with(state, replace(record, observed=MappingProxyType(observed)))
-    if isinstance(event, AssignmentSeen):
-        record = state.agents.get(event.agent_id)
-        if record is None:
-            if event.message is None:
-                return state
-            record = AgentRecord(event.agent_id, first_seen=now, alive_at=now)
-        return _with(state, replace(record, assignment=event.message))
+def apply_status(state: ClusterState, event: StatusReceived, now: float) -> ClusterState:
+    """A status (online/offline) proves the agent alive; a cleared one removes the agent."""
+    if event.message is None:
+        return _without(state, event.agent_id)
+    record = _record(state, event.agent_id, now)
+    return _with(state, replace(record, status=event.message, alive_at=now, expired=False))
+
+
+def apply_hardware(state: ClusterState, event: HardwareReceived, now: float) -> ClusterState:
+    """Hardware arrives once (retained); its facts are derived here so scoring need not redo it."""
     if event.message is None and event.agent_id not in state.agents:
         return state
     record = _record(state, event.agent_id, now)
-    if isinstance(event, HardwareReceived):
-        return _with(state, replace(record, hardware=event.message, facts=machine_facts(event.message), alive_at=now))
-    if isinstance(event, TelemetryReceived):
-        return _with(state, replace(record, telemetry=event.message, telemetry_at=now, alive_at=now, expired=False))
-    if isinstance(event, ModelStateReceived):
-        failed = record.failed_models
-        message = event.message
-        if message is not None and message.model:
-            failed = dict(failed)
-            if message.state == "failed":
-                failed[message.model] = FailedModel(message.error or "failed without a reason", now)
-            else:
-                failed.pop(message.model, None)
-            failed = MappingProxyType(failed)
-        return _with(state, replace(record, model_state=message, alive_at=now, failed_models=failed))
-    raise TypeError(f"unknown event {event!r}")
+    return _with(state, replace(record, hardware=event.message, facts=machine_facts(event.message), alive_at=now))
 
 
-def find_expired(state: ClusterState, now: float, factor: float) -> list[AgentExpired]:
-    """Online agents silent for more than ``factor`` × their telemetry interval."""
+def apply_telemetry(state: ClusterState, event: TelemetryReceived, now: float) -> ClusterState:
+    """Telemetry is the heartbeat: it also revives an expired agent."""
+    record = _record(state, event.agent_id, now)
+    return _with(state, replace(record, telemetry=event.message, telemetry_at=now, alive_at=now, expired=False))
+
+
+def apply_model_state(state: ClusterState, event: ModelStateReceived, now: float) -> ClusterState:
+    """The agent's model state; a failed model is remembered (placement skips it for a while)."""
+    if event.message is None and event.agent_id not in state.agents:
+        return state
+    record = _record(state, event.agent_id, now)
+    failed = record.failed_models
+    message = event.message
+    if message is not None and message.model:
+        failed = dict(failed)
+        if message.state == "failed":
+            failed[message.model] = FailedModel(message.error or "failed without a reason", now)
+        else:
+            failed.pop(message.model, None)
+        failed = MappingProxyType(failed)
+    return _with(state, replace(record, model_state=message, alive_at=now, failed_models=failed))
+
+
+def apply_assignment(state: ClusterState, event: AssignmentSeen, now: float) -> ClusterState:
+    """Our own retained assignment; it says nothing about the agent being alive."""
+    record = state.agents.get(event.agent_id)
+    if record is None:
+        if event.message is None:
+            return state
+        record = AgentRecord(event.agent_id, first_seen=now, alive_at=now)
+    return _with(state, replace(record, assignment=event.message))
+
+
+def apply_answer_measured(state: ClusterState, event: AnswerMeasured, now: float) -> ClusterState:
+    """Fold a finished answer's stats into the agent's speed estimate for that model."""
+    record = state.agents.get(event.agent_id)
+    if record is None:
+        return state
+    observed = dict(record.observed)
+    observed[event.model] = observed.get(event.model, SpeedEstimate()).update(event.stats, now)
+    return _with(state, replace(record, observed=MappingProxyType(observed)))
+
+
+def apply_expired(state: ClusterState, event: AgentExpired, now: float) -> ClusterState:
+    """The agent counts as gone until it speaks again (status or telemetry clear the flag)."""
+    record = state.agents.get(event.agent_id)
+    if record is None or record.expired:
+        return state
+    return _with(state, replace(record, expired=True))
+
+
+_APPLIERS: Mapping[type, Callable[[ClusterState, Any, float], ClusterState]] = MappingProxyType({
+    StatusReceived: apply_status,
+    HardwareReceived: apply_hardware,
+    TelemetryReceived: apply_telemetry,
+    ModelStateReceived: apply_model_state,
+    AssignmentSeen: apply_assignment,
+    AnswerMeasured: apply_answer_measured,
+    AgentExpired: apply_expired,
+})
+
+
+def apply(state: ClusterState, event: Event, now: float) -> ClusterState:
+    """The next state after ``event`` at time ``now``; the only way the registry changes."""
+    applier = _APPLIERS.get(type(event))
+    if applier is None:
+        raise TypeError(f"unknown event {event!r}")
+    return applier(state, event, now)
+
+
+# ---------------------------------------------------------------- reconcilers: state → events
+
+
+def find_expired(state: ClusterState, now: float, factor: float,
+                 listening_since: float | None = -math.inf) -> list[AgentExpired]:
+    """The expiry reconciler: online agents silent for more than ``factor`` × their telemetry interval.
+
+    Only silence while the coordinator was listening counts: ``listening_since`` is when it last
+    (re)connected, ``None`` while it is offline (then nobody expires). During the coordinator's own broker
+    outage every agent is silent; after a reconnect each agent gets a full expiry period to speak again.
+    """
+    if listening_since is None:
+        return []
     expired = []
     for record in state.agents.values():
         if not record.online:
             continue
         limit = factor * record.telemetry_interval_s
         silent = record.silent_for(now)
-        if silent > limit:
+        if silent > limit and now - listening_since >= limit:
             expired.append(AgentExpired(record.agent_id, silent, limit))
     return expired

@@ -1,6 +1,7 @@
 """Which agent answers: expected completion time, baselines, and a circuit breaker.
 
-``auto`` picks the agent with the lowest expected completion time::
+The policy ``expected_completion`` (the default) picks the agent with the lowest
+expected completion time::
 
     ECT = queue wait + time to first token + expected output tokens ÷ tokens/s
 
@@ -17,14 +18,28 @@ import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast, get_args
 
 from broker.scheduling.catalog import Catalog
 from broker.scheduling.estimates import expected_speed
 from broker.scheduling.registry import ClusterState
 
-RoutingPolicy = Literal["auto", "round_robin", "random", "least_outstanding"]
-"""How an agent is chosen among candidates: ``auto`` (lowest expected completion time) or a baseline."""
+RoutingPolicy = Literal["expected_completion", "round_robin", "random", "least_outstanding"]
+"""How an agent is chosen among candidates: lowest expected completion time, or a baseline.
+
+Not to be confused with the routing *mode* of a query (``RoutingMode`` in the coordinator's contract)."""
+
+ROUTING_POLICIES: tuple[str, ...] = get_args(RoutingPolicy)
+POLICY_ALIASES = {"auto": "expected_completion"}
+"""Older names still accepted: ``auto`` was the policy's name before it clashed with the routing mode ``auto``."""
+
+
+def canonical_policy(name: str) -> RoutingPolicy:
+    """The policy called ``name`` (aliases resolved); ``ValueError`` names the choices for an unknown one."""
+    name = POLICY_ALIASES.get(name, name)
+    if name not in ROUTING_POLICIES:
+        raise ValueError(f"unknown routing policy {name!r} (choose {', '.join(ROUTING_POLICIES)})")
+    return cast(RoutingPolicy, name)
 
 CONTENTION = 0.1
 """Per-stream slowdown for each other job sharing an agent's parallel slots."""
@@ -94,8 +109,8 @@ def route_candidates(
 class Router:
     """Applies one routing policy; keeps the little state the baselines need."""
 
-    def __init__(self, policy: RoutingPolicy = "auto", rng: random.Random | None = None) -> None:
-        self.policy = policy
+    def __init__(self, policy: RoutingPolicy | str = "expected_completion", rng: random.Random | None = None) -> None:
+        self.policy = canonical_policy(policy)
         self._rng = rng or random.Random()
         self._turn = itertools.count()
 
@@ -128,6 +143,49 @@ class Router:
             f"ttft {chosen.ttft_s:.2f}s, {chosen.tokens_per_s:.1f} tok/s {chosen.speed_source})"
             + (f" vs {others}" if others else "") + note
         ))
+
+
+def coming_soon(
+    state: ClusterState, model: str | None, exclude: frozenset[str], assignment_pending: bool
+) -> str | None:
+    """Describe an agent that will soon be able to serve (pulling, loading, just assigned), or ``None``.
+
+    ``assignment_pending``: a re-plan is about to run, so an agent without an assignment will get one.
+    """
+    for record in state.online_agents():
+        target = record.current_model
+        if record.agent_id in exclude or (model is not None and target != model):
+            continue
+        model_state = record.model_state
+        if model_state is not None and model_state.state in ("pulling", "loading"):
+            progress = f" {model_state.progress:.0%}" if model_state.progress is not None else ""
+            return f"{record.agent_id} is {model_state.state} {model_state.model or target}{progress}"
+        if record.assignment is not None and (model_state is None or model_state.state == "absent"
+                                              or model_state.model != record.assignment.model):
+            return f"{record.agent_id} was just assigned {record.assignment.model}"
+        if record.assignment is None and assignment_pending:
+            return f"{record.agent_id} is waiting for its model assignment"
+    return None
+
+
+def no_agent_reason(state: ClusterState, catalog: Catalog, model: str | None, exclude: frozenset[str]) -> str:
+    """Why no agent can serve a query (for ``model``, or any model), in words the caller can act on."""
+    online = state.online_agents()
+    if exclude:
+        return f"no other agent can continue this answer (tried {', '.join(sorted(exclude))})"
+    if not online:
+        return "no agent can serve this: no agent is online"
+    ready = state.ready_models()
+    if model is not None:
+        known = " (it is in the catalog but no agent is assigned it)" if catalog.model(model) else ""
+        available = f"; ready models: {', '.join(ready)}" if ready else ""
+        return f"no agent can serve model {model!r}: it is not ready on any agent{known}{available}"
+    problems = "; ".join(
+        f"{record.agent_id}: {record.model_state.state if record.model_state else 'no model'}"
+        + (f" ({record.model_state.error})" if record.model_state and record.model_state.error else "")
+        for record in online
+    )
+    return f"no agent can serve this: no agent has a ready model ({problems})"
 
 
 def largest_model(candidates: Sequence[RouteCandidate], catalog: Catalog) -> str | None:
@@ -174,4 +232,5 @@ class CircuitBreaker:
         return until is not None and now < until
 
     def cooling(self, now: float) -> dict[str, bool]:
-        return {agent_id: True for agent_id, until in self._until.items() if now < until}
+        """Agents cooling down at ``now``; safe from another thread (the copy is taken in one step)."""
+        return {agent_id: True for agent_id, until in self._until.copy().items() if now < until}

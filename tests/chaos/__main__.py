@@ -32,8 +32,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from broker.mqtt.local_broker import RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
 from tests.chaos import scenarios  # noqa: E402
-from tests.chaos.harness import ROOT, Cluster, Report  # noqa: E402
+from tests.chaos.harness import Cluster, Report  # noqa: E402
 from tests.ollama_double import OllamaDouble  # noqa: E402
+from tests.support.processes import REPO  # noqa: E402
 
 SCENARIOS = ("agent-kill", "broker-restart", "backend-stall", "broker-outage", "coordinator-restart", "stores-crash")
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Agent kills (other scenarios scale from it: broker restarts = trials/10, ...).")
     parser.add_argument("--outage-s", type=float, default=180.0, help="How long the broker stays away (broker-outage).")
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="Run only this scenario (repeatable).")
-    parser.add_argument("--output", type=Path, default=ROOT / "tests" / "artifacts" / "chaos.json",
+    parser.add_argument("--output", type=Path, default=REPO / "tests" / "artifacts" / "chaos.json",
                         help="Where to write the figures (JSON).")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary folder (logs of every process).")
     arguments = parser.parse_args(argv)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,57 +30,17 @@ from broker.coordinator.contract import (
 )
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
-from broker.mqtt.local_broker import stop_process
 from broker.protocol import ChatMessage
 from tests.ollama_double import OllamaDouble, reply_text
+from tests.support.processes import REPO, AgentProcess, percentile, spawn, wait_until_async
 
-ROOT = Path(__file__).resolve().parents[2]
-PROFILES = ROOT / "agent" / "profiles"
+PROFILES = REPO / "agent" / "profiles"
 MODEL = "llama3.2:3b"
 """What placement gives the laptop profile every chaos agent declares."""
 
 CLEAR_FAILURE_CODES = {"no_agent", "busy", "timeout", "failed", "cancelled"}
-
-
-def child_env() -> dict[str, str]:
-    """The environment of agent processes: no SLB_ settings leaking in from the caller."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLB_")}
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
-    env.pop("OLLAMA_HOST", None)
-    env.pop("OLLAMA_NUM_PARALLEL", None)
-    return env
-
-
-@dataclass
-class AgentProcess:
-    """One ``python -m agent`` child; only PIDs we started are ever signalled."""
-
-    agent_id: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-
-    def kill(self) -> float:
-        """SIGKILL without waiting (the caller's event loop keeps running); returns when it happened."""
-        at = time.monotonic()
-        self.signal(signal.SIGKILL)
-        return at
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.signal(signal.SIGCONT)  # a frozen (SIGSTOP) child cannot act on SIGTERM
-        stop_process(self.process, timeout)
-
-    def log(self, tail: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
+POLL_S = 0.02
+"""How often the scenarios look at the coordinator's view while they wait (fine enough for the figures)."""
 
 
 @dataclass
@@ -154,25 +112,15 @@ class Report:
         return {"name": self.name, "figures": self.figures, "problems": self.problems}
 
 
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def summary(values: list[float]) -> dict[str, float | None]:
-    """p50 / p95 / max, rounded for reports."""
-    def rounded(value: float | None) -> float | None:
-        return None if value is None else round(value, 3)
-
+    """p50 / p95 / max / mean, rounded for reports (None for no values)."""
+    if not values:
+        return {"p50": None, "p95": None, "max": None, "mean": None}
     return {
-        "p50": rounded(percentile(values, 0.5)),
-        "p95": rounded(percentile(values, 0.95)),
-        "max": rounded(max(values) if values else None),
-        "mean": rounded(statistics.fmean(values) if values else None),
+        "p50": round(percentile(values, 0.5), 3),
+        "p95": round(percentile(values, 0.95), 3),
+        "max": round(max(values), 3),
+        "mean": round(statistics.fmean(values), 3),
     }
 
 
@@ -214,10 +162,8 @@ class Cluster:
                 raise RuntimeError(f"agent {agent_id} is still running")
             self.retired.append(previous)
         data_dir = self.folder / agent_id
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = data_dir / f"agent-{len(self.retired)}-{time.monotonic_ns()}.log"
         command = [
-            sys.executable, "-m", "agent",
+            "-m", "agent",
             "--broker-url", self.broker_url,
             "--topic-prefix", self.topic_prefix,
             "--agent-id", agent_id,
@@ -234,10 +180,8 @@ class Cluster:
             *self.agent_extra,
             *extra,
         ]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-        handle = AgentProcess(agent_id, process, log_path)
+        handle = spawn(agent_id, command, data_dir, log_name=f"agent-{len(self.retired)}-{time.monotonic_ns()}.log",
+                       new_session=True, kind=AgentProcess)
         self.agents[agent_id] = handle
         return handle
 
@@ -276,7 +220,7 @@ class Cluster:
             ready = set(self.ready_agents())
             return (agent_ids <= ready) if agent_ids is not None else len(ready) >= count
 
-        await wait_until(enough, timeout, f"{count} ready agent(s)", self.describe)
+        await wait_until_async(enough, timeout, f"{count} ready agent(s)", self.describe, interval=POLL_S)
 
     def describe(self) -> str:
         """Who is alive and what the coordinator sees, plus the agents' log tails (for failure messages)."""
@@ -314,26 +258,13 @@ class Cluster:
 
     async def close(self) -> None:
         if self.coordinator is not None:
+            # A coordinator that fails to stop must not keep the agents below running; the report has the findings.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.coordinator.stop(), 15)
             self.coordinator = None
         for handle in [*self.agents.values(), *self.retired]:
             if handle.alive():
                 handle.stop()
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-                     describe: Callable[[], str] | None = None, interval: float = 0.02) -> float:
-    """Wait for ``predicate``; return how long it took. Raises AssertionError with context on timeout."""
-    started = time.monotonic()
-    deadline = started + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        await asyncio.sleep(interval)
 
 
 def rss_bytes(pid: int) -> int:

@@ -21,8 +21,10 @@ from broker.coordinator.contract import QueryFinished, TextDelta
 from broker.mqtt.local_broker import RunningBroker
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import Assign, TopicKind
-from tests.chaos.harness import Cluster, QueryOutcome, Report, summary, wait_until
+from tests.chaos.harness import POLL_S, Cluster, QueryOutcome, Report, summary
 from tests.ollama_double import OllamaDouble
+from tests.support.loops import AgentThread
+from tests.support.processes import wait_until_async
 from tests.test_agent_harness import Watcher
 
 WORDS = (
@@ -82,8 +84,8 @@ class _KillPlan:
         self.detection = asyncio.create_task(self._seen_offline(victim))
 
     async def _seen_offline(self, victim: str) -> float:
-        await wait_until(lambda: not self.cluster.is_online(victim), 3 * self.cluster.keepalive_s,
-                         f"{victim} seen offline", interval=0.005)
+        await wait_until_async(lambda: not self.cluster.is_online(victim), 3 * self.cluster.keepalive_s,
+                               f"{victim} seen offline", interval=0.005)
         return time.monotonic()
 
 
@@ -181,8 +183,8 @@ async def broker_restart(cluster: Cluster, broker: RunningBroker, *, queries: in
             cluster.request(prompt_for(rng, f"round {round_} query {index}"), timeout_s=timeout_s), track))
             for index in range(queries)]
         try:
-            await wait_until(lambda live=live: sum(1 for o in live if o.streamed) >= queries * 0.6, 30,
-                             "most queries streaming", cluster.describe)
+            await wait_until_async(lambda live=live: sum(1 for o in live if o.streamed) >= queries * 0.6, 30,
+                                   "most queries streaming", cluster.describe, interval=POLL_S)
         except AssertionError as error:
             report.problem(f"round {round_}: {error}")
         broker.kill()
@@ -205,8 +207,8 @@ async def broker_restart(cluster: Cluster, broker: RunningBroker, *, queries: in
             if outcome.duration is not None:
                 durations.append(outcome.duration)
         try:
-            await wait_until(lambda: set(cluster.ready_agents()) >= agent_ids, 60, "every agent back and ready",
-                             cluster.describe)
+            await wait_until_async(lambda: set(cluster.ready_agents()) >= agent_ids, 60, "every agent back and ready",
+                                   cluster.describe, interval=POLL_S)
             back_after.append(time.monotonic() - restarted_at)
         except AssertionError as error:
             report.problem(f"round {round_}: {error}")
@@ -219,7 +221,8 @@ async def broker_restart(cluster: Cluster, broker: RunningBroker, *, queries: in
     # An agent restarted after the broker lost its retained messages must still get its model.
     victim = sorted(agent_ids)[0]
     cluster.agents[victim].stop()
-    await wait_until(lambda: not cluster.is_online(victim), 20, f"{victim} offline", cluster.describe)
+    await wait_until_async(lambda: not cluster.is_online(victim), 20, f"{victim} offline", cluster.describe,
+                           interval=POLL_S)
     cluster.spawn(victim)
     try:
         await cluster.wait_ready(1, timeout=60, agent_ids={victim})
@@ -297,7 +300,8 @@ async def backend_stall(cluster: Cluster, stuck: OllamaDouble, *, agent_stall_s:
     stuck.config.stall_before_first_token_s = 600.0
     stuck.config.stall_after_tokens = None
     cluster.agents["healthy"].stop()
-    await wait_until(lambda: not cluster.is_online("healthy"), 20, "healthy offline", cluster.describe)
+    await wait_until_async(lambda: not cluster.is_online("healthy"), 20, "healthy offline", cluster.describe,
+                           interval=POLL_S)
     alone: dict[str, Any] = {}
     for case, deadline_s in (("stall_first", agent_stall_s + 1.0), ("deadline_first", agent_stall_s * 0.75)):
         outcome = await cluster.run_query(cluster.request(prompt_for(rng, f"alone {case}"), timeout_s=deadline_s))
@@ -331,8 +335,9 @@ async def broker_outage(broker: RunningBroker, topic_prefix: str, folder: Path, 
         data_dir=folder / agent_id, telemetry_interval_s=telemetry_s, sim_tokens_per_s=400, sim_ttft_ms=0,
         sim_pull_s=0, chunk_interval_ms=0, chunk_max_tokens=1, benchmark_tokens=0, mqtt_keepalive=2,
     ))
+    runner = AgentThread(agent)
     try:
-        if not await asyncio.to_thread(agent.start, 30):
+        if not await asyncio.to_thread(runner.start, 30):
             report.problem("the agent did not connect")
             return report
         watcher.publish(watcher.topics.assign(agent_id), Assign(model="llama3.2:1b", assignment_id="o1"), retain=True)
@@ -400,5 +405,5 @@ async def broker_outage(broker: RunningBroker, topic_prefix: str, folder: Path, 
             log(f"broker_outage: {report.figures}")
         return report
     finally:
-        await asyncio.to_thread(agent.stop, 10)
+        await asyncio.to_thread(runner.stop, 10)
         watcher.close()

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.chaos.harness import ROOT, Report, child_env, summary
+from tests.chaos.harness import Report, summary
+from tests.support.processes import REPO, child_env
 
 DIMENSION = 384
 EMBEDDING_NAME = "all-MiniLM-L6-v2"
@@ -120,7 +121,7 @@ def write_documents(folder: Path, real_embeddings: bool, limit: int = 10_000) ->
 
 def _spawn(kind: str, folder: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "tests.chaos.store_faults", kind, str(folder), *extra],
-                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 

@@ -1,6 +1,6 @@
-"""A small labelled corpus and retrieval metrics, shared by the tests and bench/bench_rag.py.
+"""A small labelled corpus and retrieval metrics, shared by tests/test_rag_quality.py and bench/bench_rag.py.
 
-Why it lives here: the choice of the default search mode (hybrid or vector)
+Why one module for both: the choice of the default search mode (hybrid or vector)
 rests on this measurement, so the tests (which guard the choice) and the
 benchmark (which reports it) must use the same documents and questions.
 Questions are phrased differently from the documents on purpose; a few

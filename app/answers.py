@@ -1,0 +1,175 @@
+"""What is known about one answer, and how it is reported: stats, provenance, simulated agents.
+
+:class:`AnswerRecord` is folded from the coordinator's events by the
+answer's stream (app/answer_stream.py), once; the UI, the script API and the
+HTTP APIs read it through the functions here, so "who answered" looks the
+same everywhere. Which agents are simulated is read from a cluster snapshot
+when an answer is reported, never remembered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.coordinator.contract import (
+    AgentAnswer,
+    AgentDelta,
+    AgentFinished,
+    AgentSwitched,
+    ClusterSnapshot,
+    QueryEvent,
+    QueryFailed,
+    QueryFinished,
+    QueryStarted,
+    TextDelta,
+)
+
+STOPPED = "stopped"
+"""The error text of an answer that ended without a final event (stopped by its reader or the app)."""
+
+
+@dataclass
+class AnswerRecord:
+    """What is known about an answer while it streams; becomes the stored message."""
+
+    text: str = ""
+    agents: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    agent_texts: dict[str, str] = field(default_factory=dict)
+    agent_models: dict[str, str] = field(default_factory=dict)
+    finished: QueryFinished | None = None
+    failed: QueryFailed | None = None
+    switches: list[AgentSwitched] = field(default_factory=list)
+    stopped: bool = False
+    """Ended without a final event: its reader stopped it, or the app did (``failed`` then says "stopped")."""
+
+    @property
+    def ended(self) -> bool:
+        return self.finished is not None or self.failed is not None
+
+    def apply(self, event: QueryEvent) -> None:
+        """Fold one event into the record."""
+        if isinstance(event, QueryStarted):
+            self.agents, self.models = list(event.agents), list(event.models)
+        elif isinstance(event, TextDelta):
+            self.text += event.text
+            if event.agent_id and event.agent_id not in self.agents:
+                self.agents.append(event.agent_id)
+        elif isinstance(event, AgentSwitched):
+            self.switches.append(event)
+            if event.to_agent not in self.agents:
+                self.agents.append(event.to_agent)
+        elif isinstance(event, AgentDelta):
+            self.agent_texts[event.agent_id] = self.agent_texts.get(event.agent_id, "") + event.text
+            self.agent_models[event.agent_id] = event.model
+        elif isinstance(event, AgentFinished):
+            answer = event.answer
+            self.agent_texts[answer.agent_id] = answer.text
+            self.agent_models[answer.agent_id] = answer.model
+        elif isinstance(event, QueryFinished):
+            self.finished = event
+            self.text = event.text
+            self.agents, self.models = list(event.agents), list(event.models)
+        elif isinstance(event, QueryFailed):
+            self.failed = event
+            if event.partial_text and len(event.partial_text) >= len(self.text):
+                self.text = event.partial_text
+
+    def stop(self, request_id: str) -> None:
+        """The stream ended without a final event: the answer was stopped, and keeps the text it has."""
+        if not self.ended:
+            self.stopped = True
+            self.failed = QueryFailed(request_id=request_id, error=STOPPED, code="cancelled", partial_text=self.text)
+
+
+def simulated_agents(snapshot: ClusterSnapshot) -> set[str]:
+    """Agents on the simulated backend (demo): their text is not from a real model, and every answer says so."""
+    return {agent.id for agent in snapshot.agents if agent.simulated}
+
+
+def answer_dict(answer: AgentAnswer) -> dict[str, Any]:
+    """A fan-out answer as plain JSON."""
+    return {
+        "agent_id": answer.agent_id,
+        "model": answer.model,
+        "text": answer.text,
+        "error": answer.error,
+        "simulated": answer.simulated,
+        "stats": answer.stats.model_dump(exclude_none=True) if answer.stats is not None else {},
+    }
+
+
+def fan_out_answers(record: AnswerRecord, simulated: set[str]) -> list[dict[str, Any]]:
+    """Every agent's answer of a fan-out: the final ones when the query finished, else what arrived so far."""
+    finished = record.finished
+    if finished is not None and finished.answers:
+        return [answer_dict(answer) for answer in finished.answers]
+    return [
+        {"agent_id": agent, "model": record.agent_models.get(agent), "text": text, "simulated": agent in simulated}
+        for agent, text in record.agent_texts.items()
+    ]
+
+
+def stats_of(record: AnswerRecord, simulated: set[str]) -> dict[str, Any]:
+    """The stats stored with an answer (and shown under it)."""
+    stats: dict[str, Any] = {}
+    finished = record.finished
+    if finished is not None:
+        if finished.stats is not None:
+            stats.update(finished.stats.model_dump(exclude_none=True))
+        if finished.latency_s is not None:
+            stats["latency_s"] = round(finished.latency_s, 3)
+        if finished.failovers:
+            stats["failovers"] = finished.failovers
+        if finished.aggregation is not None:
+            stats["aggregation"] = finished.aggregation
+        if finished.agreement is not None:
+            stats["agreement"] = round(finished.agreement, 3)
+        if finished.combined_by:
+            stats["combined_by"] = finished.combined_by
+        if finished.answers:
+            stats["answers"] = [answer_dict(answer) for answer in finished.answers]
+    if record.failed is not None:
+        stats["error"] = record.failed.error
+        stats["error_code"] = record.failed.code
+    if record.switches:
+        stats["switches"] = [
+            {"from": switch.from_agent, "to": switch.to_agent, "reason": switch.reason} for switch in record.switches
+        ]
+    marked = sorted(agent for agent in record.agents if agent in simulated)
+    if marked:
+        stats["simulated_agents"] = marked
+    return stats
+
+
+def provenance(record: AnswerRecord, mode: str, simulated: set[str]) -> dict[str, Any]:
+    """Who answered, for the ``slb`` field of the OpenAI and Ollama responses."""
+    finished = record.finished
+    data: dict[str, Any] = {
+        "mode": mode,
+        "agents": record.agents,
+        "models": record.models,
+        "simulated_agents": sorted(set(record.agents) & simulated),
+    }
+    if finished is not None:
+        data["failovers"] = finished.failovers
+        data["latency_s"] = finished.latency_s
+        if finished.answers:
+            data["aggregation"] = finished.aggregation
+            data["agreement"] = finished.agreement
+            data["answers"] = [answer_dict(answer) for answer in finished.answers]
+    return data
+
+
+def usage_numbers(record: AnswerRecord) -> dict[str, Any]:
+    """Token counts and timings of a finished answer, zero or None when unknown (the APIs' usage fields)."""
+    finished = record.finished
+    stats = finished.stats if finished is not None else None
+    return {
+        "prompt_tokens": (stats.prompt_tokens if stats and stats.prompt_tokens is not None else 0),
+        "output_tokens": (stats.output_tokens if stats and stats.output_tokens is not None else 0),
+        "tokens_per_s": stats.tokens_per_s if stats else None,
+        "ttft_s": stats.ttft_s if stats else None,
+        "latency_s": finished.latency_s if finished else None,
+    }

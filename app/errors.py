@@ -1,0 +1,28 @@
+"""The web app's errors for people: a message to show, and the HTTP status it becomes.
+
+Every part of the app (the stores, the service, the HTTP request checks)
+raises these, and each surface maps them in one place: the HTTP API in
+``app/http_api.py`` (status and the protocol's error shape), the Gradio UI and
+script API in ``app/ui/errors.py`` (a ``gr.Error`` with the message). Wrong
+input of any origin is a :class:`BadRequest`.
+"""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Something the user should read about; ``http_status`` says how the HTTP API answers it."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str = "", *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class BadRequest(AppError, ValueError):
+    """The caller's input is wrong (empty, too long, malformed); the same input will fail again."""
+
+    http_status = 400

@@ -1,0 +1,24 @@
+"""The one mapping of the app's errors for Gradio: an :class:`~app.errors.AppError` becomes a ``gr.Error``.
+
+``gradio_client`` shows a ``gr.Error``'s message to the script (any other
+exception only as "an error occurred"), so every script endpoint runs its
+body inside :func:`gradio_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import gradio as gr
+
+from app.errors import AppError
+
+
+@contextlib.contextmanager
+def gradio_errors() -> Iterator[None]:
+    """Turn an AppError raised inside the block into a gr.Error with the same message."""
+    try:
+        yield
+    except AppError as error:
+        raise gr.Error(str(error)) from None
