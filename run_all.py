@@ -30,7 +30,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.mqtt.cli import configure_logging, parse_settings
-from broker.mqtt.local_broker import RunningBroker, start_broker
+from broker.mqtt.local_broker import RunningBroker, open_broker_warning, start_broker
+from broker.protocol.redaction import redact_url
 
 logger = logging.getLogger("run_all")
 ROOT = Path(__file__).resolve().parent
@@ -68,6 +69,24 @@ class RunAllSettings(BaseSettings):
     backend: Literal["ollama", "openai", "simulated"] = Field(default="ollama", description="Local agent's backend.")
     backend_url: str | None = Field(default=None, description="Local agent's backend URL (Ollama: :11434).")
     agent_id: str | None = Field(default=None, description="Local agent's id (default: from the hostname).")
+    max_parallel: int | None = Field(
+        default=None, ge=1, description="Local agent: most jobs at once (the runtime's measured slots may be fewer)."
+    )
+    max_queue: int | None = Field(default=None, ge=0, description="Local agent: jobs waiting beyond its slots.")
+    runtime_kind: str | None = Field(
+        default=None, description="Local agent: skip runtime detection (ollama, llama.cpp, llama-cpp-python, "
+        "lm-studio, vllm, openai; see docs/runtimes.md).",
+    )
+    probe_runtime: bool = Field(
+        default=True, description="Local agent: measure the runtime's slots and prefill continuation at warm-up."
+    )
+    keep_alive: str | None = Field(default=None, description="Local agent: how long Ollama keeps a model loaded.")
+    hardware_profile: Path | None = Field(
+        default=None, description="Local agent: declare hardware from this JSON file instead of probing it."
+    )
+    catalog: Path | None = Field(
+        default=None, description="Model catalog JSON that extends or overrides the shipped one (docs/scheduling.md)."
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
 
 
@@ -150,26 +169,38 @@ def wait_http(url: str, timeout: float, children: list[Child]) -> bool:
     return False
 
 
+def local_agent_flags(settings: RunAllSettings) -> list[str]:
+    """The local agent's own settings, passed on only when given (the agent's defaults stay the agent's)."""
+    flags: list[str] = []
+    for name in ("backend_url", "agent_id", "max_parallel", "max_queue", "runtime_kind", "keep_alive"):
+        value = getattr(settings, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    if settings.hardware_profile is not None:
+        flags += ["--hardware-profile", str(settings.hardware_profile.resolve())]
+    if not settings.probe_runtime:
+        flags.append("--no-probe-runtime")
+    return flags
+
+
 def build_children(settings: RunAllSettings, broker_url: str) -> list[Child]:
     python = sys.executable
     data_dir = str(settings.data_dir.resolve())
     children: list[Child] = []
     if settings.app and not settings.agent_only:
         if module_available("app"):
-            children.append(Child("web app", [
-                python, "-m", "app", "--port", str(settings.port), "--host", settings.host,
-                "--broker-url", broker_url, "--data-dir", data_dir, "--log-level", settings.log_level,
-            ], critical=True))
+            command = [python, "-m", "app", "--port", str(settings.port), "--host", settings.host,
+                       "--broker-url", broker_url, "--data-dir", data_dir, "--log-level", settings.log_level]
+            if settings.catalog is not None:
+                command += ["--catalog", str(settings.catalog.resolve())]
+            children.append(Child("web app", command, critical=True))
         else:
             logger.warning("not built yet: the web app (app/__main__.py is missing); starting without it")
     if settings.agent or settings.agent_only:
         if module_available("agent"):
             command = [python, "-m", "agent", "--broker-url", broker_url, "--backend", settings.backend,
                        "--data-dir", str(Path(data_dir) / "agent"), "--log-level", settings.log_level]
-            if settings.backend_url:
-                command += ["--backend-url", settings.backend_url]
-            if settings.agent_id:
-                command += ["--agent-id", settings.agent_id]
+            command += local_agent_flags(settings)
             children.append(Child("local agent", command))
         else:
             logger.warning("not built yet: the agent (agent/__main__.py is missing); starting without it")
@@ -195,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     broker: RunningBroker | None = None
     if settings.broker_url:
         broker_url = settings.broker_url
-        logger.info("using the broker at %s", broker_url)
+        logger.info("using the broker at %s", redact_url(broker_url))
     elif settings.agent_only:
         logger.error("--agent-only needs --broker-url mqtt://HOST:PORT (the machine that runs the broker)")
         return 2
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if (settings.agent or settings.agent_only) and settings.backend == "ollama":
         url = settings.backend_url or "http://127.0.0.1:11434"
         if not ollama_reachable(url):
-            explain_missing_ollama(url)
+            explain_missing_ollama(redact_url(url))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
     children = build_children(settings, broker_url)
@@ -237,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("the web app did not come up at %s; see its log above", url)
     elif not children:
         logger.info("only the broker runs (%s); nothing else was asked for or built", broker_url)
+    exposed = open_broker_warning(settings.mqtt_host, settings.mqtt_port) if broker is not None else None
+    if exposed:
+        logger.warning("%s", exposed)  # again once started, where the scroll of the start-up logs cannot hide it
 
     exit_code = 0
     while not stop.wait(1.0):

@@ -26,12 +26,14 @@ from typing import TypeVar
 import psutil
 
 from agent import __version__
-from agent.backends import Backend, BackendUnreachable, make_backend
+from agent.backends import Backend, BackendError, BackendUnreachable, make_backend
 from agent.hardware import GIB, GpuMonitor, HardwareProfile, load_profile, probe_hardware
 from agent.health import BackendMonitor
 from agent.identity import resolve_agent_id
 from agent.jobs import JobRunner
 from agent.models import ModelManager
+from agent.operations import ModelOperations
+from agent.runtime_profile import RuntimeKeeper
 from agent.settings import AgentSettings
 from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, OutboundMessage
 from broker.protocol import (
@@ -40,9 +42,12 @@ from broker.protocol import (
     Cancel,
     Hardware,
     Job,
+    Manage,
     ModelState,
+    Operation,
     PayloadError,
     Result,
+    RuntimeProfile,
     Status,
     Telemetry,
     TopicKind,
@@ -112,13 +117,16 @@ class Agent:
             if settings.hardware_profile else None
         self.backend = backend or make_backend(settings)
         self.hardware = hardware
-        self.max_parallel = settings.resolved_max_parallel
+        self.runtime = RuntimeKeeper(self.backend, limit=settings.resolved_max_parallel,
+                                     probe=settings.probe_runtime, on_change=self._on_runtime_profile)
         self.hostname = socket.gethostname()
         self.exit_code = 0
         self.connection: MqttConnection | None = None
         self.monitor: BackendMonitor | None = None
         self.models: ModelManager | None = None
         self.jobs: JobRunner | None = None
+        self.operations: ModelOperations | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._benchmark_updated = 0.0
@@ -139,6 +147,7 @@ class Agent:
             simulated=self.backend.simulated,
             hostname=self.hostname,
             max_parallel=self.max_parallel,
+            runtime=self.runtime.profile,
         )
 
     def _birth(self) -> OutboundMessage:
@@ -162,6 +171,15 @@ class Agent:
     def _publish_result(self, result: Result) -> None:
         if self.connection is not None:
             self.connection.publish(self.topics.result(self.agent_id), result, qos=1)
+
+    def _publish_operation(self, operation: Operation) -> None:
+        if self.connection is not None:
+            self.connection.publish(self.topics.operation(self.agent_id), operation, qos=1)
+
+    @property
+    def max_parallel(self) -> int:
+        """Jobs run at once: the runtime's slots as measured (or reported), one until known."""
+        return self.runtime.slots
 
     # ------------------------------------------------------------------ callbacks (event loop)
 
@@ -206,6 +224,13 @@ class Agent:
                 logger.warning("ignored cancel: %s", error)
                 return
             self.jobs.cancel(cancel.request_id, cancel.reason)
+        elif kind is TopicKind.MANAGE and self.operations is not None:
+            try:
+                request = decode(Manage, message.payload, topic=message.topic)
+            except PayloadError as error:
+                logger.warning("ignored manage request: %s", error)
+                return
+            self.operations.submit(request)
 
     def _check_model(self, model: str) -> tuple[str, str] | None:
         assert self.models is not None and self.monitor is not None
@@ -227,6 +252,81 @@ class Agent:
         if self.models is not None:
             self.models.update_local_models(models)
 
+    async def _refresh_inventory(self) -> None:
+        """What the runtime has and holds in memory now (after a pull, delete or unload, and while idle)."""
+        models = await self.backend.list_models()
+        loaded = await self.backend.loaded_models()
+        if self.models is not None:
+            self.models.update_local_models(models, loaded)
+
+    async def _refresh_while_idle(self) -> None:
+        """The periodic refresh, skipped for a runtime that interrupts answers: it may be shared with other users
+        (a chat UI, scripts) whose answers our idle listing would cut short, and it cannot pull, so its models
+        change only when its operator restarts it."""
+        if not self.runtime.fragile:
+            await self._refresh_inventory()
+
+    def _refresh_soon(self) -> None:
+        """A job may have loaded a model (Ollama loads on first use): report what is in memory once the runtime
+        is idle again, so /api/ps is current. One refresh at a time; never on a runtime a request disturbs."""
+        if self.runtime.fragile or self._refresh_task is not None or self._loop is None:
+            return
+
+        async def refresh() -> None:
+            try:
+                await asyncio.sleep(0.5)
+                if self.jobs is not None and self.jobs.slots.busy == 0:
+                    await self._refresh_inventory()
+            except BackendError as error:
+                logger.debug("refreshing the model inventory after a job failed: %s", error)
+            finally:
+                self._refresh_task = None
+
+        self._refresh_task = self._loop.create_task(refresh(), name="inventory-refresh")
+
+    def _on_runtime_profile(self, profile: RuntimeProfile) -> None:
+        """The runtime's real slot count bounds the job runner; the coordinator learns it from the status."""
+        if self.jobs is not None:
+            self.jobs.set_capacity(profile.slots)
+        self.publish_status()
+
+    async def _learn_runtime(self) -> None:
+        """Detect the runtime; a runtime that cannot pull is measured now with a model it serves.
+
+        A runtime that can pull (Ollama) is measured when its assigned model is ready (ModelManager), so no
+        model the plan does not want is loaded just to be measured.
+        """
+        assert self.jobs is not None and self.monitor is not None
+        while True:
+            await self.monitor.wait_reachable()
+            try:
+                if self.runtime.facts is None:
+                    await self.runtime.detect()
+                if self.runtime.can_pull:
+                    return
+                models = await self.backend.list_models()
+                if not models:
+                    problem = (f"the {self.runtime.facts.kind if self.runtime.facts else ''} runtime at "
+                               f"{self.backend.url} lists no models: load a model there (this agent has nothing "
+                               "to serve until then)")
+                    logger.warning("%s", problem)
+                    if self.models is not None:
+                        self.models.report_problem(problem)
+                    return
+                if self.models is not None:
+                    self.models.update_local_models(models)
+                async with self.jobs.slots.exclusive():
+                    await self.runtime.measure(models[0])
+                    benchmark = await self.models.benchmark_once(models[0]) if self.models is not None else None
+                if benchmark is not None:
+                    self._on_benchmark(benchmark)
+                return
+            except BackendUnreachable as error:
+                self.monitor.report_unreachable(str(error))
+            except BackendError as error:
+                logger.warning("could not learn the runtime at %s: %s", self.backend.url, error)
+                return
+
     def _on_job_unreachable(self, error: BackendUnreachable) -> None:
         if self.monitor is not None:
             self.monitor.report_unreachable(str(error))
@@ -240,6 +340,7 @@ class Agent:
 
     def _on_job_finished(self, model: str, tokens_per_s: float | None, ttft_s: float | None) -> None:
         """Keep the published benchmark honest with what real jobs measure (at most every few minutes)."""
+        self._refresh_soon()
         if tokens_per_s is None or self.hardware is None or self.jobs is None:
             return
         current = self.hardware.benchmark
@@ -311,18 +412,6 @@ class Agent:
         self._loop = loop
         self._stop = asyncio.Event()
         settings = self.settings
-        self.monitor = BackendMonitor(self.backend, interval_s=settings.backend_check_interval_s,
-                                      retry_max_s=settings.backend_retry_max_s, on_change=self._on_backend_change,
-                                      on_models=self._on_local_models)
-        self.models = ModelManager(
-            self.backend,
-            publish=self._publish_model_state,
-            wait_backend_up=self.monitor.wait_reachable,
-            report_unreachable=self.monitor.report_unreachable,
-            on_benchmark=self._on_benchmark,
-            keep_alive=settings.keep_alive,
-            benchmark_tokens=settings.benchmark_tokens,
-        )
         self.jobs = JobRunner(
             backend=self.backend,
             publish=self._publish_result,
@@ -339,9 +428,31 @@ class Agent:
             on_finished=self._on_job_finished,
             on_backend_unreachable=self._on_job_unreachable,
         )
+        jobs = self.jobs
+        self.monitor = BackendMonitor(self.backend, interval_s=settings.backend_check_interval_s,
+                                      retry_max_s=settings.backend_retry_max_s, on_change=self._on_backend_change,
+                                      on_models=self._on_local_models, streaming=jobs.streaming,
+                                      idle=lambda: jobs.slots.busy == 0, refresh=self._refresh_while_idle)
+        self.models = ModelManager(
+            self.backend,
+            publish=self._publish_model_state,
+            wait_backend_up=self.monitor.wait_reachable,
+            report_unreachable=self.monitor.report_unreachable,
+            on_benchmark=self._on_benchmark,
+            keep_alive=settings.keep_alive,
+            benchmark_tokens=settings.benchmark_tokens,
+            exclusive=jobs.slots.exclusive,
+            measure_runtime=self.runtime.measure,
+            fragile=lambda: self.runtime.fragile,
+        )
+        self.operations = ModelOperations(self.backend, publish=self._publish_operation,
+                                          after_change=self._refresh_inventory, keep_alive=settings.keep_alive)
         if not self.backend.simulated:
             self._gpu_monitor = await in_daemon_thread(GpuMonitor)
         await self.monitor.check()  # know the backend's state (and its models) before the birth message says it
+        if self.monitor.reachable:
+            with contextlib.suppress(BackendError):  # retried by _learn_runtime once the runtime answers
+                await self.runtime.detect()
         status_topic = self.topics.status(self.agent_id)
         self.connection = MqttConnection(
             settings,
@@ -364,6 +475,7 @@ class Agent:
             loop.create_task(self._probe(), name="probe"),
             loop.create_task(self.monitor.run(), name="backend-monitor"),
             loop.create_task(self._telemetry_loop(), name="telemetry"),
+            loop.create_task(self._learn_runtime(), name="runtime-profile"),
         ]
         try:
             await self._stop.wait()
@@ -375,6 +487,8 @@ class Agent:
         logger.info("agent %s stopping", self.agent_id)
         if self.jobs is not None:
             await self.jobs.shutdown()
+        if self.operations is not None:
+            await self.operations.shutdown()
         for task in tasks:
             task.cancel()
         if self.models is not None and self.models._task is not None:

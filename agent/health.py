@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from agent.backends.base import Backend, BackendError
 
@@ -36,7 +36,8 @@ class BackendMonitor:
         on_models: Callable[[list[str]], None] | None = None,
         streaming: Callable[[float], bool] | None = None,
         idle: Callable[[], bool] | None = None,
-        models_interval_s: float = 30.0,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        refresh_interval_s: float = 15.0,
     ) -> None:
         self.backend = backend
         self.interval_s = interval_s
@@ -52,8 +53,9 @@ class BackendMonitor:
         self.skipped = 0
         self._streaming = streaming
         self._idle = idle
-        self.models_interval_s = models_interval_s
-        self._models_listed_at = 0.0
+        self._refresh = refresh
+        self.refresh_interval_s = refresh_interval_s
+        self._refreshed_at = 0.0
 
     def _set(self, reachable: bool, error: str | None) -> None:
         changed = reachable != self.reachable
@@ -80,25 +82,21 @@ class BackendMonitor:
         self._set(health.reachable, None if health.reachable else health.error or f"no answer from {self.backend.url}")
         if health.models is not None and self.on_models is not None:
             self.on_models(list(health.models))
-            self._models_listed_at = time.monotonic()
-        elif health.reachable and self.on_models is not None:
-            await self._refresh_models()
+        if health.reachable:
+            await self._refresh_inventory()
         return health.reachable
 
-    async def _refresh_models(self) -> None:
-        """List models now and then, and only while no job runs (listing may interrupt one)."""
-        if time.monotonic() - self._models_listed_at < self.models_interval_s:
+    async def _refresh_inventory(self) -> None:
+        """Re-read what the runtime has and holds now and then, only while no job runs (it may interrupt one)."""
+        if self._refresh is None or time.monotonic() - self._refreshed_at < self.refresh_interval_s:
             return
         if self._idle is not None and not self._idle():
             return
-        self._models_listed_at = time.monotonic()
+        self._refreshed_at = time.monotonic()
         try:
-            models = await self.backend.list_models()
+            await self._refresh()
         except BackendError as error:
-            logger.debug("listing models failed: %s", error)
-            return
-        if self.on_models is not None:
-            self.on_models(models)
+            logger.debug("refreshing the model inventory failed: %s", error)
 
     def report_unreachable(self, error: str) -> None:
         """A job or the model manager found the backend gone: say so now and check again soon."""

@@ -241,6 +241,11 @@ class JobRunner:
         self.failed = 0
         self.last_token_at = 0.0
 
+    def set_capacity(self, slots: int) -> None:
+        """The runtime runs ``slots`` requests at once: never send it more; queue the rest here."""
+        self.max_parallel = max(1, slots)
+        self.slots.set_capacity(self.max_parallel)
+
     def streaming(self, within_s: float) -> bool:
         """A job is running and the runtime produced a token within ``within_s``: that is proof of health."""
         return self.slots.busy > 0 and time.monotonic() - self.last_token_at < within_s

@@ -24,8 +24,8 @@ from agent.backends.base import (
     ChatDone,
     same_model,
 )
-from agent.runtime_profile import build_profile
 from broker.protocol import Assign, Benchmark, ChatMessage, ModelState, RuntimeProfile
+from broker.protocol.messages import MAX_MODELS, MAX_NAME_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,16 @@ PROGRESS_INTERVAL_S = 0.25
 """At most four pull progress messages per second."""
 
 BENCHMARK_PROMPT = "Count from 1 to 100, separated by spaces."
+
+
+def publishable(models: list[str]) -> list[str]:
+    """Names the protocol carries (a runtime may list a 300-character path or thousands of files): the rest is
+    logged and left out, so one odd model cannot make the whole model state unpublishable."""
+    kept = [name for name in models if 0 < len(name) <= MAX_NAME_CHARS][:MAX_MODELS]
+    if len(kept) < len(models):
+        logger.warning("%d model name(s) left out of the model state (empty, over %d characters, or past %d)",
+                       len(models) - len(kept), MAX_NAME_CHARS, MAX_MODELS)
+    return kept
 
 
 class ModelManager:
@@ -49,8 +59,8 @@ class ModelManager:
         keep_alive: str | None = None,
         benchmark_tokens: int = 32,
         exclusive: Callable[[], AbstractAsyncContextManager[None]] | None = None,
-        on_profile: Callable[[RuntimeProfile], None] | None = None,
-        probe_limit: int = 1,
+        measure_runtime: Callable[[str], Awaitable[RuntimeProfile]] | None = None,
+        fragile: Callable[[], bool] | None = None,
     ) -> None:
         self.backend = backend
         self._publish = publish
@@ -60,9 +70,10 @@ class ModelManager:
         self.keep_alive = keep_alive
         self.benchmark_tokens = benchmark_tokens
         self._exclusive = exclusive or contextlib.nullcontext
-        self._on_profile = on_profile
-        self.probe_limit = probe_limit
-        self.profiles: dict[str, RuntimeProfile] = {}
+        self._measure_runtime = measure_runtime
+        self.fragile: Callable[[], bool] = fragile or (lambda: False)
+        self.benchmarks: dict[str, Benchmark | None] = {}
+        self.loaded_models: list[str] = []
         self.assignment: Assign | None = None
         self.state = ModelState(state="absent")
         self.local_models: list[str] = []
@@ -78,6 +89,7 @@ class ModelManager:
             assignment_id=assignment.assignment_id if assignment else None,
             state=state,  # type: ignore[arg-type]
             local_models=list(self.local_models),
+            loaded_models=list(self.loaded_models),
             **fields,  # type: ignore[arg-type]
         )
         self._publish(self.state)
@@ -129,6 +141,11 @@ class ModelManager:
         self._task = asyncio.get_running_loop().create_task(self._run(assign, old), name="model-prepare") \
             if assign is not None else None
 
+    def report_problem(self, error: str) -> None:
+        """The runtime cannot serve anything (e.g. it lists no models): say so while nothing is assigned."""
+        if self.assignment is None:
+            self._set("failed", error=error)
+
     def backend_lost(self, error: str) -> None:
         """The backend went away: the model is not usable until it is back."""
         if self.assignment is None or self.busy:
@@ -142,12 +159,16 @@ class ModelManager:
             self._lost_backend = False
             self._restart(self.assignment)
 
-    def update_local_models(self, models: list[str]) -> None:
-        """The backend's model list changed (seen by a health check): the coordinator should know."""
-        if models == self.local_models:
+    def update_local_models(self, models: list[str], loaded: list[str] | None = None) -> None:
+        """The backend's model list (or what it holds in memory) changed: the coordinator should know."""
+        models = publishable(models)
+        loaded = self.loaded_models if loaded is None else publishable(sorted(loaded))
+        if models == self.local_models and loaded == self.loaded_models:
             return
         self.local_models = list(models)
-        self.state = self.state.model_copy(update={"local_models": list(models), "ts": time.time()})
+        self.loaded_models = list(loaded)
+        self.state = self.state.model_copy(update={"local_models": list(models), "loaded_models": list(loaded),
+                                                   "ts": time.time()})
         self._publish(self.state)
 
     async def _run(self, assign: Assign, previous: asyncio.Task[None] | None) -> None:
@@ -176,24 +197,40 @@ class ModelManager:
 
     async def _prepare(self, assign: Assign) -> None:
         model = assign.model
-        self.local_models = await self.backend.list_models()
+        if self.fragile() and self.has_local(model):
+            # A runtime that interrupts answers (llama-cpp-python) holds what it serves and may be shared with
+            # other users: it was listed and measured when the agent started; asking it again would cut their
+            # answers short. Only a benchmark not taken yet is run.
+            await self._finish_preparing(model, warm=False)
+            return
+        self.local_models = publishable(await self.backend.list_models())
         if not self.has_local(model):
             await self._pull(model)
-            self.local_models = await self.backend.list_models()
+            self.local_models = publishable(await self.backend.list_models())
+        await self._finish_preparing(model, warm=True)
+
+    async def _finish_preparing(self, model: str, *, warm: bool) -> None:
         self._set("loading")
         # The runtime is ours alone while we warm, measure and probe it: a job beside the probe would disturb both.
         async with self._exclusive():
-            await self.backend.warm(model, self.keep_alive)
-            benchmark = await self._benchmark(model) if self.benchmark_tokens else None
-            profile = self.profiles.get(model)
-            if profile is None:
-                profile = self.profiles[model] = await build_profile(self.backend, model, limit=self.probe_limit)
-            self.local_models = await self.backend.list_models()
-        if self._on_profile is not None:
-            self._on_profile(profile)
+            if warm:
+                await self.backend.warm(model, self.keep_alive)
+            benchmark = await self.benchmark_once(model, again=warm)
+            if self._measure_runtime is not None:
+                await self._measure_runtime(model)
+            if warm:
+                self.local_models = publishable(await self.backend.list_models())
         self._set("ready", progress=1.0)
         if benchmark is not None and self._on_benchmark is not None:
             self._on_benchmark(benchmark)
+
+    async def benchmark_once(self, model: str, *, again: bool = False) -> Benchmark | None:
+        """The warm-up speed of ``model``; measured once unless ``again`` (the caller holds the runtime alone)."""
+        if not self.benchmark_tokens:
+            return None
+        if again or model not in self.benchmarks:
+            self.benchmarks[model] = await self._benchmark(model)
+        return self.benchmarks[model]
 
     async def _pull(self, model: str) -> None:
         logger.info("pulling %s", model)

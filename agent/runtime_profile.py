@@ -20,6 +20,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.backends.base import Backend, BackendError, BackendUnreachable, ChatDelta, RuntimeFacts, Truncated
@@ -27,8 +28,13 @@ from broker.protocol import ChatMessage, RuntimeProfile
 
 logger = logging.getLogger(__name__)
 
-SLOT_PROBE_PROMPT = "Count from 1 to 30, separated by spaces."
-SLOT_PROBE_TOKENS = 24
+SLOT_PROBE_PROMPT = (
+    "Count from one to thirty in words, separated by spaces: one two three four five six seven eight nine ten "
+    "eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty and so on."
+)
+SLOT_PROBE_TOKENS = 32
+SLOT_PROBE_ROUNDS = 2
+"""Overlap can only be under-seen (a busy event loop reads a stream late), never over-seen: take the best round."""
 PREFILL_PROBE_PROMPT = "Name the planets of the solar system in order from the sun, in one sentence."
 PREFILL_PROBE_TOKENS = 32
 MAX_PROBED_SLOTS = 4
@@ -82,11 +88,16 @@ async def measure_slots(backend: Backend, model: str, limit: int) -> tuple[int, 
     count = max(1, min(limit, MAX_PROBED_SLOTS))
     if count == 1:
         return 1, False
-    streams = await asyncio.gather(*(_generate(backend, model, SLOT_PROBE_PROMPT, SLOT_PROBE_TOKENS)
-                                     for _ in range(count)))
-    if any(stream.interrupted for stream in streams):
-        return 1, True
-    return _max_overlap(list(streams)), False
+    best = 1
+    for _ in range(SLOT_PROBE_ROUNDS):
+        streams = await asyncio.gather(*(_generate(backend, model, SLOT_PROBE_PROMPT, SLOT_PROBE_TOKENS)
+                                         for _ in range(count)))
+        if any(stream.interrupted for stream in streams):
+            return 1, True
+        best = max(best, _max_overlap(list(streams)))
+        if best >= count:
+            break
+    return best, False
 
 
 def _words(text: str) -> list[str]:
@@ -156,3 +167,74 @@ async def build_profile(
                 backend.url, profile.kind, profile.version or "", profile.slots, profile.slots_source,
                 profile.continues_prefill, profile.interrupts_running)
     return profile
+
+
+class RuntimeKeeper:
+    """Owns the agent's runtime profile: detected at start, measured per model (once), applied to the job runner.
+
+    Until a measurement says otherwise an unknown runtime gets one slot: sending a second job to a runtime
+    that runs one is what cut answers short (llama-cpp-python) or queued them invisibly (Ollama with
+    ``OLLAMA_NUM_PARALLEL=1``). ``limit`` (``--max-parallel``) caps what a measurement may grant.
+    """
+
+    def __init__(self, backend: Backend, *, limit: int, probe: bool,
+                 on_change: Callable[[RuntimeProfile], None]) -> None:
+        self.backend = backend
+        self.limit = max(1, limit)
+        self.probe = probe
+        self._on_change = on_change
+        self.facts: RuntimeFacts | None = None
+        self.profile: RuntimeProfile | None = None
+        self._measured: dict[str, RuntimeProfile] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.profile.slots if self.profile is not None else (self.limit if not self.probe else 1)
+
+    @property
+    def fragile(self) -> bool:
+        """Any request may cut a running answer short (llama-cpp-python): ask it nothing that is not needed."""
+        profile = self.profile
+        return profile is not None and (profile.interrupts_running is True or profile.kind == "llama-cpp-python")
+
+    @property
+    def can_pull(self) -> bool:
+        """Only through Ollama's own API (or the simulation): an Ollama reached as an OpenAI server cannot pull."""
+        return self.backend.name in ("ollama", "simulated")
+
+    def _apply(self, profile: RuntimeProfile) -> None:
+        changed = profile != self.profile
+        self.profile = profile
+        if changed:
+            self._on_change(profile)
+
+    async def detect(self) -> RuntimeProfile:
+        """Learn the kind (no generation); the slot count is the runtime's own report, declared, or 1."""
+        self.facts = facts = await self.backend.detect()
+        if facts.reported_slots:
+            slots, source = min(self.limit, facts.reported_slots), "reported"
+        elif facts.kind == "simulated" or not self.probe:
+            slots, source = self.limit, "declared"
+        else:
+            slots, source = 1, "default"
+        profile = RuntimeProfile(kind=facts.kind, detected_by=facts.detected_by, version=facts.version,  # type: ignore[arg-type]
+                                 slots=slots, slots_source=source,  # type: ignore[arg-type]
+                                 continues_prefill=True if facts.kind == "simulated" else None,
+                                 health_check=facts.health_check)
+        logger.info("runtime at %s: %s %s (%s)", self.backend.url, facts.kind, facts.version or "", facts.detected_by)
+        self._apply(profile)
+        return profile
+
+    async def measure(self, model: str) -> RuntimeProfile:
+        """Probe with ``model`` (the caller holds the runtime alone); once per model."""
+        if self.facts is None:
+            await self.detect()
+        assert self.facts is not None
+        if not self.probe:
+            return self.profile  # type: ignore[return-value]
+        profile = self._measured.get(model)
+        if profile is None:
+            profile = self._measured[model] = await build_profile(self.backend, model, limit=self.limit,
+                                                                  facts=self.facts)
+        self._apply(profile)
+        return profile

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import is_valid_agent_id
+from broker.protocol.messages import RuntimeKind
 
 DEFAULT_BACKEND_URLS = {"ollama": "http://127.0.0.1:11434", "openai": "http://127.0.0.1:8080", "simulated": ""}
 """Where each backend listens by default (Ollama's own default; llama.cpp server's default port)."""
@@ -45,7 +46,18 @@ class AgentSettings(MqttSettings):
     max_parallel: int | None = Field(
         default=None,
         ge=1,
-        description="Jobs run at once. Default: $OLLAMA_NUM_PARALLEL or 2 for ollama, 4 for openai and simulated.",
+        description="Most jobs run at once; the runtime's measured slots may be fewer. "
+        "Default: $OLLAMA_NUM_PARALLEL or 2 for ollama, 4 for openai and simulated.",
+    )
+    probe_runtime: bool = Field(
+        default=True,
+        description="Measure the runtime's real parallel slots and prefill continuation at warm-up "
+        "(off: trust --max-parallel and never continue a partial answer).",
+    )
+    runtime_kind: RuntimeKind | None = Field(
+        default=None,
+        description="Skip detection: ollama, llama.cpp, llama-cpp-python, lm-studio, vllm or openai "
+        "(decides the health check; see docs/runtimes.md).",
     )
     max_queue: int = Field(default=16, ge=0, description="Jobs waiting beyond max_parallel; more are refused (busy).")
     telemetry_interval_s: float = Field(default=2.0, gt=0, description="Seconds between telemetry messages.")

@@ -17,6 +17,7 @@ from broker.coordinator.contract import (
     AgentDelta,
     AgentFinished,
     AgentSwitched,
+    AnswerRestarted,
     ClusterSnapshot,
     QueryEvent,
     QueryFailed,
@@ -26,6 +27,8 @@ from broker.coordinator.contract import (
 )
 
 STOPPED = "stopped"
+CHARS_PER_TOKEN = 4
+"""Rough characters per token, for an answer whose tokens nobody counted (no stats and no streamed pieces)."""
 """The error text of an answer that ended without a final event (stopped by its reader or the app)."""
 
 
@@ -41,6 +44,10 @@ class AnswerRecord:
     finished: QueryFinished | None = None
     failed: QueryFailed | None = None
     switches: list[AgentSwitched] = field(default_factory=list)
+    restarts: list[AnswerRestarted] = field(default_factory=list)
+    """Failovers that started the answer over: ``text`` then holds only the new answer."""
+    pieces: int = 0
+    """Text pieces streamed for the current answer (a token each, for most runtimes): the count of last resort."""
     stopped: bool = False
     """Ended without a final event: its reader stopped it, or the app did (``failed`` then says "stopped")."""
 
@@ -54,10 +61,16 @@ class AnswerRecord:
             self.agents, self.models = list(event.agents), list(event.models)
         elif isinstance(event, TextDelta):
             self.text += event.text
+            self.pieces += 1 if event.text else 0
             if event.agent_id and event.agent_id not in self.agents:
                 self.agents.append(event.agent_id)
         elif isinstance(event, AgentSwitched):
             self.switches.append(event)
+            if event.to_agent not in self.agents:
+                self.agents.append(event.to_agent)
+        elif isinstance(event, AnswerRestarted):
+            self.restarts.append(event)
+            self.text, self.pieces = "", 0
             if event.to_agent not in self.agents:
                 self.agents.append(event.to_agent)
         elif isinstance(event, AgentDelta):
@@ -81,6 +94,25 @@ class AnswerRecord:
         if not self.ended:
             self.stopped = True
             self.failed = QueryFailed(request_id=request_id, error=STOPPED, code="cancelled", partial_text=self.text)
+
+
+def restart_note(event: AnswerRestarted) -> str:
+    """The sentence every surface shows when a failover started the answer over (plain text, not escaped)."""
+    reason = event.reason.removeprefix(f"{event.from_agent}: ")
+    return (f"answer restarted on {event.to_agent}: {event.from_agent} failed ({reason}); "
+            f"its partial answer ({event.discarded_chars} characters) was discarded")
+
+
+def restart_dict(event: AnswerRestarted) -> dict[str, Any]:
+    """A restart as plain JSON (the ``slb`` restart event of the HTTP APIs, stored stats, the script API)."""
+    return {
+        "from_agent": event.from_agent,
+        "to_agent": event.to_agent,
+        "model": event.model,
+        "reason": event.reason,
+        "discarded_chars": event.discarded_chars,
+        "note": restart_note(event),
+    }
 
 
 def simulated_agents(snapshot: ClusterSnapshot) -> set[str]:
@@ -137,6 +169,8 @@ def stats_of(record: AnswerRecord, simulated: set[str]) -> dict[str, Any]:
         stats["switches"] = [
             {"from": switch.from_agent, "to": switch.to_agent, "reason": switch.reason} for switch in record.switches
         ]
+    if record.restarts:
+        stats["restarts"] = [restart_dict(restart) for restart in record.restarts]
     marked = sorted(agent for agent in record.agents if agent in simulated)
     if marked:
         stats["simulated_agents"] = marked
@@ -155,20 +189,61 @@ def provenance(record: AnswerRecord, mode: str, simulated: set[str]) -> dict[str
     if finished is not None:
         data["failovers"] = finished.failovers
         data["latency_s"] = finished.latency_s
+        data["finish_reason"] = finish_reason(record)
+        data["tokens_counted_by"] = token_counts(record).counted_by
         if finished.answers:
             data["aggregation"] = finished.aggregation
             data["agreement"] = finished.agreement
             data["answers"] = [answer_dict(answer) for answer in finished.answers]
+    if record.restarts:
+        data["restarts"] = [restart_dict(restart) for restart in record.restarts]
     return data
 
 
-def usage_numbers(record: AnswerRecord) -> dict[str, Any]:
-    """Token counts and timings of a finished answer, zero or None when unknown (the APIs' usage fields)."""
+def finish_reason(record: AnswerRecord) -> str:
+    """Why a finished answer ended, in the runtime's own word (``stop``, ``length``, …).
+
+    ``stop`` only when the runtime said so, or said nothing about an answer the agent judged complete (runtimes
+    that report no reason; an answer cut short is a ``truncated`` failure, never a finished answer).
+    """
     finished = record.finished
     stats = finished.stats if finished is not None else None
+    return stats.finish_reason if stats is not None and stats.finish_reason else "stop"
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """The token counts the APIs report (OpenAI ``usage``, Ollama ``prompt_eval_count`` / ``eval_count``)."""
+
+    prompt_tokens: int
+    output_tokens: int
+    counted_by: str
+    """runtime (its own usage), agent (the runtime sent none; the agent counted streamed pieces), or app (neither
+    came: the app counted the pieces it received, or estimated from the text when no piece arrived)."""
+
+
+def token_counts(record: AnswerRecord) -> TokenCounts:
+    """The runtime's counts, or the agent's; never 0 output tokens for a non-empty answer."""
+    finished = record.finished
+    stats = finished.stats if finished is not None else None
+    prompt = stats.prompt_tokens if stats is not None and stats.prompt_tokens is not None else 0
+    output = stats.output_tokens if stats is not None and stats.output_tokens is not None else 0
+    counted_by = (stats.tokens_counted_by if stats is not None else None) or "runtime"
+    if output == 0 and record.text:
+        output = record.pieces or max(1, round(len(record.text) / CHARS_PER_TOKEN))
+        counted_by = "app"
+    return TokenCounts(prompt, output, counted_by)
+
+
+def usage_numbers(record: AnswerRecord) -> dict[str, Any]:
+    """Token counts and timings of a finished answer, None when unknown (the APIs' usage fields)."""
+    finished = record.finished
+    stats = finished.stats if finished is not None else None
+    counts = token_counts(record)
     return {
-        "prompt_tokens": (stats.prompt_tokens if stats and stats.prompt_tokens is not None else 0),
-        "output_tokens": (stats.output_tokens if stats and stats.output_tokens is not None else 0),
+        "prompt_tokens": counts.prompt_tokens,
+        "output_tokens": counts.output_tokens,
+        "tokens_counted_by": counts.counted_by,
         "tokens_per_s": stats.tokens_per_s if stats else None,
         "ttft_s": stats.ttft_s if stats else None,
         "latency_s": finished.latency_s if finished else None,

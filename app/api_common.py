@@ -21,18 +21,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from app.answer_stream import AnswerStream
-from app.answers import AnswerRecord
+from app.answers import AnswerRecord, restart_dict, restart_note
 from app.errors import AppError, BadRequest
+from app.model_list import find_listed
 from app.service import AppService
 from app.settings import LOOPBACK_ORIGINS, AppSettings
 from broker.coordinator.contract import (
     ROUTING_MODES,
+    AnswerRestarted,
     QueryEvent,
     QueryFailed,
     QueryFinished,
@@ -60,6 +63,28 @@ class ApiError(AppError):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message, code=code, param=param)
         self.http_status = status
+
+
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+"""The methods a catch-all route answers, so no request under /v1 or /api gets FastAPI's own error shape."""
+
+
+def served_routes(router: APIRouter) -> dict[str, set[str]]:
+    """Every path of ``router`` (with its prefix) and its methods, for the "use X instead" of a catch-all."""
+    served: dict[str, set[str]] = {}
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            served.setdefault(route.path, set()).update(route.methods or ())
+    return served
+
+
+def wrong_method(path: str, method: str, served: dict[str, set[str]]) -> ApiError | None:
+    """A 405 naming the right method when ``path`` is served with another one."""
+    methods = served.get(path)
+    if not methods or method in methods:
+        return None
+    allowed = " or ".join(sorted(methods - {"HEAD"}))
+    return ApiError(405, f"{path} takes {allowed}, not {method}", "method_not_allowed")
 
 
 def now_iso() -> str:
@@ -96,6 +121,17 @@ def error_response(request: Request, status: int, message: str, code: str | None
     if request.url.path.startswith("/v1/"):
         return openai_error(status, message, code, param)
     return ollama_error(status, message)
+
+
+def restart_marker(event: AnswerRestarted) -> str:
+    """The text a streamed answer gets where a failover started it over, so a client that shows the raw stream
+    never presents two answers as one (docs/api.md, "Failover")."""
+    return f"\n\n[{restart_note(event)}. The text above is void; the new answer follows.]\n\n"
+
+
+def restart_event(event: AnswerRestarted) -> dict[str, Any]:
+    """The ``slb`` object of the stream chunk (SSE) or line (NDJSON) that carries :func:`restart_marker`."""
+    return {"event": "restart", **restart_dict(event), "marker": restart_marker(event)}
 
 
 def check_total(settings_max_chars: int, max_messages: int, texts: list[str]) -> None:
@@ -240,17 +276,15 @@ class ApiContext:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
 
     def resolve_mode(self, model: str) -> str:
-        """The routing mode for a requested model; unknown models are a 404 like OpenAI's and Ollama's."""
+        """The routing mode for a requested model, matched the way runtimes spell names (``x`` = ``x:latest``, a
+        GGUF file by its base name); models no machine has are a 404 like OpenAI's and Ollama's."""
         name = model.strip()
         if name in ROUTING_MODES:
             return name
-        known = self.service.known_models()
-        if name in known:
-            return name
-        if name.endswith(":latest") and name.removesuffix(":latest") in known:
-            return name.removesuffix(":latest")
-        if ":" not in name and f"{name}:latest" in known:
-            return f"{name}:latest"
-        choices = ", ".join([*ROUTING_MODES, *known])
+        models = self.service.models()
+        found = find_listed(name, models)
+        if found is not None:
+            return found.name
+        choices = ", ".join([*ROUTING_MODES, *(listed.name for listed in models)])
         raise ApiError(404, f"model {name!r} is not served by this cluster; use one of: {choices}", "model_not_found")
 

@@ -66,6 +66,18 @@ def install_error_handlers(app: FastAPI) -> None:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> Response:
+        """A bug: the API's own error shape under /v1 and /api (clients show its ``error``), plain text elsewhere.
+
+        Starlette calls this from its outermost middleware and then re-raises, so uvicorn still logs the traceback.
+        """
+        path = request.url.path
+        if path.startswith("/v1/") or path == "/api" or path.startswith("/api/"):
+            return error_response(request, 500, f"internal error in the cluster's web app ({type(error).__name__}); "
+                                                "the app's log has the details", "internal_error")
+        return PlainTextResponse("Internal Server Error", status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> Response:
         message, param = validation_message(error)

@@ -1,11 +1,12 @@
-"""Ollama-compatible chat: ``POST /api/chat``, ``POST /api/generate`` (NDJSON unless ``stream: false``),
-``GET /api/tags``, and minimal ``/api/show``, ``/api/version``, ``/api/ps`` so the ``ollama`` client and
-Open WebUI treat the whole cluster as one Ollama server.
+"""Ollama-compatible chat: ``POST /api/chat``, ``POST /api/generate`` (NDJSON unless ``stream: false``), plus
+``/api/version`` and the model routes of app/ollama_models.py (tags, show, ps, pull, delete), so the ``ollama``
+client and Open WebUI treat the whole cluster as one Ollama server. Every other ``/api`` path answers in
+Ollama's error shape with what to do instead.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 import logging
 import time
@@ -16,22 +17,28 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.answers import AnswerRecord, provenance, simulated_agents, usage_numbers
+from app.answers import AnswerRecord, finish_reason, provenance, simulated_agents, usage_numbers
 from app.api_common import (
-    OWNER,
+    ANY_METHOD,
     VIRTUAL_MODELS,
     ApiContext,
+    ApiError,
     check_total,
     json_body,
     now_iso,
     provenance_headers,
     read_until_routed,
+    restart_event,
+    restart_marker,
     run_to_end,
+    served_routes,
     unfinished_error,
     validation_message,
+    wrong_method,
 )
-from app.errors import BadRequest
-from broker.coordinator.contract import Aggregation, QueryFailed, QueryFinished, TextDelta
+from app.errors import AppError, BadRequest
+from app.ollama_models import build_ollama_model_routes, keep_alive_is_zero
+from broker.coordinator.contract import Aggregation, AnswerRestarted, QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -101,11 +108,21 @@ class OllamaGenerateRequest(BaseModel):
     rag: bool = False
 
 
-class OllamaShowRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = Field(default=None, max_length=200)
-    name: str | None = Field(default=None, max_length=200)
+OLLAMA_ELSEWHERE = "on the machine that runs Ollama (its agent then lists the result, and the cluster serves it)"
+NOT_SERVED = {
+    "create": "the cluster does not create models (/api/create): run `ollama create NAME -f Modelfile` "
+              + OLLAMA_ELSEWHERE + ", or pull a library model through /api/pull",
+    "copy": "the cluster does not copy models (/api/copy): run `ollama cp SOURCE DESTINATION` " + OLLAMA_ELSEWHERE,
+    "push": "the cluster does not push models to a registry (/api/push): run `ollama push NAME` on the machine "
+            "that has the model",
+    "blobs": "the cluster does not store blobs (/api/blobs belongs to /api/create, which it does not serve): "
+             "create the model with `ollama create` " + OLLAMA_ELSEWHERE,
+    "embed": "the cluster does not serve embeddings (/api/embed): point your embedding client at an Ollama "
+             "server directly; the cluster answers /api/chat and /api/generate",
+    "embeddings": "the cluster does not serve embeddings (/api/embeddings): point your embedding client at an "
+                  "Ollama server directly; the cluster answers /api/chat and /api/generate",
+}
+"""Ollama endpoints the cluster does not serve (501), each with what to do instead."""
 
 
 def ollama_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -132,64 +149,45 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
     service, settings = context.service, context.settings
     ollama = APIRouter(prefix="/api", dependencies=[Depends(context.require_api_key)], tags=["ollama"])
 
-    def model_entry(name: str, family: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "model": name,
-            "modified_at": now_iso(),
-            "size": 0,
-            "digest": hashlib.sha256(name.encode()).hexdigest(),
-            "details": {
-                "parent_model": "",
-                "format": "gguf",
-                "family": family,
-                "families": [family],
-                "parameter_size": "",
-                "quantization_level": "",
-            },
-        }
-
     @ollama.get("/version")
     async def version() -> dict[str, str]:
         return {"version": OLLAMA_VERSION}
 
-    @ollama.get("/tags")
-    async def tags() -> dict[str, Any]:
-        """The routing modes and every model the cluster serves, as Ollama lists local models."""
-        models = [model_entry(name, "cluster") for name in VIRTUAL_MODELS]
-        models += [model_entry(name, name.split(":")[0]) for name in service.known_models()]
-        return {"models": models}
+    models = build_ollama_model_routes(ollama, context)
 
-    @ollama.get("/ps")
-    async def running() -> dict[str, Any]:
-        """Models ready on some agent (Ollama's 'loaded models')."""
-        ready = sorted(set(service.coordinator.snapshot().ready_models))
-        return {"models": [{**model_entry(name, name.split(":")[0]), "expires_at": now_iso(), "size_vram": 0}
-                           for name in ready]}
+    unloading: set[asyncio.Task[None]] = set()
 
-    @ollama.post("/show")
-    async def show(request: Request) -> dict[str, Any]:
-        """Minimal model details, enough for clients that call it before chatting."""
-        body = await json_body(request)
-        try:
-            payload = OllamaShowRequest.model_validate(body)
-        except ValidationError as error:
-            raise BadRequest(validation_message(error)[0]) from None
-        name = payload.model or payload.name
-        if not name:
-            raise BadRequest("model is required", param="model")
-        mode = context.resolve_mode(name)
-        entry = model_entry(mode, "cluster" if mode in VIRTUAL_MODELS else mode.split(":")[0])
-        return {
-            "license": "",
-            "modelfile": f"# served by {OWNER}: {VIRTUAL_MODELS.get(mode, 'routed to an agent serving it')}\n",
-            "parameters": "",
-            "template": "{{ .Prompt }}",
-            "details": entry["details"],
-            "model_info": {},
-            "capabilities": ["completion"],
-            "modified_at": entry["modified_at"],
-        }
+    def unload_after(record: AnswerRecord) -> None:
+        """``keep_alive: 0`` with a question: once answered, the model leaves the memory of the agents that used it
+        (in the background; the answer does not wait for it)."""
+        by_model: dict[str, list[str]] = {}
+        for index, agent in enumerate(record.agents):
+            model = record.models[index] if index < len(record.models) else (record.models or [None])[0]
+            if model:
+                by_model.setdefault(model, []).append(agent)
+
+        async def run() -> None:
+            for model, agents in by_model.items():
+                try:
+                    await models.unload(model, agents)
+                except AppError as error:
+                    logger.warning("keep_alive 0: could not unload %s on %s: %s", model, ", ".join(agents),
+                                   error.message)
+
+        task = asyncio.get_running_loop().create_task(run(), name="keep-alive-unload")
+        unloading.add(task)
+        task.add_done_callback(unloading.discard)
+
+    async def load_or_unload(model: str, keep_alive: Any) -> tuple[str, str]:
+        """An empty prompt: Ollama's load (or unload with ``keep_alive: 0``); the model name and the done_reason."""
+        mode = context.resolve_mode(model)
+        if mode in VIRTUAL_MODELS:
+            return mode, "load"
+        if keep_alive_is_zero(keep_alive):
+            await models.unload(mode)
+            return mode, "unload"
+        await models.load(mode)
+        return mode, "load"
 
     async def ollama_answer(
         request: Request,
@@ -202,6 +200,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         aggregation: Aggregation,
         use_rag: bool,
         kind: Literal["chat", "generate"],
+        keep_alive: Any,
     ) -> Response:
         mode = context.resolve_mode(model)
         started = time.perf_counter()
@@ -232,7 +231,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                 "created_at": now_iso(),
                 **piece(text),
                 "done": True,
-                "done_reason": "stop",
+                "done_reason": finish_reason(record),
                 "total_duration": int(total_s * 1e9),
                 "load_duration": 0,
                 "prompt_eval_count": numbers["prompt_tokens"],
@@ -247,6 +246,8 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
 
         if not stream:
             record = await run_to_end(answer, request)
+            if keep_alive_is_zero(keep_alive):
+                unload_after(record)
             if record.finished is None:
                 raise unfinished_error(record)
             return JSONResponse(final(record, record.text), headers=provenance_headers(record))
@@ -262,6 +263,11 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                         line = {"model": event.model or model, "created_at": now_iso(), **piece(event.text),
                                 "done": False}
                         yield json.dumps(line, ensure_ascii=False) + "\n"
+                    elif isinstance(event, AnswerRestarted):
+                        streamed = False
+                        line = {"model": event.model or model, "created_at": now_iso(),
+                                **piece(restart_marker(event)), "done": False, "slb": restart_event(event)}
+                        yield json.dumps(line, ensure_ascii=False) + "\n"
                     elif isinstance(event, QueryFinished):
                         if not streamed and event.text:
                             line = {"model": ",".join(event.models) or model, "created_at": now_iso(),
@@ -272,6 +278,8 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                         yield json.dumps({"error": event.error}) + "\n"
             finally:
                 await answer.aclose()
+                if keep_alive_is_zero(keep_alive):
+                    unload_after(answer.record)
 
         return StreamingResponse(
             ndjson(), media_type="application/x-ndjson", headers=provenance_headers(answer.record)
@@ -289,10 +297,10 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             raise BadRequest("images are not supported by this cluster", param="messages")
         options = ollama_options(payload.options)
         if not payload.messages:
-            mode = context.resolve_mode(payload.model)
+            mode, reason = await load_or_unload(payload.model, payload.keep_alive)
             return JSONResponse(
                 {"model": mode, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
-                 "done": True, "done_reason": "load"}
+                 "done": True, "done_reason": reason}
             )
         texts = [message.content for message in payload.messages]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
@@ -308,6 +316,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             aggregation=payload.aggregation,
             use_rag=payload.rag,
             kind="chat",
+            keep_alive=payload.keep_alive,
         )
 
     @ollama.post("/generate")
@@ -322,9 +331,9 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             raise BadRequest("images are not supported by this cluster", param="images")
         options = ollama_options(payload.options)
         if not payload.prompt:
-            mode = context.resolve_mode(payload.model)
+            mode, reason = await load_or_unload(payload.model, payload.keep_alive)
             return JSONResponse(
-                {"model": mode, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
+                {"model": mode, "created_at": now_iso(), "response": "", "done": True, "done_reason": reason}
             )
         texts = [payload.prompt, payload.system or ""]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
@@ -340,6 +349,23 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             aggregation=payload.aggregation,
             use_rag=payload.rag,
             kind="generate",
+            keep_alive=payload.keep_alive,
         )
+
+    served = served_routes(ollama)
+
+    @ollama.api_route("", methods=ANY_METHOD, include_in_schema=False)
+    @ollama.api_route("/{path:path}", methods=ANY_METHOD, include_in_schema=False)
+    async def not_served(request: Request, path: str = "") -> Response:
+        """Everything else under /api: Ollama's error shape, with what to do instead (never FastAPI's 404)."""
+        wrong = wrong_method(request.url.path, request.method, served)
+        if wrong is not None:
+            raise wrong
+        advice = NOT_SERVED.get(path.split("/", 1)[0])
+        if advice is not None:
+            raise ApiError(501, advice, "not_supported")
+        listed = ", ".join(sorted(served))
+        raise ApiError(404, f"{request.url.path} is not part of this cluster's Ollama API; it serves {listed}",
+                       "not_found")
 
     return ollama

@@ -18,21 +18,28 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from app.answers import AnswerRecord, provenance, simulated_agents, usage_numbers
+from app.answers import AnswerRecord, finish_reason, provenance, simulated_agents, usage_numbers
 from app.api_common import (
+    ANY_METHOD,
     OWNER,
     VIRTUAL_MODELS,
     ApiContext,
+    ApiError,
     check_total,
     json_body,
     provenance_headers,
     read_until_routed,
+    restart_event,
+    restart_marker,
     run_to_end,
+    served_routes,
     unfinished_error,
     validation_message,
+    wrong_method,
 )
 from app.errors import BadRequest
-from broker.coordinator.contract import Aggregation, QueryFailed, QueryFinished, TextDelta
+from app.model_list import ListedModel
+from broker.coordinator.contract import Aggregation, AnswerRestarted, QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -114,23 +121,63 @@ class ChatCompletionRequest(BaseModel):
         return options
 
 
+NOT_SERVED = {
+    "completions": "the cluster serves chat only: send the prompt as a user message to /v1/chat/completions",
+    "embeddings": "the cluster does not serve embeddings (/v1/embeddings): point your embedding client at a "
+                  "runtime directly; the cluster answers /v1/chat/completions",
+    "responses": "the cluster does not serve the Responses API (/v1/responses): use /v1/chat/completions",
+}
+"""OpenAI endpoints clients try that the cluster does not serve, each with what to do instead."""
+
+
+def openai_model_item(model: ListedModel, created: int) -> dict[str, Any]:
+    """A ``/v1/models`` entry; ``slb_agents`` (who can answer with it now) and ``slb_holders`` (each agent's own
+    name for it and its state) are this server's extensions, ``slb_coming_to`` the agents still pulling it."""
+    item: dict[str, Any] = {
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNER,
+        "slb_agents": model.agents,
+        "slb_holders": [{"agent_id": holder.agent_id, "name": holder.name, "state": holder.state,
+                         "simulated": holder.simulated} for holder in model.holders],
+    }
+    if model.coming_to:
+        item["slb_coming_to"] = model.coming_to
+    info = model.info
+    if info is not None and info.context_length:
+        item["slb_context_length"] = info.context_length
+    if info is not None and info.parameters_b:
+        item["slb_parameters_b"] = info.parameters_b
+    return item
+
+
 def build_openai_router(context: ApiContext) -> APIRouter:
     """The ``/v1`` routes."""
     service, settings = context.service, context.settings
     openai = APIRouter(prefix="/v1", dependencies=[Depends(context.require_api_key)], tags=["openai"])
 
-    @openai.get("/models")
-    async def list_models() -> dict[str, Any]:
-        """The routing modes and every model the cluster serves."""
+    def model_items() -> list[dict[str, Any]]:
         created = int(time.time())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": OWNER, "description": description}
             for name, description in VIRTUAL_MODELS.items()
         ]
-        data += [
-            {"id": name, "object": "model", "created": created, "owned_by": OWNER} for name in service.known_models()
-        ]
-        return {"object": "list", "data": data}
+        return data + [openai_model_item(model, created) for model in service.models()]
+
+    @openai.get("/models")
+    async def list_models() -> dict[str, Any]:
+        """The routing modes and every model the cluster serves, each with the machines that have it."""
+        return {"object": "list", "data": model_items()}
+
+    @openai.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        """One model of :func:`list_models` (the SDK's ``models.retrieve``)."""
+        name = context.resolve_mode(model)
+        found = next((item for item in model_items() if item["id"] == name), None)
+        if found is None:  # it left the cluster between the two looks
+            raise ApiError(404, f"model {model!r} is not served by this cluster", "model_not_found")
+        return found
 
     @openai.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -186,7 +233,7 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": record.text},
-                            "finish_reason": "stop",
+                            "finish_reason": finish_reason(record),
                             "logprobs": None,
                         }
                     ],
@@ -220,10 +267,13 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                     if isinstance(event, TextDelta) and event.text:
                         streamed = True
                         yield chunk({"content": event.text})
+                    elif isinstance(event, AnswerRestarted):
+                        streamed = False
+                        yield chunk({"content": restart_marker(event)}, slb=restart_event(event))
                     elif isinstance(event, QueryFinished):
                         if not streamed and event.text:
                             yield chunk({"content": event.text})
-                        yield chunk({}, "stop", slb=slb(record))
+                        yield chunk({}, finish_reason(record), slb=slb(record))
                         if include_usage:
                             usage_chunk = {
                                 "id": completion_id,
@@ -251,5 +301,18 @@ def build_openai_router(context: ApiContext) -> APIRouter:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **provenance_headers(record)},
         )
+
+    served = served_routes(openai)
+
+    @openai.api_route("/{path:path}", methods=ANY_METHOD, include_in_schema=False)
+    async def not_served(request: Request, path: str) -> Response:
+        """Everything else under /v1: OpenAI's error shape, with what to do instead (never FastAPI's 404)."""
+        wrong = wrong_method(request.url.path, request.method, served)
+        if wrong is not None:
+            raise wrong
+        advice = NOT_SERVED.get(path.strip("/"))
+        listed = ", ".join(sorted(served))
+        raise ApiError(404, advice or f"{request.url.path} is not part of this cluster's OpenAI API; it serves "
+                                      f"{listed}", "unsupported_endpoint")
 
     return openai

@@ -8,10 +8,18 @@ which of its methods the app relies on.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
-from broker.coordinator.contract import ClusterSnapshot, PlanView, QueryEvent, QueryRequest
+from broker.coordinator.contract import (
+    ClusterSnapshot,
+    LoadedModel,
+    ManageEvent,
+    ModelAvailability,
+    PlanView,
+    QueryEvent,
+    QueryRequest,
+)
 
 
 class CoordinatorPort(Protocol):
@@ -27,7 +35,13 @@ class CoordinatorPort(Protocol):
         """The cluster now; cheap enough to call on every refresh."""
 
     def model_names(self) -> list[str]:
-        """Models ready somewhere in the cluster."""
+        """Every model some online agent can answer with now (ready, loaded or on disk), by display name."""
+
+    def models(self) -> list[ModelAvailability]:
+        """Every servable model with the agents that have it (their own spelling, ready / loaded / local)."""
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """What is in which agent's runtime memory now (``/api/ps``)."""
 
     def plan(self) -> PlanView:
         """What a re-plan would do now, without doing it."""
@@ -40,3 +54,10 @@ class CoordinatorPort(Protocol):
 
     async def cancel(self, request_id: str) -> bool:
         """Ask a running query to stop; its stream then ends with QueryFailed(code="cancelled")."""
+
+    def manage_targets(self, action: str, model: str, agents: list[str] | None = None) -> tuple[list[str], str]:
+        """The agents a model operation would go to (explicit ``agents``, else the coordinator's choice), and why."""
+
+    def manage(self, action: str, model: str, *, agents: list[str] | None = None, timeout_s: float | None = None,
+               request_id: str | None = None) -> AsyncIterator[ManageEvent]:
+        """Pull, delete, load or unload ``model`` on agents: ManageStarted, ManageProgress…, then ManageFinished."""

@@ -22,6 +22,7 @@ from app.answer_stream import AnswerStream
 from app.answers import simulated_agents, stats_of
 from app.async_store import AsyncStore
 from app.errors import BadRequest
+from app.model_list import ListedModel, listed_models
 from app.ports import CoordinatorPort
 from app.sampler import ClusterSampler
 from app.settings import AppSettings
@@ -93,11 +94,10 @@ class AppService:
 
     # ------------------------------------------------------------------ cluster
 
-    def known_models(self) -> list[str]:
-        """Ready models plus those assigned to an online agent (pulling or loading): a query for one waits."""
-        names = set(self.coordinator.model_names())
-        names.update(agent.model for agent in self.coordinator.snapshot().agents if agent.online and agent.model)
-        return sorted(names)
+    def models(self) -> list[ListedModel]:
+        """Every model the cluster serves (with its machines), plus those on their way to an agent: a query for
+        one of those waits for it (app/model_list.py)."""
+        return listed_models(self.coordinator.snapshot(), self.coordinator.models())
 
     def health(self) -> dict[str, Any]:
         """``GET /health`` (see app/cluster_status.py)."""

@@ -17,7 +17,7 @@ from broker.coordinator.console import Console, stdin_lines
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.mqtt.cli import configure_logging, parse_settings
-from broker.scheduling.catalog import CatalogError
+from broker.scheduling.catalog import Catalog, CatalogError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,24 @@ async def serve(coordinator: Coordinator, console: bool) -> int:
     return 0
 
 
+def describe_catalog(catalog: Catalog, settings: CoordinatorSettings) -> str:
+    """What ``--validate-config`` prints: the catalog files, each tier's models (primary first), the rest."""
+    source = str(settings.catalog_path) + (f" extended by {settings.catalog}" if settings.catalog else "")
+    lines = [f"settings OK; catalog {source}: {len(catalog.models)} models"]
+    placed: set[str] = set()
+    for tier in catalog.ordered_tiers:
+        names = [model.name for model in catalog.models_of(tier.name)]
+        placed.update(names)
+        lines.append(f"  {tier.name} (score ≥ {tier.min_score:g}): {', '.join(names)}")
+    embeddings = [model.name for model in catalog.models if model.embedding]
+    others = [model.name for model in catalog.models if model.name not in placed and not model.embedding]
+    if others:
+        lines.append(f"  served where present, never placed (larger than every tier): {', '.join(others)}")
+    if embeddings:
+        lines.append(f"  embedding models (never placed for chat): {', '.join(embeddings)}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker", description=DESCRIPTION)
     parser.add_argument("--no-console", action="store_true", help="Do not read commands from standard input.")
@@ -67,11 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {error}\n")
         return 2
     if namespace.validate_config:
-        catalog = coordinator.catalog
-        sys.stdout.write(f"settings OK; catalog {settings.catalog_path}: "
-                         + ", ".join(f"{tier.name} (score ≥ {tier.min_score:g}): "
-                                     + ", ".join(m.name for m in catalog.models_of(tier.name))
-                                     for tier in catalog.ordered_tiers) + "\n")
+        sys.stdout.write(describe_catalog(coordinator.catalog, settings) + "\n")
         return 0
     return asyncio.run(serve(coordinator, console=not namespace.no_console))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the project needs on this machine.
 #   scripts/install.sh          app host: Mosquitto (apt, when possible) + requirements.txt
-#   scripts/install.sh --dev    ... plus Chromium and the test tools (requirements-dev.txt)
+#   scripts/install.sh --dev    ... plus Chromium, the test tools and a real LLM runtime (requirements-dev.txt:
+#                               llama-cpp-python, built once by pip with cmake + build-essential, ~15 minutes)
 #   scripts/install.sh --agent  an agent machine: agent/requirements.txt only
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -17,6 +18,9 @@ if [ "$mode" != agent ]; then
 fi
 if [ "$mode" = dev ]; then
   [ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+  # llama-cpp-python (the real runtime of tests/test_real_runtime.py) is built from source by pip
+  command -v cmake >/dev/null || apt_packages+=(cmake)
+  { command -v gcc && command -v g++ && command -v make; } >/dev/null || apt_packages+=(build-essential)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
@@ -61,6 +65,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
   log "Python packages already installed for $req"
 else
   log "pip: installing $req (torch is pinned to the CPU build 2.13.0)"
+  if [ "$mode" = dev ] && ! "$PY" -c 'import llama_cpp' 2>/dev/null; then
+    log "pip: building llama-cpp-python for the real-runtime tests; the first build takes ~15 minutes (the wheel is cached after that)"
+  fi
   "$PY" -m pip install --disable-pip-version-check -q -r "$req"
   echo "$digest" > "$stamp"
 fi

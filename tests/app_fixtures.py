@@ -35,7 +35,7 @@ from tests.ollama_double import OllamaDouble
 def app_cluster(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     """The web app with an API key, one agent on the Ollama test double and one simulated agent, all ready."""
     folder = tmp_path_factory.mktemp("app-cluster")
-    double = OllamaDouble(tokens_per_s=400, ttft_s=0.02).start()
+    double = OllamaDouble(tokens_per_s=400, ttft_s=0.02, num_parallel=2).start()  # the agent's default 2 at once
     prefix = f"slbtest/app{uuid.uuid4().hex[:8]}/v1"
     running = start_app(folder, mosquitto, topic_prefix=prefix, extra=["--api-key", API_KEY])
     running.api_key = API_KEY

@@ -12,13 +12,26 @@ Endpoints
              done_reason and the *_duration (ns) / *_count stats), GET /api/tags,
              POST /api/pull (NDJSON progress; unknown model -> {"error": "pull model
              manifest: file does not exist"}), POST /api/show, GET /api/ps,
-             GET /api/version. A missing model answers 404 with
-             {"error": "model \"x\" not found, try pulling it first"}.
+             DELETE /api/delete (body {"model"}; 200 with an empty body, or 404
+             {"error": "model 'x' not found"}), GET /api/version. A missing model
+             answers 404 with {"error": "model \"x\" not found, try pulling it first"}.
     OpenAI:  GET /v1/models, POST /v1/chat/completions (SSE ``data: {...}`` lines
              ending with ``data: [DONE]``; usage chunk when
              ``stream_options.include_usage``).
     Control: POST /_double/config (JSON object: set any DoubleConfig field),
              GET /_double/stats (counters, see DoubleStats).
+
+Like real Ollama (what a CPU box cannot show with the real thing)
+    * ``num_parallel`` (``OLLAMA_NUM_PARALLEL``, default 1 as Ollama picks on small machines;
+      ``--num-parallel``, or ``POST /_double/config {"num_parallel": 4}`` while running): at most that many
+      generations run at once; the others wait, in arrival order, before any byte of their answer (Ollama
+      queues them; it never interrupts a running answer). A caller that hangs up while waiting leaves the queue.
+    * ``/api/ps`` lists what is really loaded: a model loads on first use or on a generate/chat with an empty
+      prompt / no messages (``done_reason: "load"``), and stays ``keep_alive`` after its last request (Ollama's
+      default 5 minutes; ``keep_alive_s`` here). ``keep_alive: 0`` in a chat/generate unloads the model when that
+      request ends; an empty prompt with ``keep_alive: 0`` unloads it at once (``done_reason: "unload"``), or when
+      its running answers end. A negative ``keep_alive`` keeps it loaded for good. Deleting a model does not
+      unload it (neither does Ollama's ``/api/delete``).
 
 What it answers
     The reply to a conversation is ``reply_text(prompt)``: "Echo:" followed by
@@ -35,7 +48,10 @@ Speed and faults (fields of :class:`DoubleConfig`, changeable while running)
     pull_bytes_per_s; die_after_tokens (drop the connection mid-stream),
     stall_before_first_token_s, stall_after_tokens + stall_s, context_limit
     (prompt words; above it -> error), fail_chat_status (answer every chat with
-    this HTTP status). ``refuse_connections()`` closes the listening socket and
+    this HTTP status), malformed_after_tokens (a line that is not JSON in the middle
+    of a stream), interrupt_after_tokens (/v1 only: end the stream cleanly with
+    ``data: [DONE]`` and no finish reason, as llama-cpp-python does to a running answer
+    when another request arrives). ``refuse_connections()`` closes the listening socket and
     every open connection (clients see "connection refused");
     ``accept_connections()`` listens again on the same port.
 
@@ -51,7 +67,7 @@ Example::
         double.config.die_after_tokens = 1              # the next stream breaks after one token
 
 As a process: ``python -m tests.ollama_double --port 11434 --models llama3.2:1b
---tokens-per-s 50 --ttft-ms 100``; it prints ``READY http://127.0.0.1:PORT``.
+--tokens-per-s 50 --ttft-ms 100 --num-parallel 2``; it prints ``READY http://127.0.0.1:PORT``.
 """
 
 from __future__ import annotations
@@ -59,14 +75,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import os
 import re
+import select
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -80,6 +100,10 @@ DEFAULT_PULLABLE = frozenset({
 """Models the double can "pull" unless the config says otherwise."""
 
 _TOKEN_RE = re.compile(r"\s*\S+")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+DEFAULT_KEEP_ALIVE_S = 300.0
+"""Ollama keeps a model loaded 5 minutes after its last request unless told otherwise."""
 
 
 def normalize_model(name: str) -> str:
@@ -105,6 +129,30 @@ def split_tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+class InvalidDuration(ValueError):
+    """A ``keep_alive`` Ollama would refuse (Go's ``time.ParseDuration`` message)."""
+
+
+def keep_alive_seconds(value: Any, default: float) -> float | None:
+    """Ollama's ``keep_alive``: seconds as a number or a Go duration ("5m", "1h30m", "0"); negative: forever (None)."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise InvalidDuration(f"time: invalid duration {json.dumps(value)}")
+    if isinstance(value, (int, float)):
+        return None if value < 0 else float(value)
+    text = str(value).strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    if body == "0":
+        return 0.0
+    parts = _DURATION_RE.findall(body)
+    if not body or "".join(number + unit for number, unit in parts) != body:
+        raise InvalidDuration(f'time: invalid duration "{text}"')
+    seconds = sign * sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    return None if seconds < 0 else seconds
+
+
 @dataclass
 class DoubleConfig:
     """Behaviour of the double; every field may be changed while it runs."""
@@ -124,6 +172,10 @@ class DoubleConfig:
     stall_s: float = 0.0
     context_limit: int | None = None
     fail_chat_status: int | None = None
+    malformed_after_tokens: int | None = None
+    interrupt_after_tokens: int | None = None
+    num_parallel: int = 1  # OLLAMA_NUM_PARALLEL: generations at once; the rest wait in order
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # a request's keep_alive overrides it
     version: str = "0.6.5-double"
 
 
@@ -138,6 +190,14 @@ class DoubleStats:
     streams_killed: int = 0
     active_streams: int = 0
     pulls_completed: int = 0
+    generations_running: int = 0  # holding one of the num_parallel slots now
+    peak_generations_running: int = 0
+    waited_for_slot: int = 0  # generations that had to queue behind running ones
+    left_queue: int = 0  # callers that hung up while waiting for a slot
+    arrived: list[str] = field(default_factory=list)  # the last user message of each generation, as they came
+    slot_order: list[str] = field(default_factory=list)  # ... and as they got a slot
+    unloaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -147,6 +207,59 @@ class DoubleStats:
 
 class _ClientGone(Exception):
     """The client closed the connection while we were streaming."""
+
+
+class _SlotQueue:
+    """At most ``limit()`` generations at once, the others served first come, first served (Ollama's scheduler).
+
+    The limit is read on every wake-up, so changing ``num_parallel`` while requests wait takes effect at once.
+    """
+
+    def __init__(self, stats: DoubleStats, stats_lock: threading.Lock) -> None:
+        self._condition = threading.Condition()
+        self._running = 0
+        self._waiting: deque[int] = deque()
+        self._tickets = itertools.count()
+        self._stats = stats
+        self._stats_lock = stats_lock
+
+    def acquire(self, limit: Callable[[], int], gone: Callable[[], bool], stopping: threading.Event) -> bool:
+        """Wait for a slot in arrival order; False when the caller hung up or the double stops meanwhile."""
+        with self._condition:
+            ticket = next(self._tickets)
+            self._waiting.append(ticket)
+            waited = False
+            try:
+                while self._waiting[0] != ticket or self._running >= max(1, limit()):
+                    if stopping.is_set() or gone():
+                        with self._stats_lock:
+                            self._stats.left_queue += 1
+                        return False
+                    waited = True
+                    self._condition.wait(0.05)
+                self._waiting.popleft()
+                self._running += 1
+                with self._stats_lock:
+                    self._stats.generations_running = self._running
+                    self._stats.peak_generations_running = max(self._stats.peak_generations_running, self._running)
+                    self._stats.waited_for_slot += int(waited)
+                return True
+            finally:
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                self._condition.notify_all()
+
+    def release(self) -> None:
+        with self._condition:
+            self._running -= 1
+            with self._stats_lock:
+                self._stats.generations_running = self._running
+            self._condition.notify_all()
+
+    def wake(self) -> None:
+        """The limit may have changed: let the waiting re-check it."""
+        with self._condition:
+            self._condition.notify_all()
 
 
 class _Killed(Exception):
@@ -254,6 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/api/ps"): self._ps,
             ("POST", "/api/show"): lambda: self._show(body),
             ("POST", "/api/pull"): lambda: self._pull(body),
+            ("DELETE", "/api/delete"): lambda: self._delete(body),
             ("POST", "/api/chat"): lambda: self._generate(body, api="chat"),
             ("POST", "/api/generate"): lambda: self._generate(body, api="generate"),
             ("GET", "/v1/models"): self._openai_models,
@@ -294,7 +408,16 @@ class _Handler(BaseHTTPRequestHandler):
             if name in {"models", "pullable"} and value is not None:
                 value = {normalize_model(item) for item in value}
             setattr(config, name, value)
+        self.server.double._slots.wake()
         self._json(200, {"ok": True})
+
+    def _client_gone(self) -> bool:
+        """True when the caller closed its connection (readable with nothing to read) while it waits."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     # ------------------------------------------------------------------ model inventory
 
@@ -317,11 +440,35 @@ class _Handler(BaseHTTPRequestHandler):
     def _ps(self) -> None:
         double = self.server.double
         entries = []
-        for name in sorted(double.loaded):
+        for name, expires_at in sorted(double.loaded_models().items()):
             entry = self._model_entry(name)
-            entry.update({"expires_at": "2099-01-01T00:00:00Z", "size_vram": entry["size"]})
+            expires = "2318-08-19T00:00:00Z" if expires_at is None else _iso(expires_at)  # Ollama's "forever"
+            entry.update({"expires_at": expires, "size_vram": entry["size"], "context_length": 4096})
             entries.append(entry)
         self._json(200, {"models": entries})
+
+    def _delete(self, body: dict[str, Any]) -> None:
+        """Ollama's DELETE /api/delete: 200 with an empty body, 404 naming the model as the caller wrote it."""
+        double = self.server.double
+        if not body:
+            self._json(400, {"error": "missing request body"})
+            return
+        raw_name = str(body.get("model") or body.get("name") or "")
+        if not raw_name.strip() or "__invalid__" in body:
+            self._json(400, {"error": f'name "{raw_name}" is invalid'})
+            return
+        name = normalize_model(raw_name)
+        with double._lock:
+            present = name in double.config.models
+            if present:
+                double.config.models.discard(name)
+                double.stats.deleted.append(name)
+        if not present:
+            self._json(404, {"error": f"model '{raw_name}' not found"})
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _show(self, body: dict[str, Any]) -> None:
         name = normalize_model(str(body.get("model") or body.get("name") or ""))
@@ -413,6 +560,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(api, 404, f'model "{raw_name}" not found, try pulling it first')
             return
+        try:  # Ollama's OpenAI layer has no keep_alive: the default applies
+            keep_alive = keep_alive_seconds(None if api == "openai" else body.get("keep_alive"), config.keep_alive_s)
+        except InvalidDuration as error:
+            self._error(api, 400, str(error))
+            return
         if config.fail_chat_status:
             self._error(api, config.fail_chat_status, "injected failure", error_type="server_error")
             return
@@ -423,12 +575,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         stream = body.get("stream", api != "openai") is not False
-        cold = normalize_model(name) not in double.loaded
-        if not messages:  # Ollama's documented way to load a model: empty prompt / no messages
-            if cold and config.load_s:
-                double._stopping.wait(config.load_s)
-            double.loaded.add(normalize_model(name))
-            self._json(200, self._final(api, name, "", "load", 0, 0, 0.0, 0.0, config.load_s if cold else 0.0))
+        model = normalize_model(name)
+        if not messages:  # Ollama's documented way to load (or, with keep_alive 0, unload) a model
+            self._load_or_unload(api, name, model, keep_alive)
             return
         prompt_words = sum(len(str(m.get("content") or "").split()) for m in messages) or 1
         if config.context_limit is not None and prompt_words > config.context_limit:
@@ -446,18 +595,43 @@ class _Handler(BaseHTTPRequestHandler):
         reason = "stop"
         if isinstance(limit, int) and 0 <= limit < len(tokens):
             tokens, reason = tokens[:limit], "length"
-        load_s = config.load_s if cold else 0.0
-        double.loaded.add(normalize_model(name))
-        started = time.monotonic()
-        if not stream:
-            double._stopping.wait(load_s + config.ttft_s + config.stall_before_first_token_s)
-            if config.tokens_per_s:
-                double._stopping.wait(len(tokens) / config.tokens_per_s)
-            eval_s = time.monotonic() - started
-            self._json(200, self._final(api, name, "".join(tokens), reason, prompt_words, len(tokens),
-                                        config.ttft_s, eval_s, load_s))
+        label = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
+        with double._lock:
+            double.stats.arrived.append(label)
+        if not double._slots.acquire(lambda: config.num_parallel, self._client_gone, double._stopping):
+            self.close_connection = True  # the caller hung up while it waited: nothing to answer
             return
-        self._stream(api, name, tokens, reason, prompt_words, load_s, body)
+        with double._lock:
+            double.stats.slot_order.append(label)
+        try:
+            load_s = double._use(model, keep_alive)
+            if not stream:
+                started = time.monotonic()
+                double._stopping.wait(load_s + config.ttft_s + config.stall_before_first_token_s)
+                if config.tokens_per_s:
+                    double._stopping.wait(len(tokens) / config.tokens_per_s)
+                eval_s = time.monotonic() - started
+                self._json(200, self._final(api, name, "".join(tokens), reason, prompt_words, len(tokens),
+                                            config.ttft_s, eval_s, load_s))
+                return
+            self._stream(api, name, tokens, reason, prompt_words, load_s, body)
+        finally:
+            double._release(model)
+            double._slots.release()
+
+    def _load_or_unload(self, api: str, name: str, model: str, keep_alive: float | None) -> None:
+        """An empty prompt / no messages: load the model (``done_reason: "load"``), or unload it for keep_alive 0."""
+        double = self.server.double
+        if keep_alive == 0:
+            double._unload(model)
+            self._json(200, self._final(api, name, "", "unload", 0, 0, 0.0, 0.0, 0.0))
+            return
+        load_s = double._use(model, keep_alive)
+        try:
+            double._stopping.wait(load_s)
+        finally:
+            double._release(model)
+        self._json(200, self._final(api, name, "", "load", 0, 0, 0.0, 0.0, load_s))
 
     def _reply_for(self, messages: list[dict[str, Any]], count: int | None) -> list[str]:
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
@@ -488,10 +662,18 @@ class _Handler(BaseHTTPRequestHandler):
             for index, token in enumerate(tokens):
                 if config.die_after_tokens is not None and index >= config.die_after_tokens:
                     self._kill_connection()
+                if api == "openai" and config.interrupt_after_tokens is not None \
+                        and index >= config.interrupt_after_tokens:
+                    self._write_chunk(b"data: [DONE]\n\n")  # no finish reason: cut short, but cleanly
+                    self._end_stream()
+                    return
                 if config.stall_after_tokens is not None and index == config.stall_after_tokens and config.stall_s:
                     double._stopping.wait(config.stall_s)
                 if index and config.tokens_per_s:
                     double._stopping.wait(1.0 / config.tokens_per_s)
+                if config.malformed_after_tokens is not None and index == config.malformed_after_tokens:
+                    cut = b'data: {"choices": [{"delta": {"content": "\n\n' if api == "openai" else b'{"message": \n'
+                    self._write_chunk(cut)
                 if api == "openai":
                     self._sse(self._openai_chunk(name, {"content": token}, None))
                 elif api == "chat":
@@ -539,9 +721,10 @@ class _Handler(BaseHTTPRequestHandler):
             final["message"] = {"role": "assistant", "content": text}
         else:
             final["response"] = text
+        final.update({"done": True, "done_reason": reason})
+        if reason == "unload":  # Ollama's unload answer carries no timings
+            return final
         final.update({
-            "done": True,
-            "done_reason": reason,
             "total_duration": int((load_s + ttft_s + eval_s) * 1e9),
             "load_duration": int(load_s * 1e9),
         })
@@ -566,6 +749,10 @@ def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
 
 
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 class OllamaDouble:
     """The test double server: ``start()`` on a free port (or ``port``), ``stop()``, ``url``."""
 
@@ -579,8 +766,11 @@ class OllamaDouble:
         if self.config.pullable is not None:
             self.config.pullable = {normalize_model(name) for name in self.config.pullable}
         self.stats = DoubleStats()
-        self.loaded: set[str] = set()
+        self.loaded: dict[str, float | None] = {}  # model -> when it unloads (epoch s; None: never)
+        self._in_use: Counter[str] = Counter()
+        self._session_s: dict[str, float | None] = {}  # keep_alive of the model's latest request
         self._lock = threading.Lock()
+        self._slots = _SlotQueue(self.stats, self._lock)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -620,6 +810,46 @@ class OllamaDouble:
             self._thread.join(5)
             self._thread = None
 
+    def loaded_models(self) -> dict[str, float | None]:
+        """What is in memory now (as ``/api/ps`` lists it): model -> unload time (epoch s, None: never)."""
+        now = time.time()
+        with self._lock:
+            for name, expires_at in list(self.loaded.items()):
+                if not self._in_use[name] and expires_at is not None and expires_at <= now:
+                    del self.loaded[name]
+            return dict(self.loaded)
+
+    def _use(self, model: str, keep_alive: float | None) -> float:
+        """A request starts using ``model``: it is loaded and held; returns the load time the caller simulates."""
+        cold = model not in self.loaded_models()
+        with self._lock:
+            self.loaded[model] = None
+            self._in_use[model] += 1
+            self._session_s[model] = keep_alive
+        return self.config.load_s if cold else 0.0
+
+    def _release(self, model: str) -> None:
+        """A request on ``model`` ended: unload now if its keep_alive was 0, else start the keep_alive clock."""
+        with self._lock:
+            self._in_use[model] -= 1
+            if self._in_use[model] > 0:
+                return
+            session = self._session_s.get(model, self.config.keep_alive_s)
+            if session == 0:
+                self.loaded.pop(model, None)
+                self.stats.unloaded.append(model)
+            elif model in self.loaded:
+                self.loaded[model] = None if session is None else time.time() + session
+
+    def _unload(self, model: str) -> None:
+        """``keep_alive: 0`` with nothing to generate: unload at once, or as soon as the running answers end."""
+        with self._lock:
+            self._session_s[model] = 0.0
+            if self._in_use[model] > 0 or model not in self.loaded:
+                return
+            del self.loaded[model]
+            self.stats.unloaded.append(model)
+
     def refuse_connections(self) -> None:
         """Behave like a stopped server: new connections are refused, open ones are dropped."""
         self.stop()
@@ -636,6 +866,8 @@ class OllamaDouble:
         config.stall_s = 0.0
         config.context_limit = None
         config.fail_chat_status = None
+        config.malformed_after_tokens = None
+        config.interrupt_after_tokens = None
 
     def requests_to(self, path: str) -> list[dict[str, Any]]:
         """Bodies of the requests received on ``path``."""
@@ -674,12 +906,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reply-tokens", type=int, default=None, help="Length of every reply in tokens.")
     parser.add_argument("--pull-mb-per-s", type=float, default=20.0)
     parser.add_argument("--pull-total-mb", type=float, default=50.0)
+    parser.add_argument("--num-parallel", type=int, default=int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1),
+                        help="Generations at once, the rest wait in order (default: $OLLAMA_NUM_PARALLEL or 1).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     double = OllamaDouble(
         host=args.host, port=args.port, models=[m for m in args.models.split(",") if m],
         tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000, reply_tokens=args.reply_tokens,
         pull_bytes_per_s=args.pull_mb_per_s * 1e6, pull_total_bytes=int(args.pull_total_mb * 1e6),
+        num_parallel=args.num_parallel,
     ).start()
     sys.stdout.write(f"READY {double.url}\n")
     sys.stdout.flush()

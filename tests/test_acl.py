@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import queue
 import time
+from pathlib import Path
 
 import pytest
 
 from broker.mqtt.client import InboundMessage, MqttAuthError, MqttPublishRefused
 from broker.mqtt.settings import MqttSettings
-from broker.protocol import Cancel, Status, Topics
+from broker.protocol import Cancel, Status, TopicKind, Topics
 from tests.support.loops import mqtt_connection
 
 TOPICS = Topics("slb/v1")  # the ACL is written for the default prefix
+ACL_FILE = Path(__file__).resolve().parent.parent / "mosquitto" / "acl"
 
 
 def settings_for(secure_mosquitto, user: str | None, password: str | None = None) -> MqttSettings:
@@ -104,3 +106,55 @@ def test_anonymous_and_wrong_passwords_are_refused(secure_mosquitto, user, passw
         assert not connection.connected
     finally:
         connection.stop(timeout=0.2)
+
+
+def acl_agent_leaves() -> tuple[set[str], set[str]]:
+    """The leaves the ACL lets every user write under slb/v1/agent/%u/ and read under slb/v1/control/%u/."""
+    written, read = set(), set()
+    for line in ACL_FILE.read_text().splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "pattern":
+            if words[2].startswith("slb/v1/agent/%u/"):
+                (written if words[1] == "write" else read).add(words[2].rsplit("/", 1)[-1])
+            elif words[2].startswith("slb/v1/control/%u/"):
+                (read if words[1] == "read" else written).add("control:" + words[2].rsplit("/", 1)[-1])
+    return written, read
+
+
+def test_the_acl_names_every_agent_topic_and_nothing_more() -> None:
+    written, read = acl_agent_leaves()
+    assert written == {kind.leaf for kind in TopicKind if kind.spec.direction == "agent"}
+    assert read == {"control:+"}  # one level: the agent's own control topics
+
+
+def test_an_agent_cannot_pile_up_retained_messages_on_sub_topics_of_its_own(secure_mosquitto, connect) -> None:
+    """Issue 13.10: with ``agent/%u/#`` an agent could leave any number of retained payloads on the broker."""
+    agent_a = connect(settings_for(secure_mosquitto, "agent-a"), client_id="agent-a")
+    for topic in ("slb/v1/agent/agent-a/junk-1", "slb/v1/agent/agent-a/status/junk", "slb/v1/agent/agent-a/a/b/c"):
+        with pytest.raises(MqttPublishRefused) as refused:
+            agent_a.publish_and_wait(topic, b"x" * 1000, retain=True)
+        assert refused.value.reason_code == 0x87, topic
+    assert agent_a.publish_and_wait(TOPICS.telemetry("agent-a"), b'{"v": 1}') < 0x80
+
+
+def test_the_secure_config_ties_client_ids_to_usernames_and_bounds_what_clients_make_it_hold() -> None:
+    """The layout tests/test_client_id_takeover.py exercises, and the broker-wide limits docs/security.md lists."""
+    blocks: list[dict[str, str]] = [{}]
+    for line in (ACL_FILE.parent / "mosquitto.secure.conf").read_text().splitlines():
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "listener":
+            blocks.append({})
+        blocks[-1][words[0]] = words[1] if len(words) > 1 else ""
+    general, lan, coordinator = blocks
+    assert general["per_listener_settings"] == "true"
+    assert {"max_packet_size", "max_queued_messages", "max_queued_bytes", "memory_limit"} <= general.keys()
+    assert lan["use_username_as_clientid"] == "true" and lan["password_file"] == "mosquitto/passwd"
+    assert coordinator["password_file"] == "mosquitto/coordinator.passwd"
+    assert "use_username_as_clientid" not in coordinator
+    for block in (lan, coordinator):
+        assert block["allow_anonymous"] == "false" and block["acl_file"] == "mosquitto/acl"
+    tls = dict(line.split(None, 1) for line in (ACL_FILE.parent / "tls.conf.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert tls["use_username_as_clientid"] == "true" and tls["allow_anonymous"] == "false"

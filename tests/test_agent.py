@@ -84,7 +84,7 @@ def served(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -
     """An agent serving llama3.2:1b from the double (fast tokens), with a declared GPU desktop profile."""
     prefix = f"slbtest/{uuid.uuid4().hex[:10]}/v1"
     tmp_path = tmp_path_factory.mktemp("served")
-    double = OllamaDouble(models=[MODEL], tokens_per_s=400).start()
+    double = OllamaDouble(models=[MODEL], tokens_per_s=400, num_parallel=2).start()  # runs the agent's 2 at once
     watcher = Watcher(MqttSettings(broker_url=mosquitto.url, topic_prefix=prefix), prefix)
     agent = spawn_agent(mosquitto.url, prefix, "served-1", tmp_path, "--hardware-profile",
                         str(PROFILES / "gpu-desktop.json"), "--chunk-interval-ms", "30", "--max-parallel", "2",
@@ -113,9 +113,13 @@ def fresh(served: Served) -> Iterator[Served]:
 
 def test_presence_hardware_and_telemetry(fresh: Served) -> None:
     watcher, agent_id = fresh.watcher, fresh.agent_id
-    status: Status = watcher.wait_for(TopicKind.STATUS, agent_id, lambda s: s.state == "online")
+    status: Status = watcher.wait_for(TopicKind.STATUS, agent_id, lambda s: s.state == "online"
+                                      and s.runtime is not None and s.runtime.slots_source == "measured")
     assert status.backend == "ollama" and status.backend_url == fresh.double.url and status.backend_reachable
-    assert status.max_parallel == 2 and not status.simulated and status.agent_version
+    assert not status.simulated and status.agent_version
+    # The double runs two requests at once and --max-parallel caps at 2: the warm-up probe measures exactly that.
+    assert status.runtime is not None and status.runtime.kind == "ollama" and status.runtime.slots == 2
+    assert status.max_parallel == 2 and status.runtime.continues_prefill is True
     hardware: Hardware = watcher.wait_for(TopicKind.HARDWARE, agent_id, lambda h: h.benchmark is not None)
     assert hardware.declared and hardware.cpu_brand == "AMD Ryzen 9 7950X 16-Core Processor"
     assert hardware.gpus[0].vram_total_gb == 24 and hardware.ram_total_gb == 64

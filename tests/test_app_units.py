@@ -11,19 +11,24 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
+from app import cluster_status
 from app.answer_stream import AnswerStream
-from app.answers import AnswerRecord, stats_of
+from app.answers import AnswerRecord, TokenCounts, finish_reason, stats_of, token_counts
 from app.errors import BadRequest
 from app.middleware import BodyLimitMiddleware, route_label
+from app.model_list import find_listed, listed_models
 from app.ollama_api import ollama_options
+from app.ollama_models import PullProgress, keep_alive_is_zero
 from app.openai_api import ChatCompletionRequest
 from app.settings import AppSettings
 from app.streaming import throttled
+from app.ui.chat import mode_choices
 from app.ui.live import LiveAnswer
 from app.ui.render import (
     agents_table_html,
     answer_messages,
     history_frames,
+    placement_markdown,
     plan_html,
     scores_frame,
 )
@@ -32,7 +37,13 @@ from broker.coordinator.contract import (
     AgentDelta,
     AgentFinished,
     AgentView,
+    AnswerRestarted,
     ClusterSnapshot,
+    ManageFinished,
+    ManageProgress,
+    ManageStarted,
+    ModelAvailability,
+    ModelHolder,
     PlanEntry,
     PlanView,
     QueryEvent,
@@ -42,6 +53,7 @@ from broker.coordinator.contract import (
     TextDelta,
 )
 from broker.protocol.messages import ResultStats
+from tests.app_scripted import pull_events
 
 # ---------------------------------------------------------------------------- throttling
 
@@ -339,3 +351,130 @@ def test_route_labels_are_bounded() -> None:
     assert route_label("/gradio_api/queue/join") == "/gradio_api"
     assert route_label("/api/whatever/123") == "/api/other"
     assert route_label("/assets/index-abc.js") == "/ui"
+
+
+# ---------------------------------------------------------------------------- issue 12: runtimes, restarts, models
+
+
+def test_a_restart_replaces_the_partial_text_with_a_visible_note() -> None:
+    live = _FedLiveAnswer(mode="auto", simulated=set())
+    live.apply(QueryStarted("r5", ["desk"], ["m"], "auto"))
+    live.apply(TextDelta("r5", "Once upon a time", "desk", "m"))
+    live.apply(AnswerRestarted("r5", "desk", "laptop", "m", "desk: agent desk went away <script>", 16))
+    live.apply(TextDelta("r5", "A new", "laptop", "m"))
+    streaming = live.messages()[0]["content"]
+    assert "Once upon" not in streaming and "A new" in streaming
+    assert "answer restarted on laptop: desk failed" in streaming
+    assert "<script>" not in streaming and "&lt;script&gt;" in streaming, "the agent's reason is escaped"
+    live.apply(QueryFinished("r5", "A new", ["desk", "laptop"], ["m", "m"], "auto", failovers=1))
+    final = live.messages()[0]["content"]
+    assert final.startswith("*answer restarted on laptop") and "Once upon" not in final
+    assert live.record.text == "A new" and stats_of(live.record, set())["restarts"][0]["discarded_chars"] == 16
+
+
+def test_token_counts_come_from_the_runtime_then_the_agent_then_the_app() -> None:
+    record = AnswerRecord()
+    record.apply(TextDelta("r6", "one", "desk", "m"))
+    record.apply(TextDelta("r6", " two", "desk", "m"))
+    record.apply(QueryFinished("r6", "one two", ["desk"], ["m"], "auto",
+                               stats=ResultStats(prompt_tokens=4, output_tokens=9, finish_reason="length")))
+    assert token_counts(record) == TokenCounts(4, 9, "runtime") and finish_reason(record) == "length"
+    agent_counted = AnswerRecord()
+    agent_counted.apply(QueryFinished("r7", "x y", ["desk"], ["m"], "auto",
+                                      stats=ResultStats(output_tokens=2, tokens_counted_by="agent")))
+    assert token_counts(agent_counted) == TokenCounts(0, 2, "agent") and finish_reason(agent_counted) == "stop"
+    bare = AnswerRecord()
+    bare.apply(QueryFinished("r8", "a fan-out answer of forty characters....", ["desk"], ["m"], "all"))
+    assert token_counts(bare) == TokenCounts(0, 10, "app"), "estimated, never 0 for a non-empty answer"
+
+
+@pytest.mark.parametrize(("value", "zero"), [
+    (0, True), (0.0, True), ("0", True), ("0s", True), ("0m", True), (" 0h ", True), ("-0", True),
+    (None, False), (False, False), (-1, False), ("5m", False), ("10", False), ("0.5s", False), ("", False),
+])
+def test_keep_alive_zero_is_recognised_in_every_spelling(value: object, zero: bool) -> None:
+    assert keep_alive_is_zero(value) is zero
+
+
+def test_pull_progress_is_one_bar_over_every_machine_and_success_only_at_the_end() -> None:
+    progress = PullProgress("qwen2.5:7b")
+    events = pull_events("qwen2.5:7b", ["a", "b"], fail={"b": "disk full"})
+    lines = []
+    for event in events:
+        if isinstance(event, ManageStarted):
+            lines.append(progress.started(event))
+        elif isinstance(event, ManageProgress):
+            line = progress.progress(event)
+            if line is not None:
+                lines.append(line)
+        elif isinstance(event, ManageFinished):
+            lines.append(progress.finished(event))
+    assert lines[0]["status"] == "pulling manifest"
+    assert [line.get("total") for line in lines if "total" in line][-1] == 2000
+    assert not any(line.get("status") == "success" for line in lines)
+    assert {"status": "pulled on a", "slb": {"agent": "a", "status": "success"}} in lines
+    assert lines[-2]["status"] == "failed on b: disk full"
+    assert lines[-1] == {"error": "pull qwen2.5:7b failed on b: disk full (it worked on a)"}
+
+
+def test_agents_table_shows_the_runtime_profile_escaped() -> None:
+    snapshot = ClusterSnapshot(
+        agents=[
+            _agent("laptop", backend="openai", slots=1, available_models={"smollm2": "loaded", "<i>x</i>": "local"},
+                   runtime={"kind": "llama-cpp-python", "version": "0.3.36<b>", "slots": 1, "slots_source": "measured",
+                            "continues_prefill": False, "interrupts_running": True,
+                            "detected_by": 'GET /openapi.json"><script>'}),
+            _agent("desk", backend="ollama", runtime={"kind": "ollama", "slots": 4, "continues_prefill": True}),
+        ],
+        ready_models=["llama3.2:1b"], connected=True, generated_at=time.time(),
+    )
+    html = agents_table_html(snapshot)
+    assert "llama-cpp-python 0.3.36&lt;b&gt;" in html and "1 slot (measured)" in html
+    assert "failover restarts" in html and "a new request interrupts" in html and "failover continues" in html
+    assert "<script>" not in html and "<i>" not in html and "also: &lt;i&gt;x&lt;/i&gt;, smollm2" in html
+
+
+def test_cluster_messages_name_each_runtime_and_escape_for_the_page() -> None:
+    broker = AppSettings().broker
+    snapshot = ClusterSnapshot(
+        agents=[
+            _agent("laptop", backend="openai", backend_url="http://10.0.0.5:1234/v1", backend_reachable=False,
+                   backend_error="refused <b>", runtime={"kind": "lm-studio"}),
+            _agent("mini", backend="ollama", backend_url="http://10.0.0.6:11434", backend_reachable=False),
+        ],
+        ready_models=[], connected=True, generated_at=time.time(),
+    )
+    message = cluster_status.cluster_message(snapshot, broker)
+    assert "laptop cannot reach its LM Studio at http://10.0.0.5:1234/v1 (refused <b>)" in message
+    assert "mini cannot reach Ollama at http://10.0.0.6:11434" in message
+    assert message.count("Install Ollama") == 1, "only the Ollama agent is told to install Ollama"
+    notice = cluster_status.notice_markdown(snapshot, broker)
+    assert "<b>" not in notice and "refused &lt;b&gt;" in notice
+
+
+def test_the_model_list_matches_runtime_spellings_and_lists_models_on_their_way() -> None:
+    snapshot = ClusterSnapshot(
+        agents=[_agent("pi", model="qwen2.5:7b", model_state="pulling"), _agent("desk", model="smollm2")],
+        ready_models=[], connected=True, generated_at=time.time(),
+    )
+    available = [ModelAvailability("smollm2", [ModelHolder("desk", "/m/SmolLM2.gguf", "ready"),
+                                               ModelHolder("pi", "smollm2:latest", "local")])]
+    models = listed_models(snapshot, available)
+    assert [model.name for model in models] == ["qwen2.5:7b", "smollm2"]
+    assert models[0].coming_to == ["pi"] and models[0].agents == []
+    assert find_listed("SmolLM2:latest", models) is models[1]
+    assert find_listed("/other/path/smollm2.GGUF", models) is models[1]
+    assert find_listed("mistral", models) is None
+    assert mode_choices(models)[-2:] == [("model: qwen2.5:7b · on its way to pi", "qwen2.5:7b"),
+                                         ("model: smollm2 · desk, pi", "smollm2")]
+
+
+def test_agent_errors_and_model_names_are_escaped_wherever_they_are_shown() -> None:
+    failed = answer_messages("", agents=["desk"], models=["m"], mode="auto", citations=[], simulated=set(),
+                             stats={"error": "backend said <img src=x onerror=alert(1)>", "error_code": "failed",
+                                    "answers": [{"agent_id": "pi", "model": "m", "text": "", "error": "<b>down</b>"}]})
+    assert all("<img" not in message["content"] and "<b>down" not in message["content"] for message in failed)
+    snapshot = ClusterSnapshot(agents=[_agent("desk", model="x`<img src=x onerror=alert(1)>`")], ready_models=[],
+                               connected=True, generated_at=time.time())
+    placement = placement_markdown(snapshot)
+    assert "<img" not in placement and "<code>x`&lt;img" in placement

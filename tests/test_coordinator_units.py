@@ -20,6 +20,7 @@ from broker.protocol import (
     ModelState,
     Result,
     ResultStats,
+    RuntimeProfile,
     Status,
     Telemetry,
     decode,
@@ -60,18 +61,33 @@ def test_attempt_text_is_ordered_and_complete() -> None:
 def test_stall_before_first_chunk_between_chunks_and_on_a_gap() -> None:
     attempt = Attempt("r.1", "a", "m", started_at=0.0, deadline=100.0)
     assert attempt.stall_reason(19.0, 20, 10) is None
-    assert "no first chunk" in (attempt.stall_reason(20.0, 20, 10) or "")
+    assert "no first token within 20 s" in (attempt.stall_reason(20.0, 20, 10) or "")
     attempt.accept(chunk(0, "a"), 5.0)
     assert attempt.stall_reason(14.0, 20, 10) is None
     attempt.accept(chunk(2, "c"), 13.0)  # chunk 1 lost: chunks keep coming, but nothing in order
     reason = attempt.stall_reason(15.0, 20, 10)
     assert reason is not None and "chunk 1 missing" in reason
+    assert reason.startswith("no tokens for 10 s after 1 characters")
     assert attempt.next_check(20, 10) == 15.0
 
 
-def test_deadline_counts_as_a_stall() -> None:
-    attempt = Attempt("r.1", "a", "m", started_at=0.0, deadline=3.0)
-    assert "deadline" in (attempt.stall_reason(3.0, 20, 10) or "")
+def test_an_attempt_that_keeps_producing_is_never_cut() -> None:
+    """The 6 tok/s Pi: 4,000 characters over minutes is progress, not a stall (the old attempt deadline cut it)."""
+    attempt = Attempt("r.1", "a", "m", started_at=0.0, deadline=1000.0)
+    for seq in range(400):
+        attempt.accept(chunk(seq, "0123456789"), 1.0 + seq)
+        assert attempt.stall_reason(1.5 + seq, 20, 10) is None
+    reason = attempt.stall_reason(400.0 + 10, 20, 10)
+    assert reason == "no tokens for 10 s after 4,000 characters"
+
+
+def test_first_token_allowance_replaces_the_configured_wait() -> None:
+    attempt = Attempt("r.1", "a", "m", started_at=0.0, deadline=1000.0, first_chunk_s=95.0,
+                      first_chunk_note=" (allowing for 2 job(s) queued ahead on 1 slot(s))")
+    assert attempt.stall_reason(60.0, 20, 10) is None
+    assert attempt.next_check(20, 10) == 95.0
+    assert attempt.stall_reason(95.0, 20, 10) == (
+        "no first token within 95 s (allowing for 2 job(s) queued ahead on 1 slot(s))")
 
 
 def test_error_chunk_ends_the_attempt() -> None:
@@ -232,11 +248,14 @@ def deliver(coordinator: Coordinator, topic: str, message: object) -> None:
     coordinator._on_message(InboundMessage(topic, encode(message), 1, False))  # type: ignore[arg-type]
 
 
-def ready_agent(coordinator: Coordinator, agent_id: str, tokens_per_s: float) -> None:
+def ready_agent(coordinator: Coordinator, agent_id: str, tokens_per_s: float, *, continues: bool | None = True,
+                kind: str = "ollama", slots: int = 1, model: str = "llama3.2:3b", state: str = "ready",
+                local: list[str] | None = None, max_parallel: int | None = None) -> None:
     topics = coordinator.topics
-    deliver(coordinator, topics.status(agent_id), Status(state="online"))
+    runtime = RuntimeProfile(kind=kind, slots=slots, slots_source="measured", continues_prefill=continues)  # type: ignore[arg-type]
+    deliver(coordinator, topics.status(agent_id), Status(state="online", runtime=runtime, max_parallel=max_parallel))
     deliver(coordinator, topics.hardware(agent_id), Hardware(cpu_physical_cores=8, ram_total_gb=32))
-    deliver(coordinator, topics.model(agent_id), ModelState(model="llama3.2:3b", state="ready"))
+    deliver(coordinator, topics.model(agent_id), ModelState(model=model, state=state, local_models=local or []))  # type: ignore[arg-type]
     deliver(coordinator, topics.telemetry(agent_id), Telemetry(tokens_per_s=tokens_per_s, ttft_s=0.1))
 
 
@@ -289,7 +308,7 @@ async def test_gives_up_after_max_failovers_with_a_clear_error() -> None:
         messages=[ChatMessage(role="user", content="hi")]))]
     failed = events[-1]
     assert isinstance(failed, QueryFailed) and failed.code == "failed"
-    assert "gave up after 2 attempt(s)" in failed.error and "no first chunk" in failed.error
+    assert "gave up after 2 attempt(s)" in failed.error and "no first token" in failed.error
     assert len(connection.jobs()) == 2
 
 

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 async def cluster(mosquitto: RunningBroker, tmp_path: Path) -> AsyncIterator[Cluster]:
-    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=40) as double:
+    # three agents (machines) share this double, each running up to 8 at once (the harness's --max-parallel)
+    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=40, num_parallel=24) as double:
         cluster = Cluster(mosquitto.url, f"slbtest/{uuid.uuid4().hex[:8]}/v1", tmp_path, double=double)
         try:
             for name in ("kill-a", "kill-b", "kill-c"):

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 async def cluster(own_mosquitto: RunningBroker, tmp_path: Path) -> AsyncIterator[Cluster]:
-    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=30) as double:
+    # three agents (machines) share this double, each running up to 8 at once (the harness's --max-parallel)
+    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=30, num_parallel=24) as double:
         cluster = Cluster(own_mosquitto.url, f"slbtest/{uuid.uuid4().hex[:8]}/v1", tmp_path, double=double)
         try:
             for name in ("restart-a", "restart-b", "restart-c"):

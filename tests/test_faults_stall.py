@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(240)
 async def test_stalled_backend_fails_over_or_fails_clearly(mosquitto: RunningBroker, tmp_path: Path) -> None:
-    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=60) as healthy, \
-            OllamaDouble(models=["llama3.2:3b"], tokens_per_s=60) as stuck:
+    with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=60, num_parallel=8) as healthy, \
+            OllamaDouble(models=["llama3.2:3b"], tokens_per_s=60, num_parallel=8) as stuck:
         cluster = Cluster(mosquitto.url, f"slbtest/{uuid.uuid4().hex[:8]}/v1", tmp_path, double=healthy)
         try:
             cluster.spawn("healthy", "--stall-timeout-s", "2")

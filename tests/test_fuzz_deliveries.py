@@ -40,6 +40,7 @@ from broker.protocol import (
     ModelState,
     Result,
     ResultStats,
+    RuntimeProfile,
     Status,
     Telemetry,
     decode,
@@ -215,7 +216,8 @@ class CoordinatorResults(RuleBasedStateMachine):
 
     def _ready(self, agent_id: str, speed: float) -> None:
         topics = self.coordinator.topics
-        for topic, message in ((topics.status(agent_id), Status(state="online", max_parallel=4)),
+        runtime = RuntimeProfile(kind="ollama", slots=4, continues_prefill=True)  # failover continues the answer
+        for topic, message in ((topics.status(agent_id), Status(state="online", max_parallel=4, runtime=runtime)),
                                (topics.hardware(agent_id), Hardware(cpu_physical_cores=8, ram_total_gb=32)),
                                (topics.model(agent_id), ModelState(model=MODEL, state="ready")),
                                (topics.telemetry(agent_id), Telemetry(tokens_per_s=speed, ttft_s=0.1))):

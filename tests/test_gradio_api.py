@@ -46,7 +46,9 @@ def test_status_health_models_plan(client: Client) -> None:
     status = client.predict(api_name="/status")
     agents = {agent["id"]: agent for agent in status["agents"]}
     assert agents[SIMULATED_AGENT]["simulated"] is True
-    assert _ollama_model(client) in client.predict(api_name="/models")
+    models = {item["name"]: item for item in client.predict(api_name="/models")}
+    assert OLLAMA_AGENT in models[_ollama_model(client)]["agents"], "each model says which machines have it"
+    assert {holder["state"] for item in models.values() for holder in item["holders"]} <= {"ready", "loaded", "local"}
     plan = client.predict(api_name="/plan")
     assert plan["applied"] is False
     assert {entry["agent_id"] for entry in plan["entries"]} >= {OLLAMA_AGENT, SIMULATED_AGENT}

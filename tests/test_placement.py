@@ -9,10 +9,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.protocol import Assign, GpuInfo, Hardware, ModelState, Status, Telemetry
+from broker.protocol import Assign, GpuInfo, Hardware, ModelState, ResultStats, RuntimeProfile, Status, Telemetry
 from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
 from broker.scheduling.placement import PlacementSettings, Plan, plan_placement
 from broker.scheduling.registry import (
+    AnswerMeasured,
     AssignmentSeen,
     ClusterState,
     HardwareReceived,
@@ -103,9 +104,10 @@ def test_model_that_does_not_fit_falls_back_with_the_reason() -> None:
 
 
 def test_small_vram_card_gets_what_fits_in_vram_not_ram() -> None:
+    """The GTX 1650 has 4 GB of VRAM (and 16 GB of RAM): the tier's primary does not fit, a smaller 3B model does."""
     plan = plan_placement(add(ClusterState(), "old", "desktop_i5_gtx1650_4g"), CATALOG, DEFAULTS, now=1.0)
-    assert targets(plan) == {"old": "llama3.2:1b"}
-    assert "VRAM" in plan.entries[0].reason
+    assert targets(plan) == {"old": "qwen2.5:3b"}
+    assert "llama3.2:3b needs 3.4 + 1 GB headroom, 4.0 GB VRAM free" in plan.entries[0].reason
 
 
 def test_the_model_already_loaded_counts_as_free_memory() -> None:
@@ -124,11 +126,19 @@ def test_simulated_agents_are_judged_on_declared_totals() -> None:
 
 
 def test_nothing_fits_excludes_the_agent_with_the_reason() -> None:
-    tiny = Hardware(cpu_physical_cores=1, cpu_max_ghz=1.0, ram_total_gb=2.0)
+    tiny = Hardware(cpu_physical_cores=1, cpu_max_ghz=1.0, ram_total_gb=1.0)
     plan = plan_placement(add(ClusterState(), "tiny", tiny), CATALOG, DEFAULTS, now=1.0)
     assert plan.entries == ()
     assert plan.excluded["tiny"].startswith("no catalog model fits")
-    assert "llama3.2:1b needs 2.2 + 1 GB headroom, 2.0 GB RAM free" in plan.excluded["tiny"]
+    assert "llama3.2:1b needs 2.2 + 1 GB headroom, 1.0 GB RAM free" in plan.excluded["tiny"]
+
+
+def test_a_small_machine_gets_the_largest_small_model_that_fits() -> None:
+    """2 GB of RAM: the 1B class's primary does not fit, a sub-1B model of the catalog does."""
+    tiny = Hardware(cpu_physical_cores=1, cpu_max_ghz=1.0, ram_total_gb=2.0)
+    plan = plan_placement(add(ClusterState(), "tiny", tiny), CATALOG, DEFAULTS, now=1.0)
+    assert targets(plan) == {"tiny": "qwen2.5:0.5b"}
+    assert "llama3.2:1b needs 2.2 + 1 GB headroom, 2.0 GB RAM free" in plan.entries[0].reason
 
 
 def test_offline_and_silent_agents_are_excluded_with_reasons() -> None:
@@ -144,7 +154,7 @@ def test_failed_model_is_not_offered_again_for_a_while() -> None:
     state = apply(state, ModelStateReceived("desktop", ModelState(model="llama3.1:8b", state="failed",
                                                                   error="pull failed: disk full")), 0.0)
     plan = plan_placement(state, CATALOG, DEFAULTS, now=10.0)
-    assert targets(plan) == {"desktop": "llama3.2:3b"}
+    assert targets(plan) == {"desktop": "qwen2.5:7b"}  # the next model of its tier
     assert "disk full" in plan.entries[0].reason
     later = plan_placement(state, CATALOG, DEFAULTS, now=10.0 + DEFAULTS.failed_retry_s)
     assert targets(later) == {"desktop": "llama3.1:8b"}
@@ -233,11 +243,9 @@ def test_mix_is_stable_across_replans() -> None:
 
 
 def test_catalog_order_within_a_tier_and_current_model_kept() -> None:
-    """Two models in one tier: placement assigns the first, but an agent on the second keeps it."""
-    data = json.loads(Path(DEFAULT_CATALOG).read_text())
-    data["models"].insert(1, {"name": "qwen2.5:7b", "parameters_b": 7.6, "memory_gb": 6.0, "tier": "large"})
-    from broker.scheduling.catalog import Catalog
-    catalog = Catalog.model_validate(data)
+    """Several models in one tier: placement assigns the first, but an agent on another keeps it."""
+    catalog = CATALOG
+    assert catalog.tier_of("qwen2.5:7b") == "large" and catalog.primary("large").name == "llama3.1:8b"
     state = add(ClusterState(), "a", "desktop_ryzen9_rtx4090_24g", current="qwen2.5:7b", model_state="ready")
     state = add(state, "b", "desktop_ryzen9_rtx4090_24g")
     plan = plan_placement(state, catalog, PlacementSettings(mix=False), now=1.0)
@@ -279,3 +287,83 @@ def test_placement_of_a_thousand_agents_is_fast() -> None:
     elapsed = time.perf_counter() - started
     assert len(plan.entries) + len(plan.excluded) == 1000
     assert elapsed < 2.0, f"placement of 1,000 agents took {elapsed:.3f} s"
+
+
+# ---------------------------------------------------------------- issue 12: real runtimes, real catalogs
+
+
+def _runtime_agent(state: ClusterState, agent_id: str, machine: str, *, backend: str, kind: str,
+                   local: list[str], current: str | None = None, model_state: str = "absent") -> ClusterState:
+    profile = RuntimeProfile(kind=kind, slots=1)  # type: ignore[arg-type]
+    state = apply(state, StatusReceived(agent_id, Status(state="online", backend=backend, runtime=profile)), 0.0)
+    state = apply(state, HardwareReceived(agent_id, hardware(machine)), 0.0)
+    if current is not None:
+        state = apply(state, AssignmentSeen(agent_id, Assign(model=current, assignment_id="old")), 0.0)
+    return apply(state, ModelStateReceived(agent_id, ModelState(model=current, state=model_state,  # type: ignore[arg-type]
+                                                                local_models=local)), 0.0)
+
+
+def test_a_runtime_that_cannot_pull_gets_the_largest_of_its_own_models_that_fits() -> None:
+    state = _runtime_agent(ClusterState(), "cpp", "laptop_i7_iris_16g", backend="openai", kind="llama-cpp-python",
+                           local=["smollm2", "/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf", "/models/phi-3.8b.gguf",
+                                  "nomic-embed-text"])
+    state = apply(state, TelemetryReceived("cpp", Telemetry(ram_free_gb=6.0)), 0.0)
+    plan = plan_placement(state, CATALOG, DEFAULTS, now=1.0)
+    (entry,) = plan.entries
+    assert entry.target_model == "/models/phi-3.8b.gguf" and entry.local_only  # the 14B needs ~10 GB
+    assert "llama-cpp-python cannot pull models" in entry.reason and "Qwen2.5-14B" in entry.reason
+    # Applied and ready: a re-plan changes nothing.
+    again = plan_placement(applied(state, plan), CATALOG, DEFAULTS, now=2.0)
+    assert again.changes == []
+
+
+def test_a_runtime_that_cannot_pull_and_has_no_chat_model_is_excluded() -> None:
+    state = _runtime_agent(ClusterState(), "cpp", "laptop_i7_iris_16g", backend="openai", kind="llama.cpp",
+                           local=["nomic-embed-text"])
+    plan = plan_placement(state, CATALOG, DEFAULTS, now=1.0)
+    assert plan.entries == () and "llama.cpp cannot pull models" in plan.excluded["cpp"]
+    # An Ollama server behind the OpenAI API cannot pull through it either.
+    proxied = _runtime_agent(ClusterState(), "o", "laptop_i7_iris_16g", backend="openai", kind="ollama",
+                             local=["smollm2:latest"])
+    assert targets(plan_placement(proxied, CATALOG, DEFAULTS, now=1.0)) == {"o": "smollm2:latest"}
+
+
+def test_a_model_already_on_the_machine_is_preferred_to_a_download() -> None:
+    state = _runtime_agent(ClusterState(), "o", "desktop_ryzen9_rtx4090_24g", backend="ollama", kind="ollama",
+                           local=["qwen2.5:7b", "deepseek-r1:8b"])
+    assert targets(plan_placement(state, CATALOG, DEFAULTS, now=1.0)) == {"o": "qwen2.5:7b"}
+    thinking = _runtime_agent(ClusterState(), "o", "desktop_ryzen9_rtx4090_24g", backend="ollama", kind="ollama",
+                              local=["deepseek-r1:8b"])
+    assert targets(plan_placement(thinking, CATALOG, DEFAULTS, now=1.0)) == {"o": "llama3.1:8b"}  # not a reasoner
+
+
+def test_a_machine_measured_too_slow_for_its_tier_gets_a_smaller_model() -> None:
+    state = add(ClusterState(), "mac", "mac_m2_16g", current="llama3.1:8b", model_state="ready")
+    for _ in range(3):
+        state = apply(state, AnswerMeasured("mac", "llama3.1:8b", ResultStats(tokens_per_s=2.0)), 0.0)
+    plan = plan_placement(state, CATALOG, DEFAULTS, now=1.0,
+                          scores={"mac": Score(85.0, ())})  # keep it in the large tier by score
+    (entry,) = plan.entries
+    assert CATALOG.tier_of(entry.target_model) == "medium"
+    assert "would run at 2.0 tok/s (observed), below the large tier's 4" in entry.reason
+
+
+def test_a_user_tier_places_larger_models_on_machines_that_qualify(tmp_path: Path) -> None:
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"tiers": [{"name": "xl", "min_score": 95, "max_parameters_b": 35,
+                                           "min_tokens_per_s": 10}]}))
+    catalog = load_catalog(DEFAULT_CATALOG, user)
+    state = add(ClusterState(), "desk", "desktop_ryzen9_rtx4090_24g")
+    state = add(state, "mac", "mac_m2_16g")
+    assert targets(plan_placement(state, catalog, PlacementSettings(mix=False), now=1.0)) == {
+        "desk": "qwen2.5:14b", "mac": "llama3.1:8b"}
+    assert targets(plan_placement(state, CATALOG, PlacementSettings(mix=False), now=1.0)) == {
+        "desk": "llama3.1:8b", "mac": "llama3.1:8b"}  # the shipped default: nothing above the 8B class
+
+
+def test_embedding_models_are_never_placed_for_chat() -> None:
+    state = ClusterState()
+    for n, machine in enumerate(["desktop_ryzen9_rtx4090_24g", "laptop_i7_iris_16g", "raspberry_pi5_8g"]):
+        state = add(state, f"m{n}", machine)
+    for entry in plan_placement(state, CATALOG, DEFAULTS, now=1.0).entries:
+        assert not CATALOG.estimate(entry.target_model).embedding

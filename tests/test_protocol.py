@@ -33,6 +33,18 @@ from broker.protocol import (
     encode,
     is_valid_agent_id,
 )
+from broker.protocol.codec import MAX_PAYLOAD_BYTES
+from broker.protocol.messages import (
+    MAX_ERROR_CHARS,
+    MAX_GPUS,
+    MAX_HOSTNAME_CHARS,
+    MAX_MODELS,
+    MAX_NAME_CHARS,
+    MAX_PARALLEL,
+    MAX_SECONDS,
+    MAX_TOKENS_PER_S,
+    MAX_URL_CHARS,
+)
 
 EXAMPLES = [
     Status(state="online", agent_version="0.1.0", backend="ollama", backend_url="http://127.0.0.1:11434",
@@ -179,3 +191,88 @@ def test_adversarial_json_objects_give_payload_error_or_a_valid_message(obj: dic
         except PayloadError:
             continue
         assert decode(model, encode(message)) == message
+
+
+# -- what an agent may claim is bounded (issue 13.6) -----------------------------------------------------------
+
+
+def test_a_retained_hardware_message_with_17500_gpus_is_refused() -> None:
+    """One such message (just under 1 MiB) made /status 1.47 MB; it must be dropped, not stored."""
+    gpu = {"name": "H100", "vendor": "nvidia", "vram_total_gb": 80.0}
+    payload = json.dumps({"v": 1, "ts": 0, "cpu_brand": "x", "gpus": [gpu] * 17_500}, separators=(",", ":"))
+    assert len(payload) < MAX_PAYLOAD_BYTES  # the codec's size limit alone lets it through
+    with pytest.raises(PayloadError) as refused:
+        decode(Hardware, payload, topic="slb/v1/agent/liar/hardware")
+    assert refused.value.kind == "invalid" and "gpus" in refused.value.reason
+    assert len(decode(Hardware, json.dumps({"gpus": [gpu] * MAX_GPUS})).gpus) == MAX_GPUS
+
+
+REFUSED = [  # (model, payload fields): one field just over its limit; the message is dropped whole
+    (Hardware, {"gpus": [{"name": "g"}] * (MAX_GPUS + 1)}),
+    (Hardware, {"gpus": [{"name": "g" * (MAX_NAME_CHARS + 1)}]}),
+    (Hardware, {"gpus": [{"vendor": "v" * (MAX_NAME_CHARS + 1)}]}),
+    (Hardware, {"cpu_brand": "c" * (MAX_NAME_CHARS + 1)}),
+    (Hardware, {"hostname": "h" * (MAX_HOSTNAME_CHARS + 1)}),
+    (Hardware, {"os": "o" * (MAX_NAME_CHARS + 1)}),
+    (Hardware, {"arch": "a" * (MAX_NAME_CHARS + 1)}),
+    (Hardware, {"benchmark": {"model": "m" * (MAX_NAME_CHARS + 1), "tokens_per_s": 1}}),
+    (ModelState, {"state": "ready", "local_models": ["m"] * (MAX_MODELS + 1)}),
+    (ModelState, {"state": "ready", "loaded_models": ["m"] * (MAX_MODELS + 1)}),
+    (ModelState, {"state": "ready", "local_models": ["m" * (MAX_NAME_CHARS + 1)]}),
+    (ModelState, {"state": "ready", "model": "m" * (MAX_NAME_CHARS + 1)}),
+    (ModelState, {"state": "ready", "assignment_id": "a" * 101}),
+    (Status, {"state": "online", "hostname": "h" * (MAX_HOSTNAME_CHARS + 1)}),
+    (Status, {"state": "online", "agent_version": "v" * (MAX_NAME_CHARS + 1)}),
+    (Status, {"state": "online", "backend": "b" * (MAX_NAME_CHARS + 1)}),
+    (Status, {"state": "online", "backend_url": "http://h/" + "p" * MAX_URL_CHARS}),
+    (Result, {"request_id": "r1", "seq": 0, "model": "m" * (MAX_NAME_CHARS + 1)}),
+    (CoordinatorStatus, {"state": "online", "coordinator_version": "v" * (MAX_NAME_CHARS + 1)}),
+]
+
+
+@pytest.mark.parametrize(("model", "fields"), REFUSED, ids=lambda value: str(value)[:40])
+def test_lists_and_names_over_their_limit_are_refused(model, fields) -> None:
+    with pytest.raises(PayloadError) as refused:
+        decode(model, json.dumps(fields))
+    assert refused.value.kind == "invalid"
+
+
+CLAMPED = [  # (model, payload fields, path to the value, what it becomes): measurements, bounded not refused
+    (Hardware, {"benchmark": {"model": "m", "tokens_per_s": 100_000}}, ("benchmark", "tokens_per_s"),
+     MAX_TOKENS_PER_S),
+    (Hardware, {"benchmark": {"model": "m", "tokens_per_s": 1, "ttft_s": 1e9}}, ("benchmark", "ttft_s"),
+     MAX_SECONDS),
+    (Hardware, {"cpu_physical_cores": 10**9}, ("cpu_physical_cores",), 1024),
+    (Hardware, {"cpu_logical_cores": 10**9}, ("cpu_logical_cores",), 4096),
+    (Hardware, {"cpu_max_ghz": 1e6}, ("cpu_max_ghz",), 10.0),
+    (Hardware, {"ram_total_gb": 1e12}, ("ram_total_gb",), 65_536.0),
+    (Telemetry, {"tokens_per_s": 1e7}, ("tokens_per_s",), MAX_TOKENS_PER_S),
+    (Telemetry, {"max_parallel": 1000}, ("max_parallel",), MAX_PARALLEL),
+    (Telemetry, {"cpu_percent": 1e6, "gpu_util_percent": 500}, ("cpu_percent",), 100.0),
+    (Telemetry, {"jobs_queued": 10**12}, ("jobs_queued",), 100_000),
+    (Telemetry, {"interval_s": 1e9}, ("interval_s",), 3600.0),
+    (Status, {"state": "online", "max_parallel": 1000}, ("max_parallel",), MAX_PARALLEL),
+    (Result, {"request_id": "r", "seq": 0, "stats": {"tokens_per_s": 1e9, "output_tokens": 10**12}},
+     ("stats", "tokens_per_s"), MAX_TOKENS_PER_S),
+]
+
+
+@pytest.mark.parametrize(("model", "fields", "path", "expected"), CLAMPED, ids=lambda value: str(value)[:40])
+def test_claimed_numbers_are_bounded_to_sane_ranges(model, fields, path, expected) -> None:
+    """A measurement spike (two pieces a microsecond apart) must not silence an honest agent: capped, not refused."""
+    value = decode(model, json.dumps(fields))
+    for part in path:
+        value = getattr(value, part)
+    assert value == expected
+
+
+def test_error_texts_are_cut_to_their_limit_and_urls_lose_their_credentials() -> None:
+    long_error = "backend said: " + "x" * 10_000
+    status = decode(Status, json.dumps({"state": "online", "backend_error": long_error,
+                                        "backend_url": "http://admin:hunter2@gpu-box:11434/"}))
+    assert len(status.backend_error) == MAX_ERROR_CHARS and status.backend_error.endswith("…")
+    assert status.backend_url == "http://admin:***@gpu-box:11434/"
+    assert len(Result(request_id="r1", seq=0, error=long_error).error) == MAX_ERROR_CHARS
+    assert len(ModelState(state="failed", error=long_error).error) == MAX_ERROR_CHARS
+    status = Status(state="online", backend_error="backend unreachable at http://u:s3cret@h:1: refused")
+    assert "s3cret" not in status.backend_error and "http://u:***@h:1" in status.backend_error

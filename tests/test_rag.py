@@ -513,3 +513,158 @@ def test_changing_the_model_requires_reindex(tmp_path: Path, embedder: Embedder)
     assert names(changed.search("zqreindex", k=1)) == ["reindex.txt"]
     assert changed.list_documents()[0].embedding_model == other_name
     assert RagStore(tmp_path / "data", embedding_model=other_name).search("zqreindex", k=1)[0].document_name
+
+
+# -- DOCX: streamed, bounded extraction (issue 13.4) -----------------------------------------------------------
+
+W_NAMESPACE = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+DOCX_CONTENT_TYPES = (
+    '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+    '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+    '<Default Extension="xml" ContentType="application/xml"/><Override PartName="/word/document.xml" '
+    'ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>')
+DOCX_RELS = (
+    '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/'
+    'relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/'
+    'relationships/officeDocument" Target="word/document.xml"/></Relationships>')
+
+
+def write_docx(path: Path, body_chunks: Iterator[bytes], *, media_bytes: int = 0) -> None:
+    """A minimal .docx whose word/document.xml is streamed from ``body_chunks`` (never whole in memory)."""
+    import os
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("[Content_Types].xml", DOCX_CONTENT_TYPES)
+        archive.writestr("_rels/.rels", DOCX_RELS)
+        if media_bytes:  # an incompressible picture: the reader never needs to open it
+            archive.writestr("word/media/image1.png", os.urandom(media_bytes))
+        with archive.open("word/document.xml", "w", force_zip64=True) as document:
+            document.write(f'<?xml version="1.0" encoding="UTF-8"?><w:document xmlns:w="{W_NAMESPACE}"><w:body>'
+                           .encode())
+            for chunk in body_chunks:
+                document.write(chunk)
+            document.write(b"</w:body></w:document>")
+
+
+MEASURE_EXTRACTION = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # a regression fails here, not on the machine
+from app.store.extract import extract
+from app.store.errors import StoreError
+from app.store.rag import DEFAULT_MAX_UPLOAD_BYTES
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.monotonic()
+try:
+    extract(data, "bomb.docx", max_chars=DEFAULT_MAX_UPLOAD_BYTES * 4)  # what RagStore passes
+    outcome = "accepted"
+except (StoreError, MemoryError) as error:
+    outcome = f"{type(error).__name__}: {error}"
+print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - started,
+                  "growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+@pytest.mark.slow
+def test_a_docx_bomb_is_refused_in_seconds_with_bounded_memory(tmp_path: Path) -> None:
+    """Issue 13.4: a 1.8 MB .docx whose XML is 600 MB took 33 s and 9.3 GB of the app before it was refused."""
+    import json
+    import subprocess
+    import sys
+
+    paragraph = b"<w:p><w:r><w:t>" + b"A" * 4000 + b"</w:t></w:r></w:p>"
+    bomb = tmp_path / "bomb.docx"
+    write_docx(bomb, (paragraph * 2000 for _ in range(40)), media_bytes=1_300_000)  # 320 MB of XML
+    assert 1.5 * 2**20 < bomb.stat().st_size < 2 * 2**20
+    measured = subprocess.run([sys.executable, "-c", MEASURE_EXTRACTION, str(bomb)], capture_output=True, text=True,
+                              timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    assert result["outcome"].startswith("TooLargeError"), result
+    assert "limit" in result["outcome"], result
+    assert result["seconds"] < 5, result
+    assert result["growth_mb"] < 100, result
+
+
+def test_docx_extraction_stops_at_the_character_limit_while_streaming(tmp_path: Path) -> None:
+    """Text beyond ``max_chars`` is never read: the parse stops there, whatever the document's size."""
+    import random
+    import time
+    import tracemalloc
+
+    words = ["greenhouse", "tomato", "watering", "frost", "heater", "seedling", "compost", "trellis", "basil"]
+    rng = random.Random(13)
+
+    def paragraphs() -> Iterator[bytes]:
+        for _ in range(400):  # ~40 MB of XML with varied text, under the XML size limit
+            yield b"".join(b"<w:p><w:r><w:t>" + " ".join(rng.choices(words, k=60)).encode() + b"</w:t></w:r></w:p>"
+                           for _ in range(200))
+
+    document = tmp_path / "long.docx"
+    write_docx(document, paragraphs())
+    data = document.read_bytes()
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TooLargeError, match=r"characters.*the limit is 50000"):
+            extract(data, "long.docx", max_chars=50_000)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < 10 * 2**20, (elapsed, peak)
+
+
+@pytest.mark.slow
+def test_docx_markup_without_text_is_refused_by_its_element_count(tmp_path: Path) -> None:
+    """60 MB of empty paragraphs pass the XML size limit and hold no text; the element limit ends the parse."""
+    import time
+
+    document = tmp_path / "empty-paragraphs.docx"
+    write_docx(document, (b"<w:p/>" * 1_000_000 for _ in range(10)))
+    data = document.read_bytes()
+    started = time.monotonic()
+    with pytest.raises(TooLargeError, match="XML elements"):
+        extract(data, "empty-paragraphs.docx", max_chars=80 * 2**20)
+    assert time.monotonic() - started < 15  # 3-5 s on a loaded 2-core machine
+
+
+def make_rich_docx() -> bytes:
+    """Headings, runs with tabs and breaks, a hyperlink, merged table cells and a nested table (python-docx)."""
+    import docx
+    from docx.oxml import parse_xml
+
+    document = docx.Document()
+    document.add_heading("Garden manual", 0)
+    intro = document.add_paragraph("Tools:\tspade")
+    intro.add_run().add_break()
+    intro.add_run("rake and hoe")
+    intro._p.append(parse_xml(f'<w:hyperlink xmlns:w="{W_NAMESPACE}"><w:r><w:t xml:space="preserve"> see '
+                              'the shed</w:t></w:r></w:hyperlink>'))
+    document.add_heading("Beds", 1)
+    table = document.add_table(rows=3, cols=3)
+    table.cell(0, 0).merge(table.cell(0, 1)).text = "north bed"
+    table.cell(0, 2).text = "sunny"
+    table.cell(1, 0).merge(table.cell(2, 0)).text = "south bed"
+    table.cell(1, 1).text = "shade"
+    table.cell(2, 2).text = "wet"
+    table.cell(1, 2).add_table(rows=1, cols=1).cell(0, 0).text = "nested text is not read"
+    document.add_heading("Pests", 2)
+    document.add_paragraph("Slugs come at night.")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def test_docx_text_and_structure_match_what_python_docx_reads() -> None:
+    """The streamed reader keeps the old reader's output (python-docx's text rules) for ordinary documents."""
+    rich = extract(make_rich_docx(), "garden.docx")
+    assert [section.heading for section in rich.sections] == [
+        "Garden manual", "Garden manual > Beds", "Garden manual > Beds > Pests"]
+    # Exactly what the python-docx based reader produced (a vertically merged cell repeats its text).
+    assert rich.text == ("Garden manual\n\nTools:\tspade\nrake and hoe see the shed\n\nBeds\n\nnorth bed | sunny"
+                         "\n\nsouth bed | shade\n\nsouth bed | wet\n\nPests\n\nSlugs come at night.")
+    assert rich.section_text(rich.sections[2]) == "Slugs come at night."
+    with pytest.raises(BadInputError, match="docx"):
+        extract(b"PK\x05\x06" + b"\x00" * 18, "empty-zip.docx")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.protocol import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
+from broker.protocol import Assign, Hardware, ModelState, ResultStats, RuntimeProfile, Status, Telemetry
 from broker.scheduling.registry import (
     AgentExpired,
     AnswerMeasured,
@@ -145,3 +145,30 @@ def test_max_parallel_from_telemetry_or_status() -> None:
     assert state.agents["a"].max_parallel == 3
     state = apply(state, TelemetryReceived("a", Telemetry(max_parallel=4)), 1.0)
     assert state.agents["a"].max_parallel == 4
+
+
+def test_runtime_profile_slots_and_what_an_agent_offers() -> None:
+    profile = RuntimeProfile(kind="llama-cpp-python", slots=1, slots_source="measured", continues_prefill=False)
+    status = Status(state="online", backend="openai", max_parallel=4, runtime=profile)
+    state = apply(ClusterState(), StatusReceived("cpp", status), 0.0)
+    state = apply(state, ModelStateReceived("cpp", ModelState(model="llama3.2:1b", state="failed",
+                                                              local_models=["smollm2"])), 0.0)
+    record = state.agents["cpp"]
+    assert record.runtime == profile and record.slots == 1 and record.max_parallel == 4
+    assert not record.can_pull and not record.continues_prefill
+    assert record.loaded_models == ("smollm2",)  # a single-model server holds what it lists
+    assert [(offer.name, offer.state) for offer in record.offers()] == [("smollm2", "loaded")]
+    state = apply(state, TelemetryReceived("cpp", Telemetry(backend_reachable=False)), 1.0)
+    assert state.agents["cpp"].offers() == ()  # an unreachable runtime offers nothing
+
+
+def test_ollama_offers_ready_then_loaded_then_local_and_older_agents_can_pull() -> None:
+    state = apply(ClusterState(), StatusReceived("o", Status(state="online", backend="ollama")), 0.0)
+    state = apply(state, ModelStateReceived("o", ModelState(
+        model="llama3.2:3b", state="ready", local_models=["llama3.2:3b", "qwen2.5:0.5b", "gemma3:1b"],
+        loaded_models=["gemma3:1b"])), 0.0)
+    record = state.agents["o"]
+    assert [(offer.name, offer.state) for offer in record.offers()] == [
+        ("llama3.2:3b", "ready"), ("gemma3:1b", "loaded"), ("qwen2.5:0.5b", "local")]
+    assert record.can_pull and not record.continues_prefill and record.slots == 1  # no profile yet
+    assert joined().agents["a"].continues_prefill  # the simulated backend continues by construction

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.protocol import Hardware, ModelState, ResultStats, Status, Telemetry
+from broker.protocol import Hardware, ModelState, ResultStats, RuntimeProfile, Status, Telemetry
 from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
 from broker.scheduling.registry import (
     AnswerMeasured,
@@ -152,3 +152,52 @@ def test_circuit_breaker_opens_after_repeated_failures_and_closes_after_cooldown
 def test_choose_needs_candidates() -> None:
     with pytest.raises(ValueError):
         Router().choose([], 100)
+
+
+# ---------------------------------------------------------------- issue 12: any model an agent has, real slots
+
+
+def runtime_agent(state: ClusterState, agent_id: str, machine: str, *, model: str | None, model_state: str,
+                  local: list[str], loaded: list[str] | None = None, slots: int = 1,
+                  kind: str = "ollama") -> ClusterState:
+    profile = RuntimeProfile(kind=kind, slots=slots, slots_source="measured")  # type: ignore[arg-type]
+    state = apply(state, StatusReceived(agent_id, Status(state="online", max_parallel=8, runtime=profile)), 0.0)
+    hardware = Hardware.model_validate(json.loads((FIXTURES / f"{machine}.json").read_text()))
+    state = apply(state, HardwareReceived(agent_id, hardware), 0.0)
+    return apply(state, ModelStateReceived(agent_id, ModelState(
+        model=model, state=model_state, local_models=local, loaded_models=loaded or [])), 0.0)  # type: ignore[arg-type]
+
+
+def test_a_named_model_routes_to_every_agent_that_has_it_preferring_one_with_it_in_memory() -> None:
+    state = runtime_agent(ClusterState(), "disk", "desktop_ryzen9_rtx4090_24g", model="llama3.1:8b",
+                          model_state="ready", local=["llama3.1:8b", "qwen2.5:0.5b"])
+    state = runtime_agent(state, "memory", "laptop_i7_iris_16g", model="llama3.2:3b", model_state="ready",
+                          local=["llama3.2:3b", "Qwen2.5:0.5B"], loaded=["Qwen2.5:0.5B"])
+    found = route_candidates(state, CATALOG, model="qwen2.5:0.5b", own_inflight={}, external={}, cooling={})
+    by_agent = {c.agent_id: c for c in found}
+    assert by_agent["disk"].availability == "local" and by_agent["memory"].availability == "loaded"
+    assert by_agent["memory"].model == "Qwen2.5:0.5B"  # each agent's own spelling goes into its job
+    assert by_agent["disk"].ttft_s > by_agent["memory"].ttft_s + 1.0  # loading from disk costs time
+    assert Router().choose(found, 64).candidate.agent_id == "memory"
+
+
+def test_auto_falls_back_to_the_largest_model_that_fits_when_the_assignment_failed() -> None:
+    state = runtime_agent(ClusterState(), "pi", "raspberry_pi5_8g", model="llama3.2:1b", model_state="failed",
+                          local=["qwen2.5:32b", "smollm2:360m", "smollm2:135m", "nomic-embed-text:latest"])
+    (found,) = route_candidates(state, CATALOG, model=None, own_inflight={}, external={}, cooling={})
+    assert found.model == "smollm2:360m"  # the 32B does not fit 8 GB; embeddings never answer a chat
+    pulling = runtime_agent(ClusterState(), "pi", "raspberry_pi5_8g", model="llama3.2:1b", model_state="pulling",
+                            local=["smollm2:135m"])
+    assert [c.model for c in route_candidates(pulling, CATALOG, model=None, own_inflight={}, external={},
+                                              cooling={})] == ["smollm2:135m"]
+    loading = runtime_agent(ClusterState(), "pi", "raspberry_pi5_8g", model="llama3.2:1b", model_state="loading",
+                            local=["smollm2:135m", "llama3.2:1b"])
+    assert route_candidates(loading, CATALOG, model=None, own_inflight={}, external={}, cooling={}) == []
+
+
+def test_capacity_and_queue_wait_come_from_the_runtimes_real_slots() -> None:
+    state = runtime_agent(ClusterState(), "cpp", "laptop_i7_iris_16g", model="smollm2", model_state="ready",
+                          local=["smollm2"], slots=1, kind="llama-cpp-python")
+    (found,) = route_candidates(state, CATALOG, model=None, own_inflight={"cpp": 2}, external={}, cooling={})
+    assert found.slots == 1 and found.availability == "ready" and not found.continues_prefill
+    assert found.queue_wait_s(100) == pytest.approx(2 * (found.ttft_s + 100 / found.tokens_per_s))

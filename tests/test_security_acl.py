@@ -1,12 +1,14 @@
 """The secure broker config beyond tests/test_acl.py (issue 8.8): names, reason codes, what an agent may not do.
 
 Why names matter: the ACL pins agents with ``%u`` patterns
-(``pattern write slb/v1/agent/%u/#``). Mosquitto 2.0 itself refuses
+(``pattern write slb/v1/agent/%u/status``). Mosquitto 2.0 itself refuses
 usernames with ``#`` or ``+`` — but a username with ``/`` is accepted and
-substituted as is, so a user called ``agent-b/job`` may read agent-b's jobs
-and ``agent-b/status`` may forge its presence. The only guards are
-``mosquitto/add-user.sh`` and the agent's own id check; both are tested here,
-and the broker's behaviour is pinned so a change in it is noticed.
+substituted as is. With the old patterns (``slb/v1/agent/%u/#``) a user
+called ``agent-b/job`` could read agent-b's jobs and ``agent-b/status`` forge
+its presence; the patterns now name every level exactly, so such a name
+lands one level too deep (issue 13). ``mosquitto/add-user.sh`` and the
+agent's own id check still refuse such names; both are tested here, and the
+broker's behaviour is pinned so a change in it is noticed.
 """
 
 from __future__ import annotations
@@ -155,8 +157,7 @@ def test_broker_refuses_a_hash_username_and_gives_a_plus_username_no_pattern_rig
         plus.close()
 
 
-def test_a_slash_in_a_username_reaches_other_agents_topics_which_is_why_names_are_checked(
-        named_broker: RunningBroker) -> None:
+def test_a_slash_in_a_username_no_longer_reaches_other_agents_topics(named_broker: RunningBroker) -> None:
     coordinator = Client(named_broker, "coordinator", NAMED_USERS["coordinator"])
     spy = Client(named_broker, "agent-b/job", NAMED_USERS["agent-b/job"], [TOPICS.job("agent-b")])
     forger = Client(named_broker, "agent-b/status", NAMED_USERS["agent-b/status"])
@@ -165,10 +166,12 @@ def test_a_slash_in_a_username_reaches_other_agents_topics_which_is_why_names_ar
             assert client.connection.wait_connected(10)
         coordinator.connection.publish_and_wait(TOPICS.job("agent-b"), b'{"secret": true}')
         leaked = spy.topics()
-        forged = forger.connection.publish_and_wait(TOPICS.status("agent-b"), Status(state="offline"))
-        # Mosquitto 2.0 substitutes %u as is. If these ever start failing, the broker got stricter: update
-        # docs/reliability.md. Until then add-user.sh and the agent's id check are the guard (tests above).
-        assert leaked == [TOPICS.job("agent-b")] and forged < 0x80
+        with pytest.raises(MqttPublishRefused):
+            forger.connection.publish_and_wait(TOPICS.status("agent-b"), Status(state="offline"))
+        # Mosquitto 2.0 substitutes %u as is ("agent-b/job" -> slb/v1/control/agent-b/job/+), but the exact
+        # levels of mosquitto/acl put that one level below agent-b's topics. With the old ".../%u/#" patterns
+        # the spy read agent-b's job and the forger's publish went through.
+        assert leaked == []
     finally:
         for client in (coordinator, spy, forger):
             client.close()
@@ -219,3 +222,40 @@ def test_an_agent_cannot_drive_the_cluster_or_read_other_answers(secure_mosquitt
     finally:
         for client in (agent_a, agent_b, observer):
             client.close()
+
+
+def add_user(*args: str, password: str = "pw") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ADD_USER), *args], capture_output=True, text=True,
+                          env={**os.environ, "SLB_NEW_PASSWORD": password})
+
+
+def test_add_user_will_not_create_or_reset_the_coordinator_without_the_flag(tmp_path: Path) -> None:
+    """Issue 13.10: ``add-user.sh coordinator`` silently created (or reset) the all-powerful user."""
+    lan, coordinators = tmp_path / "passwd", tmp_path / "coordinator.passwd"
+    refused = add_user("coordinator", "--password-file", str(lan))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--coordinator" in refused.stderr and "full access" in refused.stderr
+    assert not lan.exists() and not coordinators.exists()
+
+    created = add_user("coordinator", "--coordinator", "--password-file", str(lan), password="first")
+    assert created.returncode == 0, created.stderr
+    # The LAN listener's file and the coordinator listener's own file (next to it) both hold it.
+    assert lan.read_text().startswith("coordinator:") and coordinators.read_text().startswith("coordinator:")
+    assert oct(coordinators.stat().st_mode & 0o777) == "0o600"
+    assert "created user 'coordinator'" in created.stdout and str(coordinators) in created.stdout
+    before = coordinators.read_text()
+    reset = add_user("coordinator", "--coordinator", "--password-file", str(lan), password="second")
+    assert reset.returncode == 0 and "reset the password of user 'coordinator'" in reset.stdout
+    assert coordinators.read_text() != before
+
+    agent = add_user("desk-pc", "--password-file", str(lan))
+    assert agent.returncode == 0 and "created user 'desk-pc'" in agent.stdout
+    assert "desk-pc" not in coordinators.read_text()  # agents never get onto the coordinator listener
+
+
+@pytest.mark.parametrize("name", ["coordinator-main-123-1", "coordinator-x"])
+def test_add_user_keeps_the_coordinators_client_ids_free(name: str, tmp_path: Path) -> None:
+    """On the LAN listener a client id is the username; coordinator-* ids belong to the coordinator listener."""
+    result = add_user(name, "--password-file", str(tmp_path / "passwd"))
+    assert result.returncode == 2 and "coordinator-" in result.stderr
+    assert not (tmp_path / "passwd").exists()

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app
 from app.settings import AppSettings
-from broker.coordinator.contract import ClusterSnapshot
+from broker.coordinator.contract import ClusterSnapshot, LoadedModel, ModelAvailability
 from tests.app_support import UI_USER, RunningApp
 
 pytest_plugins = ["tests.app_fixtures"]
@@ -169,6 +169,12 @@ REQUESTS = [
     ("POST", "/api/show", {"model": "auto"}),
     ("POST", "/api/chat", {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "stream": False}),
     ("POST", "/api/generate", {"model": "auto", "prompt": "hi", "stream": False}),
+    ("POST", "/api/pull", {"model": "qwen2.5:0.5b"}),
+    ("DELETE", "/api/delete", {"model": "qwen2.5:0.5b"}),
+    ("POST", "/api/create", {"model": "mine"}),  # the catch-alls too: no route under /api or /v1 skips the key
+    ("GET", "/api/no-such-route", None),
+    ("POST", "/v1/completions", {"model": "auto", "prompt": "hi"}),
+    ("GET", "/v1/models/auto", None),
 ]
 
 
@@ -192,7 +198,7 @@ def test_cross_site_simple_posts_are_refused(app_cluster: RunningApp) -> None:
     before = queries_total(app_cluster)
     with httpx.Client(base_url=app_cluster.url, timeout=60) as client:
         for origin in ("http://evil.example", "null", "http://192.168.1.66:7860"):
-            for path in ("/api/generate", "/v1/chat/completions"):
+            for path in ("/api/generate", "/v1/chat/completions", "/api/pull"):
                 response = client.post(path, content=body, headers={**key, "Origin": origin,
                                                                       "Content-Type": "text/plain"})
                 assert response.status_code == 403 and "origin" in response.text.lower(), (origin, response.text)
@@ -271,6 +277,12 @@ class _IdleCoordinator:
         return ClusterSnapshot(agents=[], ready_models=[], connected=False, generated_at=time.time())
 
     def model_names(self) -> list[str]:
+        return []
+
+    def models(self) -> list[ModelAvailability]:
+        return []
+
+    def loaded_models(self) -> list[LoadedModel]:
         return []
 
     async def start(self) -> None:

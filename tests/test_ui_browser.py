@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -69,6 +70,13 @@ def _open(page: Page, app: RunningApp) -> None:
     expect(page.locator("#slb-chat-notice")).to_contain_text("agents online")
 
 
+def _model_label(app: RunningApp, model: str) -> str:
+    """The picker's label of a model: its name and the machines that have it (as /v1/models lists them)."""
+    models = httpx.get(f"{app.url}/v1/models", headers=app.headers, timeout=10).json()["data"]
+    agents = next(item["slb_agents"] for item in models if item["id"] == model)
+    return f"model: {model} · {', '.join(agents)}"
+
+
 def _choose_mode(page: Page, label: str) -> None:
     page.locator("#slb-mode input").click()
     page.get_by_role("option", name=label, exact=True).click()
@@ -90,7 +98,7 @@ def test_chat_streams_an_answer_that_names_its_agent(page: Page, app_cluster: Ru
     assert double is not None
     _open(page, app_cluster)
     _shot(page, "ui_chat_start")
-    _choose_mode(page, f"model: {model}")
+    _choose_mode(page, _model_label(app_cluster, model))
     double.config.reply_tokens = 60
     question = "tell me about the cluster"
     try:
@@ -136,7 +144,7 @@ def test_stop_button_cancels_on_the_agent(page: Page, app_cluster: RunningApp) -
     assert double is not None
     model = _ollama_model(app_cluster)
     _open(page, app_cluster)
-    _choose_mode(page, f"model: {model}")
+    _choose_mode(page, _model_label(app_cluster, model))
     aborted = double.stats.streams_aborted_by_client
     double.config.reply_tokens = 4000  # ten seconds of text at 400 tokens/s
     try:
@@ -196,6 +204,8 @@ def test_cluster_tab_lists_agents_models_and_plans(page: Page, app_cluster: Runn
     expect(table).to_contain_text(model)
     expect(table.locator("tr", has_text=SIMULATED_AGENT)).to_contain_text("simulated")
     expect(table.locator("tr", has_text=OLLAMA_AGENT)).not_to_contain_text("simulated")
+    expect(table.locator("tr", has_text=OLLAMA_AGENT)).to_contain_text(re.compile(r"ollama .*\d+ slots? \(measured\)"))
+    expect(table.locator("tr", has_text=OLLAMA_AGENT)).to_contain_text("failover continues")
     expect(page.locator("#slb-placement")).to_contain_text(OLLAMA_AGENT)
     page.locator("#slb-preview").click()
     expect(page.locator("#slb-plan")).to_contain_text("What-if")

@@ -32,7 +32,7 @@ def make_backend(settings: AgentSettings) -> Backend:
         from agent.backends.openai_backend import OpenAIBackend
 
         key = settings.backend_api_key.get_secret_value() if settings.backend_api_key else None
-        return OpenAIBackend(settings.resolved_backend_url, api_key=key)
+        return OpenAIBackend(settings.resolved_backend_url, api_key=key, kind=settings.runtime_kind)
     from agent.backends.ollama_backend import OllamaBackend
 
     return OllamaBackend(settings.resolved_backend_url)

@@ -95,6 +95,12 @@ class StreamBroken(BackendError):
     code = "backend_error"
 
 
+class Unsupported(BackendError):
+    """The runtime cannot do this (an OpenAI-compatible server cannot pull or delete models)."""
+
+    code = "bad_job"
+
+
 class Truncated(BackendError):
     """The runtime ended the stream cleanly but without a finish reason: the answer was cut short.
 
@@ -154,6 +160,18 @@ class Backend(Protocol):
 
     async def warm(self, model: str, keep_alive: str | None = None) -> None:
         """Load ``model`` into memory so the first job does not pay for it."""
+        ...
+
+    async def delete(self, model: str) -> None:
+        """Remove ``model`` from the machine; raises BackendError (with the runtime's words) where it cannot."""
+        ...
+
+    async def unload(self, model: str) -> None:
+        """Free ``model``'s memory now (Ollama ``keep_alive: 0``); raises BackendError where it cannot."""
+        ...
+
+    async def loaded_models(self) -> list[str] | None:
+        """Models in memory now, or None when the runtime does not say. Must not disturb a running answer."""
         ...
 
     def chat(

@@ -31,6 +31,7 @@ from agent.backends.base import (
     looks_like_context_error,
 )
 from broker.protocol import ChatMessage
+from broker.protocol.redaction import redact_url, split_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,13 @@ class OllamaBackend:
     simulated = False
 
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
-        self.url = url.rstrip("/")
+        # A login in the URL goes to the HTTP clients as basic auth; ``url`` is only shown (user:***@), so no
+        # log line, error message or status message carries the password.
+        self._base_url, self._auth = split_credentials(url.rstrip("/"))
+        self.url = redact_url(url.rstrip("/"))
         # No read timeout: a cold model load can take minutes; the job runner watches for stalls itself.
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
-        self._client = ollama.AsyncClient(host=self.url, timeout=timeout)
+        self._client = ollama.AsyncClient(host=self._base_url, timeout=timeout, auth=self._auth)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         """Map client and transport errors to the protocol's error codes, keeping Ollama's own message."""
@@ -87,7 +91,7 @@ class OllamaBackend:
 
     async def detect(self) -> RuntimeFacts:
         try:
-            async with httpx.AsyncClient(base_url=self.url, timeout=HEALTH_TIMEOUT_S) as client:
+            async with httpx.AsyncClient(base_url=self._base_url, auth=self._auth, timeout=HEALTH_TIMEOUT_S) as client:
                 response = await client.get("/api/version")  # the ollama client has no call for it
         except Exception as error:  # noqa: BLE001 - translated
             raise self._translate(error) from None
@@ -123,6 +127,27 @@ class OllamaBackend:
             await self._client.generate(model=model, prompt="", keep_alive=keep_alive)
         except Exception as error:  # noqa: BLE001 - translated
             raise self._translate(error) from None
+
+    async def delete(self, model: str) -> None:
+        try:
+            await self._client.delete(model)
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+
+    async def unload(self, model: str) -> None:
+        try:  # Ollama's documented way to unload: generate with an empty prompt and keep_alive 0
+            await self._client.generate(model=model, prompt="", keep_alive=0)
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+
+    async def loaded_models(self) -> list[str] | None:
+        try:
+            response = await asyncio.wait_for(self._client.ps(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return None
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+        return sorted(model.model for model in response.models if model.model)
 
     async def chat(
         self,

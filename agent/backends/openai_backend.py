@@ -33,10 +33,12 @@ from agent.backends.base import (
     RuntimeFacts,
     StreamBroken,
     Truncated,
+    Unsupported,
     as_payload_messages,
     looks_like_context_error,
 )
 from broker.protocol import ChatMessage
+from broker.protocol.redaction import redact_url, split_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,13 @@ class OpenAIBackend:
         self.declared_kind = kind
         self.kind: str | None = kind  # learned by detect(); decides the health check
         base = url.rstrip("/")
-        self.url = base[: -len("/v1")] if base.endswith("/v1") else base
+        base = base[: -len("/v1")] if base.endswith("/v1") else base
+        # A login in the URL goes to the client as basic auth; ``url`` is only shown (user:***@).
+        base_url, auth = split_credentials(base)
+        self.url = redact_url(base)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
-        self._client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self._client = httpx.AsyncClient(base_url=base_url, auth=auth, headers=headers, timeout=timeout)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         if isinstance(error, BackendError):
@@ -109,9 +114,9 @@ class OpenAIBackend:
             return BackendUnreachable(self.url, str(error) or type(error).__name__)
         if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
             where = "in the middle of an answer" if mid_stream else "unexpectedly"
-            return StreamBroken(f"backend at {self.url} closed the connection {where}: {error}")
+            return StreamBroken(f"{self.label} closed the connection {where}: {error}")
         if isinstance(error, httpx.TimeoutException):
-            return BackendError(f"backend at {self.url} timed out: {type(error).__name__}")
+            return BackendError(f"{self.label} timed out: {type(error).__name__}")
         return BackendError(f"{type(error).__name__}: {error}")
 
     def _status_error(self, status: int, text: str, model: str | None = None) -> BackendError:
@@ -119,8 +124,13 @@ class OpenAIBackend:
         if looks_like_context_error(message):
             return ContextTooLong(message)
         if status == 404 or "does not exist" in message or "not found" in message.lower():
-            return ModelNotFound(message if model is None else f"{message} (model {model!r} at {self.url})")
-        return BackendError(f"HTTP {status} from {self.url}: {message}")
+            return ModelNotFound(message if model is None else f"{message} (model {model!r}, {self.label})")
+        return BackendError(f"HTTP {status} from {self.label}: {message}")
+
+    @property
+    def label(self) -> str:
+        """How messages name the runtime: its kind once known, and always its URL."""
+        return f"the {self.kind or 'OpenAI-compatible'} runtime at {self.url}"
 
     @property
     def health_path(self) -> str:
@@ -210,7 +220,7 @@ class OpenAIBackend:
             return
         listed = ", ".join(served) or "nothing"
         raise ModelNotFound(
-            f"model {model!r} is not served by the OpenAI-compatible server at {self.url} (it lists: {listed}); "
+            f"model {model!r} is not served by {self.label} (it lists: {listed}); "
             "this backend cannot pull models: load the model on that server"
         )
 
@@ -222,6 +232,17 @@ class OpenAIBackend:
             raise self._translate(error) from None
         if response.status_code != 200:
             raise self._status_error(response.status_code, response.text, model)
+
+    async def delete(self, model: str) -> None:
+        raise Unsupported(f"{self.label} cannot delete models: "
+                          "remove the model file on that machine and restart the server")
+
+    async def unload(self, model: str) -> None:
+        raise Unsupported(f"{self.label} cannot unload a model "
+                          "on request: stop the server to free its memory")
+
+    async def loaded_models(self) -> list[str] | None:
+        return await self.list_models()  # such a server holds what it serves; called only while idle
 
     async def chat(
         self,
@@ -270,14 +291,15 @@ class OpenAIBackend:
                             yield ChatDelta(text)
                         finish_reason = choice.get("finish_reason") or finish_reason
                 else:
-                    raise StreamBroken(f"backend at {self.url} ended the stream without [DONE]")
+                    if finish_reason is None:  # no [DONE] is fine after a finish reason (some servers omit it)
+                        raise StreamBroken(f"{self.label} ended the stream without [DONE] after {pieces} piece(s)")
         except json.JSONDecodeError as error:
-            raise BackendError(f"unreadable stream from {self.url}: {error}") from None
+            raise BackendError(f"unreadable stream from {self.label}: {error}") from None
         except Exception as error:  # noqa: BLE001 - translated
             raise self._translate(error, mid_stream=started) from None
         if finish_reason is None:
             raise Truncated(
-                f"the runtime at {self.url} ended the answer after {pieces} piece(s) without a finish reason: it "
+                f"{self.label} ended the answer after {pieces} piece(s) without a finish reason: it "
                 "was cut short (llama-cpp-python interrupts a running answer whenever another request arrives)"
             )
         counted = usage.get("completion_tokens") is None

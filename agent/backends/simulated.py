@@ -69,6 +69,7 @@ class SimulatedBackend:
         self.ttft_s = ttft_s
         self.pull_s = pull_s
         self._models = {normalize_model_name(name) for name in models or []}
+        self._loaded: set[str] = set()
 
     async def health(self) -> BackendHealth:
         return BackendHealth(True, version="simulated", models=tuple(sorted(self._models)))
@@ -92,6 +93,18 @@ class SimulatedBackend:
     async def warm(self, model: str, keep_alive: str | None = None) -> None:
         self._require(model)
         await asyncio.sleep(min(0.2, self.ttft_s))
+        self._loaded.add(normalize_model_name(model))
+
+    async def delete(self, model: str) -> None:
+        self._require(model)
+        self._models.discard(normalize_model_name(model))
+        self._loaded.discard(normalize_model_name(model))
+
+    async def unload(self, model: str) -> None:
+        self._loaded.discard(normalize_model_name(model))
+
+    async def loaded_models(self) -> list[str] | None:
+        return sorted(self._loaded)
 
     def _require(self, model: str) -> None:
         if normalize_model_name(model) not in self._models:
@@ -106,6 +119,7 @@ class SimulatedBackend:
         keep_alive: str | None = None,
     ) -> AsyncIterator[ChatEvent]:
         self._require(model)
+        self._loaded.add(normalize_model_name(model))
         options = options or {}
         limit = options.get("num_predict", options.get("max_tokens", 48))
         pieces = simulated_text(model, messages, limit if isinstance(limit, int) and limit > 0 else 48)

@@ -38,18 +38,18 @@ def build_ui(service: AppService, *, metrics: Any = None) -> gr.Blocks:
         build_script_api(service)
 
         status_timer = gr.Timer(CHAT_STATUS_REFRESH_S)
-        known_models: dict[str, tuple[str, ...]] = {}
+        known_choices: dict[str, list[tuple[str, str]]] = {}
 
         def chat_status(request: gr.Request):
             """Keep the chat's notice and the mode list current (only sends the mode list when it changed)."""
-            models = tuple(service.coordinator.model_names())
+            choices = mode_choices(service.models())
             key = request.session_hash if request is not None else ""
-            if known_models.get(key or "") == models:
+            if known_choices.get(key or "") == choices:
                 return notice_markdown(service), gr.skip()
-            known_models[key or ""] = models
-            if len(known_models) > 10_000:
-                known_models.clear()
-            return notice_markdown(service), gr.update(choices=mode_choices(list(models)))
+            known_choices[key or ""] = choices
+            if len(known_choices) > 10_000:
+                known_choices.clear()
+            return notice_markdown(service), gr.update(choices=choices)
 
         status_timer.tick(
             chat_status, None, [chat["notice"], chat["mode"]], api_visibility="private", concurrency_id="refresh",
@@ -57,12 +57,12 @@ def build_ui(service: AppService, *, metrics: Any = None) -> gr.Blocks:
         )
 
         async def on_load(request: gr.Request):
-            models = tuple(service.coordinator.model_names())
+            choices = mode_choices(service.models())
             if request is not None:
-                known_models[request.session_hash or ""] = models
+                known_choices[request.session_hash or ""] = choices
             return (
                 notice_markdown(service),
-                gr.update(choices=mode_choices(list(models))),
+                gr.update(choices=choices),
                 gr.update(choices=await chat["session_choices"](), value=None),
             )
 

@@ -16,6 +16,7 @@ import gradio as gr
 from app import cluster_status
 from app.answers import simulated_agents
 from app.errors import AppError
+from app.model_list import ListedModel, model_label
 from app.service import AppService
 from app.streaming import throttled
 from app.ui.errors import gradio_errors
@@ -36,8 +37,12 @@ MODE_LABELS = {
 }
 
 
-def mode_choices(models: list[str]) -> list[tuple[str, str]]:
-    return [(MODE_LABELS[mode], mode.value) for mode in RoutingMode] + [(f"model: {name}", name) for name in models]
+def mode_choices(models: list[ListedModel]) -> list[tuple[str, str]]:
+    """The routing modes, then every model the cluster serves with the machines that have it (no embedding models:
+    they cannot chat)."""
+    return [(MODE_LABELS[mode], mode.value) for mode in RoutingMode] + [
+        (model_label(model), model.name) for model in models if not (model.info and model.info.embedding)
+    ]
 
 
 def notice_markdown(service: AppService) -> str:
@@ -81,7 +86,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
                 stop_button = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="slb-stop")
             with gr.Row():
                 mode = gr.Dropdown(
-                    choices=mode_choices(service.coordinator.model_names()),
+                    choices=mode_choices(service.models()),
                     value=RoutingMode.AUTO.value,
                     label="Mode",
                     info=MODE_HELP,

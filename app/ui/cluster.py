@@ -8,6 +8,7 @@ opens.
 
 from __future__ import annotations
 
+import html
 import logging
 from typing import Any
 
@@ -67,7 +68,7 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
             f"**{online} of {len(snapshot.agents)} agents online**"
             + (f" ({simulated} simulated, marked [sim] in the plots)" if simulated else "")
             + f" · broker {'connected' if snapshot.connected else '**not connected**'}"
-            + f" · ready models: {', '.join(sorted(set(snapshot.ready_models))) or 'none'}"
+            + f" · models: {html.escape(cluster_status.models_summary(snapshot), quote=False) or 'none'}"
         )
         if not cluster_status.is_healthy(snapshot):
             head += "\n\n" + cluster_status.notice_markdown(snapshot, settings.broker)

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.answer_stream import AnswerStream
-from app.answers import AnswerRecord, stats_of
+from app.answers import AnswerRecord, restart_note, stats_of
 from app.store import Citation
 from app.ui.render import Message, agent_card_html, agent_label, answer_messages, answers_panel_html
 from broker.coordinator.contract import (
     AgentDelta,
     AgentFinished,
     AgentSwitched,
+    AnswerRestarted,
     QueryEvent,
     QueryFailed,
     QueryFinished,
@@ -60,6 +61,8 @@ class LiveAnswer:
         elif isinstance(event, AgentSwitched):
             successor = agent_label(event.to_agent, event.model, event.to_agent in self.simulated)
             self.note = f"{event.from_agent} failed ({event.reason}); {successor} continues"
+        elif isinstance(event, AnswerRestarted):
+            self.note = restart_note(event)  # the record already dropped the partial text
         elif isinstance(event, AgentDelta):
             self.agent_status[event.agent_id] = "answering"
         elif isinstance(event, AgentFinished):

@@ -84,7 +84,7 @@ def answers_markdown(answers: Iterable[dict[str, Any]]) -> str:
         label = agent_label(answer.get("agent_id", "?"), answer.get("model"), bool(answer.get("simulated")))
         body = answer.get("text") or ""
         if answer.get("error"):
-            body = f"*failed: {answer['error']}*" + (f"\n\n{body}" if body else "")
+            body = f"*failed: {html.escape(str(answer['error']))}*" + (f"\n\n{body}" if body else "")
         blocks.append(f"**{html.escape(label)}**\n\n{body}")
     return "\n\n---\n\n".join(blocks)
 
@@ -104,9 +104,12 @@ def answer_messages(
     """Chatbot messages for one answer: the text with its provenance, the sources, the per-agent answers."""
     body = text + (CURSOR if streaming else "")
     if status:
-        body = f"*{status}*" + (f"\n\n{body}" if body.strip() else "")
+        body = f"*{html.escape(status)}*" + (f"\n\n{body}" if body.strip() else "")
+    elif stats.get("restarts"):
+        notes = "\n\n".join(f"*{html.escape(str(restart.get('note', '')))}*" for restart in stats["restarts"])
+        body = notes + (f"\n\n{body}" if body.strip() else "")
     if stats.get("error") and stats.get("error_code") != "cancelled":
-        body += f"\n\n**Error: {stats['error']}**"
+        body += f"\n\n**Error: {html.escape(str(stats['error']))}**"
     elif stats.get("error_code") == "cancelled":
         body += "\n\n*(stopped)*"
     footer = "" if streaming else answered_by(agents, models, mode, stats, simulated)
@@ -219,29 +222,63 @@ def agents_table_html(snapshot: ClusterSnapshot) -> str:
             state += _progress_bar(agent.model_progress)
         if agent.model_error:
             state += f'<div class="slb-error">{html.escape(agent.model_error)}</div>'
-        backend = html.escape(agent.backend or "")
+        backend = runtime_cell(agent)
         if agent.backend_reachable is False:
             why = html.escape(agent.backend_error or "")
             backend += f' <span class="slb-badge slb-warn" title="{why}">unreachable</span>'
-        slots = f"/{agent.max_parallel}" if agent.max_parallel else ""
+        slots_count = agent.slots or agent.max_parallel
+        slots = f"/{slots_count}" if slots_count else ""
+        others = sorted(name for name in agent.available_models if name != agent.model)
+        if others:
+            shown = ", ".join(others[:4]) + (f" +{len(others) - 4}" if len(others) > 4 else "")
+            model_cell = f"{html.escape(agent.model or '–')}<div class=\"slb-also\">also: {html.escape(shown)}</div>"
+        else:
+            model_cell = html.escape(agent.model or "–")
         rows.append(
             "<tr>"
             f"<td><b>{html.escape(agent.id)}</b> {sim}{cooling}</td>"
             f"<td>{online}</td>"
             f"<td>{_number(agent.score, 0)}</td>"
             f"<td>{html.escape(agent.hardware_summary or '–')}</td>"
-            f"<td>{html.escape(agent.model or '–')}</td>"
+            f"<td>{model_cell}</td>"
             f"<td>{state}</td>"
-            f"<td>{agent.jobs_running}{slots} / {agent.jobs_queued}</td>"
+            f"<td>{agent.jobs_running}{slots} · {agent.jobs_queued}</td>"
             f"<td>{_number(agent.tokens_per_s, 1)}</td>"
             f"<td>{backend}</td>"
             "</tr>"
         )
     head = (
         "<tr><th>Agent</th><th>Status</th><th>Score</th><th>Hardware</th><th>Model</th><th>Model state</th>"
-        "<th>Jobs running / queued</th><th>tok/s</th><th>Backend</th></tr>"
+        "<th>Jobs running / slots · queued</th><th>tok/s</th><th>Runtime</th></tr>"
     )
     return f'<table class="slb-table" id="slb-agents">{head}{"".join(rows)}</table>'
+
+
+def runtime_cell(agent: AgentView) -> str:
+    """The runtime column: kind and version, slots (and how they were learned), whether a failover continues
+    the partial answer there; how it was detected and health-checked in the tooltip. Escaped: agents say it."""
+    profile = agent.runtime or {}
+    kind = str(profile.get("kind") or agent.backend or "")
+    if not kind:
+        return "–"
+    version = str(profile.get("version") or "")
+    head = kind + (f" {version}" if version and version != kind else "")
+    details = []
+    if profile:
+        slots = profile.get("slots") or agent.slots
+        if slots:
+            source = profile.get("slots_source")
+            details.append(f"{slots} slot{'s' if slots != 1 else ''}" + (f" ({source})" if source else ""))
+        prefill = profile.get("continues_prefill")
+        details.append({True: "failover continues", False: "failover restarts", None: "prefill not probed"}.get(
+            prefill, "prefill not probed"))
+        if profile.get("interrupts_running"):
+            details.append("a new request interrupts")
+    title = " · ".join(str(profile[key]) for key in ("detected_by", "health_check") if profile.get(key))
+    text = f"<b>{html.escape(head)}</b>"
+    if details:
+        text += f'<div class="slb-runtime">{html.escape(" · ".join(details))}</div>'
+    return f'<span title="{html.escape(title)}">{text}</span>' if title else text
 
 
 def placement_markdown(snapshot: ClusterSnapshot) -> str:
@@ -249,7 +286,8 @@ def placement_markdown(snapshot: ClusterSnapshot) -> str:
     for agent in sorted(snapshot.agents, key=lambda a: a.id):
         reason = agent.placement_reason or "no placement decision yet"
         marker = " *(simulated)*" if agent.simulated else ""
-        lines.append(f"- **{html.escape(agent.id)}**{marker} → `{agent.model or '–'}`: {html.escape(reason)}")
+        model = f"<code>{html.escape(agent.model)}</code>" if agent.model else "–"  # the agent may name its model
+        lines.append(f"- **{html.escape(agent.id)}**{marker} → {model}: {html.escape(reason)}")
     return "\n".join(lines) or "*No agents.*"
 
 
@@ -377,6 +415,7 @@ CSS = """
   display: inline-block; margin: 0 6px; vertical-align: middle; }
 .slb-progress > div { height: 100%; background: #3b82f6; border-radius: 4px; }
 .slb-error { color: #b91c1c; font-size: 0.85em; }
+.slb-also, .slb-runtime { color: var(--body-text-color-subdued); font-size: 0.8em; }
 .slb-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(240px, 1fr)); gap: 10px; }
 .slb-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px; }
 .slb-card-head { display: flex; gap: 6px; align-items: baseline; flex-wrap: wrap; }

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from app.answer_stream import AnswerStream
-from app.answers import fan_out_answers, simulated_agents, stats_of
+from app.answers import fan_out_answers, restart_dict, simulated_agents, stats_of
 from app.errors import AppError
 from app.service import AppService
 from app.streaming import throttled
@@ -45,6 +45,7 @@ def _answer_payload(answer: AnswerStream, simulated: set[str], *, done: bool) ->
         "answers": fan_out_answers(record, simulated),
         "aggregation": finished.aggregation if finished else None,
         "agreement": finished.agreement if finished else None,
+        "restarts": [restart_dict(restart) for restart in record.restarts],
         "citations": [citation.model_dump(mode="json") for citation in answer.citations],
         "stats": stats_of(record, simulated) if done else {},
         "error": record.failed.error if record.failed else None,
@@ -123,9 +124,24 @@ def build_script_api(service: AppService) -> None:
         """healthy, connected_clients, active_models, message (as GET /health)."""
         return service.health()
 
-    def models() -> list[str]:
-        """Model names the cluster serves (usable as mode)."""
-        return list(service.coordinator.model_names())
+    def models() -> list[dict[str, Any]]:
+        """Every model the cluster serves (its name is usable as mode), with the machines that have it.
+
+        Each item: name, agents (can answer with it now), holders (each agent's own name for it and its state:
+        ready, loaded or local), coming_to (agents still pulling or loading it), context_length, parameters_b.
+        """
+        return [
+            {
+                "name": model.name,
+                "agents": model.agents,
+                "holders": [{"agent_id": holder.agent_id, "name": holder.name, "state": holder.state,
+                             "simulated": holder.simulated} for holder in model.holders],
+                "coming_to": model.coming_to,
+                "context_length": model.info.context_length if model.info else None,
+                "parameters_b": model.info.parameters_b if model.info else None,
+            }
+            for model in service.models()
+        ]
 
     def plan() -> dict[str, Any]:
         """What placement would do now, without changing anything (what-if)."""

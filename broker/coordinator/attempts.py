@@ -7,7 +7,10 @@ Pieces the coordinator composes (tested without a broker):
   as no in-order progress, which the stall timer turns into a failover.
 * :class:`EchoFilter` drops text a continuing agent repeats from the partial
   answer it was given, so the caller never sees text twice.
-* :class:`Attempt` holds one job's progress and says when it has stalled.
+* :class:`Attempt` holds one job's progress and says when it has stalled — no
+  first token in time (the allowance grows with the jobs queued ahead of it on
+  the agent), or no tokens for a while after that. A job that keeps producing
+  is never cut: only the query's own deadline ends it.
 * :class:`Run` is one query in progress; its inbox carries the signals its
   attempts wait on (result chunks, an agent gone, a cancel).
 * :class:`InFlight` is the one owner of who works on what: runs by request id,
@@ -93,7 +96,8 @@ class EchoFilter:
 
 @dataclass
 class Attempt:
-    """One job sent to one agent."""
+    """One job sent to one agent. ``deadline`` is the query's; ``first_chunk_s`` (when set) replaces the
+    configured wait for the first token, e.g. for a job queued behind others on a one-slot runtime."""
 
     wire_id: str
     agent_id: str
@@ -101,6 +105,8 @@ class Attempt:
     started_at: float
     deadline: float
     prefix: str = ""
+    first_chunk_s: float | None = None
+    first_chunk_note: str = ""
     text: str = ""
     first_chunk_at: float | None = None
     last_progress_at: float | None = None
@@ -133,27 +139,30 @@ class Attempt:
         self.text += text
         return text
 
+    def first_token_limit(self, first_chunk_s: float) -> float:
+        """Seconds this attempt may take to its first token (the allowance, when one was set)."""
+        return self.first_chunk_s if self.first_chunk_s is not None else first_chunk_s
+
     def stall_reason(self, now: float, first_chunk_s: float, between_chunks_s: float) -> str | None:
-        """Why this attempt counts as stalled at ``now``, or ``None``."""
+        """Why this attempt counts as stalled at ``now``, or ``None``; a job producing tokens never is."""
         if self.done:
             return None
         if self.buffer.overflowed:
             return f"chunk {self.buffer.next_seq} never arrived"
-        if now >= self.deadline:
-            return f"passed its deadline after {now - self.started_at:.1f} s"
         if self.last_progress_at is None:
-            if now - self.started_at >= first_chunk_s:
-                return f"no first chunk within {first_chunk_s:g} s"
+            limit = self.first_token_limit(first_chunk_s)
+            if now - self.started_at >= limit:
+                return f"no first token within {limit:.0f} s{self.first_chunk_note}"
             return None
         if now - self.last_progress_at >= between_chunks_s:
             gap = f" (chunk {self.buffer.next_seq} missing)" if self.buffer.waiting_for_gap else ""
-            return f"no new chunk for {between_chunks_s:g} s{gap}"
+            return f"no tokens for {between_chunks_s:g} s after {len(self.prefix) + len(self.text):,} characters{gap}"
         return None
 
     def next_check(self, first_chunk_s: float, between_chunks_s: float) -> float:
-        """When :meth:`stall_reason` could next become true."""
+        """When :meth:`stall_reason` could next become true (or the query's deadline come)."""
         if self.last_progress_at is None:
-            return min(self.deadline, self.started_at + first_chunk_s)
+            return min(self.deadline, self.started_at + self.first_token_limit(first_chunk_s))
         return min(self.deadline, self.last_progress_at + between_chunks_s)
 
 
@@ -195,6 +204,17 @@ class Run:
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def timeout_s(self) -> float:
+        """The whole query's time budget (the caller's ``timeout_s``, else the default deadline)."""
+        return self.deadline - self.started_at
+
+    def deadline_passed(self, now: float) -> str | None:
+        """Why the query must end at ``now`` because of its deadline, or ``None``."""
+        if now < self.deadline:
+            return None
+        return f"the query's deadline of {self.timeout_s:g} s passed"
 
     def next_wire_id(self) -> str:
         """A fresh job id per attempt, so a late chunk of an abandoned attempt cannot pass for the new one."""

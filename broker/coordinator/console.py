@@ -24,6 +24,7 @@ from broker.coordinator.contract import (
     AgentFinished,
     AgentSwitched,
     Aggregation,
+    AnswerRestarted,
     ClusterSnapshot,
     PlanView,
     QueryFailed,
@@ -152,6 +153,10 @@ class Console:
                     self.write(event.text)
                 elif isinstance(event, AgentSwitched):
                     self.write(f"\n[{event.from_agent} failed ({event.reason}); {event.to_agent} continues]\n")
+                elif isinstance(event, AnswerRestarted):
+                    self.write(f"\n[{event.from_agent} failed ({event.reason}); {event.to_agent} cannot continue "
+                               f"that answer and starts over: the {event.discarded_chars} characters above are "
+                               f"void]\n")
                 elif isinstance(event, AgentFinished):
                     answer = event.answer
                     status = f"error: {answer.error}" if answer.error else "done"
@@ -179,6 +184,8 @@ def format_finished(event: QueryFinished) -> str:
             figures.append(f"{stats.output_tokens} tokens")
         if stats.tokens_per_s:
             figures.append(f"{stats.tokens_per_s:.1f} tok/s")
+        if stats.finish_reason:
+            figures.append(f"finish: {stats.finish_reason}")
     if event.failovers:
         figures.append(f"{event.failovers} failover(s)")
     lines.append(f"\n[{', '.join(f for f in figures if f)}]\n")
@@ -201,7 +208,7 @@ def format_plan(plan: PlanView) -> str:
 
 def format_stats(snapshot: ClusterSnapshot, coordinator: Coordinator) -> str:
     lines = [f"broker {'connected' if snapshot.connected else 'DISCONNECTED'}; ready models: "
-             f"{', '.join(snapshot.ready_models) or 'none'}"]
+             f"{', '.join(snapshot.ready_models) or 'none'}; servable: {', '.join(snapshot.servable_models) or 'none'}"]
     for agent in snapshot.agents:
         speed = f"{agent.tokens_per_s:.1f} tok/s" if agent.tokens_per_s else "- tok/s"
         progress = f" {agent.model_progress:.0%}" if agent.model_state == "pulling" and agent.model_progress else ""
@@ -209,7 +216,8 @@ def format_stats(snapshot: ClusterSnapshot, coordinator: Coordinator) -> str:
             f"  {agent.id:<20} {'online ' if agent.online else 'offline'} score {agent.score or 0:5.1f}  "
             f"{agent.model or '-'} ({agent.model_state or '-'}{progress})  jobs {agent.jobs_running}+"
             f"{agent.jobs_queued}  {speed}{'  SIMULATED' if agent.simulated else ''}"
-            f"{'  cooling down' if agent.cooling_down else ''}")
+            f"{'  cooling down' if agent.cooling_down else ''}"
+            f"{runtime_summary(agent.runtime, agent.slots)}")
     totals: dict[str, float] = {}
     for metric in coordinator.metrics.registry.collect():
         for sample in metric.samples:
@@ -219,3 +227,13 @@ def format_stats(snapshot: ClusterSnapshot, coordinator: Coordinator) -> str:
                  f"{totals.get('slb_failovers_total', 0):.0f}, output tokens "
                  f"{totals.get('slb_output_tokens_total', 0):.0f}")
     return "\n".join(lines) + "\n"
+
+
+def runtime_summary(runtime: dict[str, object], slots: int | None) -> str:
+    """``  [llama-cpp-python 0.3.36, 1 slot measured, restarts on failover]`` for the stats table."""
+    if not runtime:
+        return ""
+    prefill = {True: "continues on failover", False: "restarts on failover"}.get(runtime.get("continues_prefill"),
+                                                                               "prefill not probed")
+    version = f" {runtime['version']}" if runtime.get("version") else ""
+    return f"  [{runtime.get('kind')}{version}, {slots} slot(s) {runtime.get('slots_source')}, {prefill}]"

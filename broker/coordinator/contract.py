@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from broker.protocol.messages import ChatMessage, ResultStats
-from broker.scheduling.placement import PlanEntry as PlanEntry  # re-exported: part of the contract
+from broker.protocol.messages import ChatMessage, ManageAction, Operation, ResultStats
+from broker.scheduling.availability import LoadedModel as LoadedModel  # re-exported: part of the contract
+from broker.scheduling.availability import ModelAvailability as ModelAvailability
+from broker.scheduling.availability import ModelHolder as ModelHolder
+from broker.scheduling.placement import PlanEntry as PlanEntry
 from broker.scheduling.placement import PlanView as PlanView
 
 
@@ -75,7 +78,8 @@ class QueryStarted:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """Answer text for a single-route query (continues seamlessly across failovers)."""
+    """Answer text for a single-route query: continues across an :class:`AgentSwitched`, starts the answer over
+    after an :class:`AnswerRestarted`."""
 
     request_id: str
     text: str
@@ -85,13 +89,31 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class AgentSwitched:
-    """The answering agent failed; another continues from the partial answer."""
+    """The answering agent failed; another continues from the partial answer (its runtime continues a prefill,
+    or there was no text yet)."""
 
     request_id: str
     from_agent: str
     to_agent: str
     model: str
     reason: str
+
+
+@dataclass(frozen=True)
+class AnswerRestarted:
+    """The answering agent failed and the next one cannot continue its partial answer: the answer starts over.
+
+    Every piece of text streamed before this event is void (``discarded_chars`` of it); the :class:`TextDelta`
+    events after it are the whole new answer, and :class:`QueryFinished` carries only the new answer. Continuing
+    on a runtime that ignores a trailing assistant message would splice two different answers into one.
+    """
+
+    request_id: str
+    from_agent: str
+    to_agent: str
+    model: str
+    reason: str
+    discarded_chars: int
 
 
 @dataclass(frozen=True)
@@ -152,7 +174,52 @@ class QueryFailed:
     partial_text: str = ""
 
 
-QueryEvent = QueryStarted | TextDelta | AgentSwitched | AgentDelta | AgentFinished | QueryFinished | QueryFailed
+QueryEvent = (
+    QueryStarted | TextDelta | AgentSwitched | AnswerRestarted | AgentDelta | AgentFinished | QueryFinished
+    | QueryFailed
+)
+
+
+# ---------------------------------------------------------------- model management (pull, delete, load, unload)
+
+
+@dataclass(frozen=True)
+class ManageStarted:
+    """A model operation went out: to which agents, and why those."""
+
+    request_id: str
+    action: ManageAction
+    model: str
+    agents: list[str]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ManageProgress:
+    """One agent's progress report (the runtime's own words in ``operation.status``, bytes for pulls)."""
+
+    request_id: str
+    agent_id: str
+    operation: Operation
+
+
+@dataclass(frozen=True)
+class ManageFinished:
+    """The end of a model operation: per agent ``None`` (it worked) or its error; ``error`` when nothing could
+    start (no agent to ask)."""
+
+    request_id: str
+    action: ManageAction
+    model: str
+    results: dict[str, str | None]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.results) and all(value is None for value in self.results.values())
+
+
+ManageEvent = ManageStarted | ManageProgress | ManageFinished
 
 
 # ---------------------------------------------------------------- views for the UI and the HTTP API
@@ -185,17 +252,34 @@ class AgentView:
     backend: str | None = None
     backend_reachable: bool | None = None
     backend_error: str | None = None
+    backend_url: str | None = None
     last_seen_s: float | None = None
     placement_reason: str = ""
     cooling_down: bool = False
+    runtime: dict[str, Any] = field(default_factory=dict)
+    """The runtime profile (kind, detected_by, version, slots, slots_source, continues_prefill,
+    interrupts_running, health_check); empty until the agent has learned it."""
+    slots: int | None = None
+    """Jobs the runtime really runs at once (the profile's measured slots, else max_parallel)."""
+    loaded_models: list[str] = field(default_factory=list)
+    available_models: dict[str, str] = field(default_factory=dict)
+    """Every model this agent can answer with now (its own name → ready, loaded or local)."""
+    can_pull: bool = True
+    continues_prefill: bool = False
 
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
-    """The whole cluster at one moment."""
+    """The whole cluster at one moment.
+
+    ``ready_models``: assigned models ready somewhere; ``servable_models``: every model some agent can answer
+    with (ready, loaded or on disk), and ``models`` the same with their holders.
+    """
 
     agents: list[AgentView]
     ready_models: list[str]
     connected: bool
     generated_at: float
+    servable_models: list[str] = field(default_factory=list)
+    models: list[ModelAvailability] = field(default_factory=list)
 

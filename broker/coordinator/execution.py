@@ -24,6 +24,7 @@ from broker.coordinator.contract import (
     AgentFinished,
     AgentSwitched,
     Aggregation,
+    AnswerRestarted,
     QueryEvent,
     QueryFailed,
     QueryFinished,
@@ -48,6 +49,7 @@ from broker.protocol import (
 )
 from broker.scheduling import aggregation
 from broker.scheduling.catalog import Catalog
+from broker.scheduling.names import same_model
 from broker.scheduling.registry import AnswerMeasured, ClusterState
 from broker.scheduling.routing import (
     CircuitBreaker,
@@ -67,6 +69,9 @@ OUTPUT_TOKENS_SMOOTHING = 0.1
 """Weight of the newest answer in the moving average of answer length."""
 NOT_THE_AGENTS_FAULT = {"bad_job", "context_too_long"}
 """Error codes that another agent would hit too: the query fails at once."""
+FIRST_TOKEN_QUEUE_FACTOR = 2.0
+"""The first-token allowance grows by this many times the expected wait behind queued jobs (and a model load):
+estimates are rough, and a queued job that is cut for being queued is lost work."""
 
 Publish = Callable[[str, bytes | Message], None]
 """Publish a QoS 1, non-retained message (dropped while the coordinator has no connection)."""
@@ -213,20 +218,26 @@ class QueryExecutor:
     def _coming(self, model: str | None, exclude: frozenset[str]) -> str | None:
         return coming_soon(self._state(), model, exclude, self._assignment_pending())
 
-    async def _admit(self, run: Run, mode: str, exclude: frozenset[str], prefer_model: str | None) -> Route:
-        """Choose an agent, waiting (bounded) for room or for a model that is still loading."""
+    async def _admit(self, run: Run, mode: str, exclude: frozenset[str], prefer_model: str | None,
+                     prefer_continuing: bool = False) -> Route:
+        """Choose an agent, waiting (bounded) for room or for a model that is still loading.
+
+        ``prefer_continuing``: a partial answer exists, so agents whose runtime continues it come first.
+        """
         wanted = None if mode in ROUTING_MODES else mode
         give_up = min(run.deadline, time.monotonic() + self.settings.admission_wait_s)
         while True:
             if run.cancel_reason:
                 raise QueryError("cancelled", run.cancel_reason)
             candidates = self.candidates(wanted, exclude, run.request)
-            if prefer_model is not None and any(c.model == prefer_model for c in candidates):
-                candidates = [c for c in candidates if c.model == prefer_model]
+            if prefer_model is not None and any(same_model(c.model, prefer_model) for c in candidates):
+                candidates = [c for c in candidates if same_model(c.model, prefer_model)]
             elif mode == RoutingMode.QUALITY and candidates:
                 biggest = largest_model(candidates, self.catalog)
-                candidates = [c for c in candidates if c.model == biggest]
+                candidates = [c for c in candidates if same_model(c.model, biggest)]
             open_ = [c for c in candidates if self._has_room(c)]
+            if prefer_continuing and any(c.continues_prefill for c in open_):
+                open_ = [c for c in open_ if c.continues_prefill]
             if open_:
                 return self.router.choose(open_, self._expected_output_tokens(run.request))
             waiting_for = None if candidates else self._coming(wanted, exclude)
@@ -267,22 +278,40 @@ class QueryExecutor:
     # ------------------------------------------------------------------ jobs on agents
 
     def _send(self, run: Run, candidate: RouteCandidate, messages: list[ChatMessage], prefix: str) -> Attempt:
+        """Publish the job; its deadline is the query's (a job that keeps producing tokens is never cut)."""
         now = time.monotonic()
-        attempt_deadline = min(run.deadline, now + self.settings.attempt_deadline_s)
         wire_id = run.next_wire_id()
         job = Job(request_id=wire_id, model=candidate.model, messages=messages, options=dict(run.request.options),
-                  deadline=time.time() + (attempt_deadline - now), assistant_prefix=prefix or None,
+                  deadline=time.time() + (run.deadline - now), assistant_prefix=prefix or None,
                   attempt=run.counter - 1)
         payload = encode(job)
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise QueryError("bad_request", f"the job is {len(payload):,} bytes; the limit is {MAX_PAYLOAD_BYTES:,}")
-        attempt = Attempt(wire_id, candidate.agent_id, candidate.model, now, attempt_deadline, prefix=prefix)
+        allowance, note = self._first_token_allowance(candidate, run.request)
+        attempt = Attempt(wire_id, candidate.agent_id, candidate.model, now, run.deadline, prefix=prefix,
+                          first_chunk_s=allowance, first_chunk_note=note)
         self._ledger.add_attempt(run, attempt)
         self.metrics.jobs_in_flight.inc()
         self._publish(self.topics.job(candidate.agent_id), payload)
-        logger.debug("job %s → %s (%s)%s", wire_id, candidate.agent_id, candidate.model,
+        logger.debug("job %s → %s (%s, %s)%s", wire_id, candidate.agent_id, candidate.model, candidate.availability,
                      f" continuing after {len(prefix)} chars" if prefix else "")
         return attempt
+
+    def _first_token_allowance(self, candidate: RouteCandidate, request: QueryRequest) -> tuple[float | None, str]:
+        """How long the first token may take on ``candidate``: the configured wait, plus room for the jobs queued
+        ahead of this one on its runtime's slots and for loading a model from disk (``None``: no extra room)."""
+        waiting = max(0, candidate.outstanding - candidate.slots + 1)
+        queue_s = candidate.queue_wait_s(self._expected_output_tokens(request))
+        load_s = candidate.ttft_s if candidate.availability == "local" else 0.0
+        extra = FIRST_TOKEN_QUEUE_FACTOR * (queue_s + load_s)
+        if extra <= 0:
+            return None, ""
+        parts = []
+        if waiting:
+            parts.append(f"{waiting} job(s) queued ahead on {candidate.slots} slot(s)")
+        if load_s:
+            parts.append(f"loading {candidate.model}")
+        return self.settings.stall_first_token_s + extra, f" (allowing for {' and '.join(parts)})"
 
     def _end_attempt(self, attempt: Attempt, cancel_reason: str | None = None) -> None:
         """Forget an attempt; tell the agent to stop if it has not finished; learn from a finished answer."""
@@ -306,7 +335,10 @@ class QueryExecutor:
         first, between = self.settings.stall_first_token_s, self.settings.stall_between_chunks_s
         try:
             while True:
-                stalled = attempt.stall_reason(time.monotonic(), first, between)
+                now = time.monotonic()
+                if (expired := run.deadline_passed(now)) is not None:
+                    return expired
+                stalled = attempt.stall_reason(now, first, between)
                 if stalled is not None:
                     return f"stalled: {stalled}"
                 signal = await run.next_signal(attempt.next_check(first, between))
@@ -334,24 +366,37 @@ class QueryExecutor:
     # ------------------------------------------------------------------ single route with failover
 
     async def _answer(self, run: Run, messages: list[ChatMessage], mode: str, *, announce: bool) -> _Answer:
-        """One answer from one agent at a time; on failure, another continues from the partial text."""
+        """One answer from one agent at a time; on failure another agent continues the partial text — only if its
+        runtime continues a prefill — or starts the answer over (:class:`AnswerRestarted`), never splicing two."""
         exclude: set[str] = set()
-        partial = ""
         attempts: list[Attempt] = []
+        segment: list[Attempt] = []  # the attempts whose text is the answer now (since the last restart)
         reasons: list[str] = []
         while True:
             previous = attempts[-1] if attempts else None
+            partial = "".join(a.text for a in segment)
             try:
-                route = await self._admit(run, mode, frozenset(exclude), previous.model if previous else None)
+                route = await self._admit(run, mode, frozenset(exclude), previous.model if previous else None,
+                                          prefer_continuing=bool(partial))
             except QueryError as error:
                 if previous is not None and error.code in ("no_agent", "failed", "busy"):
                     raise QueryError("failed", f"{'; '.join(reasons)}; and {error.message}",
                                      partial_text=partial) from None
                 error.partial_text = partial
                 raise
-            attempt = self._send(run, route.candidate, messages, partial)
+            restart = bool(partial) and not route.candidate.continues_prefill
+            if restart:
+                segment = []
+            attempt = self._send(run, route.candidate, messages, "" if restart else partial)
             attempts.append(attempt)
-            if previous is not None:
+            segment.append(attempt)
+            if previous is not None and restart:
+                logger.info("query %s: %s cannot continue a partial answer; restarting it (%d chars discarded)",
+                            run.request_id, attempt.agent_id, len(partial))
+                self.metrics.answer_restarts.inc()
+                run.emit(AnswerRestarted(run.request_id, previous.agent_id, attempt.agent_id, attempt.model,
+                                         reasons[-1], len(partial)))
+            elif previous is not None:
                 run.emit(AgentSwitched(run.request_id, previous.agent_id, attempt.agent_id, attempt.model,
                                        reasons[-1]))
             elif announce:
@@ -359,10 +404,15 @@ class QueryExecutor:
                                       route.reason))
             problem = await self._follow(run, attempt, lambda text, a=attempt: run.emit(
                 TextDelta(run.request_id, text, a.agent_id, a.model)))
-            partial += attempt.text
+            partial = "".join(a.text for a in segment)
             if problem is None and attempt.error is None:
                 return _Answer(partial, [a.agent_id for a in attempts], [a.model for a in attempts],
-                               combined_stats(run, attempts), len(attempts) - 1)
+                               combined_stats(run, segment, attempts), len(attempts) - 1)
+            if (expired := run.deadline_passed(time.monotonic())) is not None:
+                earlier = f" (earlier: {'; '.join(reasons)})" if reasons else ""
+                got = f" after {len(partial):,} characters from {attempt.agent_id}" if partial else \
+                    f" while waiting for {attempt.agent_id}'s first token"
+                raise QueryError("timeout", f"{expired}{got}{earlier}", partial_text=partial)
             reason = problem or f"{attempt.error_code or 'error'}: {attempt.error}"
             if attempt.error_code in NOT_THE_AGENTS_FAULT:
                 raise QueryError("bad_request" if attempt.error_code == "bad_job" else "failed",
@@ -374,9 +424,6 @@ class QueryExecutor:
             reasons.append(f"{attempt.agent_id}: {reason}")
             logger.warning("query %s: %s failed (%s) after %d chars", run.request_id, attempt.agent_id, reason,
                            len(attempt.text))
-            if time.monotonic() >= run.deadline:
-                raise QueryError("timeout", f"no complete answer within the deadline ({'; '.join(reasons)})",
-                                 partial_text=partial)
             if len(attempts) > self.settings.max_failovers:
                 raise QueryError("failed", f"gave up after {len(attempts)} attempt(s): {'; '.join(reasons)}",
                                  partial_text=partial)
@@ -407,9 +454,9 @@ class QueryExecutor:
         while len(answers) < len(attempts):
             now = time.monotonic()
             pending = [a for a in attempts if a.wire_id not in answers]
-            if now >= run.deadline:
+            if (expired := run.deadline_passed(now)) is not None:
                 for attempt in pending:
-                    finish(attempt, f"no complete answer by the deadline ({now - run.started_at:.1f} s)")
+                    finish(attempt, f"no complete answer: {expired}")
                 break
             for attempt in pending:
                 stalled = attempt.stall_reason(now, first, between)
@@ -478,22 +525,35 @@ class QueryExecutor:
                              combined_by=combined_by)
 
 
-def combined_stats(run: Run, attempts: list[Attempt]) -> ResultStats:
-    """Stats of an answer that may span several agents: tokens add up, times are the caller's."""
-    stats = [a.stats for a in attempts if a.stats is not None]
+def combined_stats(run: Run, segment: list[Attempt], attempts: list[Attempt] | None = None) -> ResultStats:
+    """Stats of an answer that may span several agents.
+
+    ``segment``: the attempts whose text is the answer (after a restart, only those since): their output tokens
+    add up, the prompt is the first one's, the finish reason is the last one's (the runtime's own), and tokens
+    count as the agent's when any part was counted by an agent. Times are the caller's; ``queue_s`` adds up what
+    every attempt (``attempts``, default ``segment``) waited for a slot.
+    """
+    every = attempts if attempts is not None else segment
+    stats = [a.stats for a in segment if a.stats is not None]
     outputs = [s.output_tokens for s in stats if s.output_tokens is not None]
+    counted_by = {s.tokens_counted_by for s in stats if s.tokens_counted_by is not None}
+    queued = [a.stats.queue_s for a in every if a.stats is not None and a.stats.queue_s is not None]
+    last = segment[-1].stats if segment else None
     return ResultStats(
         prompt_tokens=next((s.prompt_tokens for s in stats if s.prompt_tokens is not None), None),
         output_tokens=sum(outputs) if outputs else None,
         ttft_s=round(run.first_text_at - run.started_at, 4) if run.first_text_at else None,
-        tokens_per_s=attempts[-1].stats.tokens_per_s if attempts[-1].stats is not None else None,
+        tokens_per_s=last.tokens_per_s if last is not None else None,
         total_s=round(time.monotonic() - run.started_at, 4),
+        queue_s=round(sum(queued), 4) if queued else None,
+        finish_reason=last.finish_reason if last is not None else None,
+        tokens_counted_by="agent" if "agent" in counted_by else ("runtime" if counted_by else None),
     )
 
 
 def failure_kind(reason: str) -> str:
     """The metrics label of a failover reason."""
-    for kind in ("stalled", "went away", "deadline", "busy"):
+    for kind in ("stalled", "went away", "deadline", "busy", "truncated"):
         if kind in reason:
             return kind.replace("went away", "offline")
     return "error"

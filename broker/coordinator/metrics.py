@@ -24,6 +24,11 @@ class CoordinatorMetrics:
         self.queries = Counter("slb_queries", "Queries by routing mode and outcome.", ["mode", "outcome"], registry=r)
         self.errors = Counter("slb_query_errors", "Failed queries by error code.", ["code"], registry=r)
         self.failovers = Counter("slb_failovers", "Jobs re-sent to another agent.", ["reason"], registry=r)
+        self.answer_restarts = Counter(
+            "slb_answer_restarts", "Failovers that restarted the answer (the next runtime cannot continue it).",
+            registry=r)
+        self.manage = Counter("slb_manage_operations", "Model operations sent to agents, by action and outcome.",
+                              ["action", "outcome"], registry=r)
         self.output_tokens = Counter("slb_output_tokens", "Answer tokens generated, by model.", ["model"], registry=r)
         self.latency = Histogram("slb_query_latency_seconds", "Time from query to final answer.", ["mode"],
                                  buckets=LATENCY_BUCKETS, registry=r)

@@ -32,8 +32,18 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from broker.coordinator.attempts import InFlight
-from broker.coordinator.contract import ClusterSnapshot, PlanView, QueryEvent, QueryRequest
+from broker.coordinator.contract import (
+    ClusterSnapshot,
+    LoadedModel,
+    ManageEvent,
+    ModelAvailability,
+    PlanView,
+    QueryEvent,
+    QueryRequest,
+    new_request_id,
+)
 from broker.coordinator.execution import QueryExecutor
+from broker.coordinator.management import ModelOperations
 from broker.coordinator.metrics import CoordinatorMetrics
 from broker.coordinator.settings import CoordinatorSettings
 from broker.coordinator.views import cluster_snapshot
@@ -45,6 +55,7 @@ from broker.protocol import (
     Hardware,
     Message,
     ModelState,
+    Operation,
     PayloadError,
     Result,
     Status,
@@ -53,6 +64,7 @@ from broker.protocol import (
     Topics,
     decode,
 )
+from broker.scheduling import availability
 from broker.scheduling.catalog import Catalog, load_catalog
 from broker.scheduling.placement import PlacementSettings, Plan, plan_placement
 from broker.scheduling.registry import (
@@ -96,7 +108,7 @@ class Coordinator:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        self.catalog: Catalog = load_catalog(settings.catalog_path)
+        self.catalog: Catalog = load_catalog(settings.catalog_path, settings.catalog)
         self.topics = Topics(settings.topic_prefix)
         self.metrics = CoordinatorMetrics()
         self._chunks_ok = self.metrics.chunks.labels("ok")  # per-chunk hot path: skip the label lookup
@@ -121,6 +133,9 @@ class Coordinator:
             answer_measured=self._apply,
             assignment_pending=lambda: self._replan_handle is not None,
         )
+        self._operations = ModelOperations(
+            self.topics, self.metrics, publish=self._publish, state=lambda: self._state, catalog=self.catalog,
+            plan=lambda: self._last_plan)
         self._last_plan: Plan | None = None
         self._connection: MqttConnection | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -157,15 +172,17 @@ class Coordinator:
                                 id="replan", coalesce=True, max_instances=1)
         self._scheduler.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="coordinator-housekeeping")
+        catalog = str(self.settings.catalog_path) + (f" + {self.settings.catalog}" if self.settings.catalog else "")
         logger.info("coordinator %s started: broker %s, prefix %s, catalog %s (%d models), routing %s, "
                     "re-plan every %gs", self.settings.coordinator_id, self.settings.broker, self.topics.prefix,
-                    self.settings.catalog_path, len(self.catalog.models), self.settings.routing_policy,
+                    catalog, len(self.catalog.models), self.settings.routing_policy,
                     self.settings.replan_interval_s)
 
     async def stop(self) -> None:
         """Cancel queries (and their jobs on the agents), stop the schedule, publish offline, disconnect."""
         for run in self._ledger.runs():
             run.cancel("coordinator stopping")
+        self._operations.stop("coordinator stopping")
         self._wakeup.notify()
         if self._tasks:  # let queries end with QueryFailed(cancelled) and cancel their jobs
             await asyncio.wait(list(self._tasks), timeout=1.0)
@@ -234,6 +251,8 @@ class Coordinator:
             return
         if isinstance(payload, Result):
             self._on_result(agent_id, payload)
+        elif isinstance(payload, Operation):
+            self._operations.deliver(agent_id, payload)
         elif isinstance(payload, Telemetry):
             self._on_telemetry(agent_id, payload)
         elif (make_event := _RETAINED_EVENTS.get(type(payload))) is not None:
@@ -290,9 +309,15 @@ class Coordinator:
             why = "telemetry stopped" if isinstance(event, AgentExpired) else "offline"
             logger.warning("agent %s left (%s)", event.agent_id, why)
             self._agent_gone(event.agent_id, f"agent {event.agent_id} went away ({why})")
+            self._operations.agent_gone(event.agent_id, f"agent {event.agent_id} went away ({why})")
             self._schedule_replan("agent_left")
         elif isinstance(event, HardwareReceived) and is_online and (before is None or before.hardware is None):
             self._schedule_replan("hardware")
+        elif isinstance(event, ModelStateReceived) and is_online and after is not None and not after.can_pull \
+                and (before is None or before.local_models != after.local_models):
+            self._schedule_replan("local_models")  # a runtime that cannot pull is placed among what it has
+        if isinstance(event, ModelStateReceived | StatusReceived):
+            self._wakeup.notify()  # a model appeared on disk or in memory, or the runtime's slots changed
         ready_before = before.ready_model if before is not None else None
         ready_after = after.ready_model if after is not None else None
         if ready_before != ready_after:
@@ -393,9 +418,38 @@ class Coordinator:
         return cluster_snapshot(self._state, self._last_plan, self.catalog, cooling=self._breaker.cooling(now),
                                 connected=self.connected, now=now, generated_at=time.time())
 
-    def model_names(self) -> list[str]:
-        """Models ready somewhere in the cluster."""
-        return self._state.ready_models()
+    def model_names(self, chat_only: bool = False) -> list[str]:
+        """Every model some online agent can answer with now — ready, loaded or on disk — by display name;
+        ``chat_only`` leaves out embedding models (for a chat model picker)."""
+        return [model.name for model in availability.model_availability(self._state, self.catalog)
+                if not (chat_only and model.embedding)]
+
+    def models(self) -> list[ModelAvailability]:
+        """Every servable model with the agents that have it and in what state (ready, loaded, local), plus what
+        the catalog knows (parameters, memory, context length); for ``/v1/models``, ``/api/tags`` and the picker."""
+        return availability.model_availability(self._state, self.catalog)
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """What is loaded where, from the agents' runtimes (Ollama's ``/api/ps``); for the cluster's ``/api/ps``."""
+        return availability.loaded_models(self._state, self.catalog)
+
+    # ------------------------------------------------------------------ model management
+
+    def manage_targets(self, action: str, model: str, agents: list[str] | None = None) -> tuple[list[str], str]:
+        """Which agents a model operation would go to, and why (explicit ``agents``, or where the plan wants it)."""
+        return self._operations.targets(action, model, agents)
+
+    async def manage(self, action: str, model: str, *, agents: list[str] | None = None,
+                     timeout_s: float | None = None, request_id: str | None = None) -> AsyncIterator[ManageEvent]:
+        """Pull, delete, load or unload ``model`` on ``agents`` (default: where the plan or the agents' models say)
+        and stream the agents' progress: ManageStarted, ManageProgress per report, then ManageFinished.
+
+        Closing the stream early stops following (the agents finish the operation anyway).
+        """
+        async for event in self._operations.run(action, model, agents=agents, request_id=request_id or
+                                                new_request_id(),
+                                                timeout_s=timeout_s or self.settings.manage_timeout_s):
+            yield event
 
     # ------------------------------------------------------------------ queries
 

@@ -23,7 +23,13 @@ class CoordinatorSettings(MqttSettings):
     )
     catalog_path: Path = Field(
         default=DEFAULT_CATALOG,
-        description="Model catalog JSON (name, parameters, memory, tier); see docs/scheduling.md.",
+        description="Model catalog JSON that REPLACES the shipped one (name, parameters, memory, tiers); "
+                    "see docs/scheduling.md.",
+    )
+    catalog: Path | None = Field(
+        default=None,
+        description="A user catalog JSON that EXTENDS or overrides the base catalog (--catalog-path): your own "
+                    "models, corrected figures, more tiers; see docs/scheduling.md.",
     )
     # ---- placement
     replan_interval_s: float = Field(default=300.0, gt=0, description="Seconds between scheduled re-plans.")
@@ -65,22 +71,33 @@ class CoordinatorSettings(MqttSettings):
     )
     # ---- failure handling
     stall_first_token_s: float = Field(
-        default=20.0, gt=0, description="A job with no first chunk after this many seconds is re-sent elsewhere."
+        default=20.0, gt=0,
+        description="A job with no first token after this many seconds is re-sent elsewhere; a job queued behind "
+                    "others on its agent (or waiting for a model to load) gets more, by the expected wait.",
     )
     stall_between_chunks_s: float = Field(
-        default=10.0, gt=0, description="A job with no new in-order chunk for this many seconds is re-sent elsewhere."
+        default=10.0, gt=0,
+        description="A job with no new in-order tokens for this many seconds is re-sent elsewhere (a job that keeps "
+                    "producing tokens is never cut; only the query's deadline ends it).",
     )
     max_failovers: int = Field(default=2, ge=0, description="Re-sends per query before the caller gets an error.")
     default_deadline_s: float = Field(
         default=300.0, gt=0, description="Whole-query deadline when the caller sets none."
     )
     attempt_deadline_s: float = Field(
-        default=120.0, gt=0, description="Deadline of one agent's attempt; past it the rest is asked of another agent."
+        default=120.0, gt=0,
+        description="No longer used (kept so that old flags and SLB_ variables still parse): an attempt that keeps "
+                    "producing tokens runs until the query's deadline; stalls are judged by the two stall settings.",
     )
     breaker_failures: int = Field(
         default=3, ge=1, description="Consecutive failures after which an agent cools down (gets no new jobs)."
     )
     cooldown_s: float = Field(default=60.0, ge=0, description="How long a failing agent cools down.")
+    manage_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="A model operation (pull, delete, load, unload) fails on an agent silent about it this long "
+                    "(a pull reports progress several times a second).",
+    )
     expiry_factor: float = Field(
         default=3.0, gt=1, description="An agent is gone after this many of its telemetry intervals without telemetry."
     )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from broker.coordinator.contract import AgentView, ClusterSnapshot
 from broker.protocol import Hardware
+from broker.scheduling.availability import model_availability
 from broker.scheduling.catalog import Catalog
 from broker.scheduling.estimates import agent_score
 from broker.scheduling.placement import Plan
@@ -23,8 +24,10 @@ def cluster_snapshot(state: ClusterState, plan: Plan | None, catalog: Catalog, *
     views = [agent_view(record, catalog, reason=reasons.get(record.agent_id, ""),
                         cooling_down=cooling.get(record.agent_id, False), now=now)
              for record in sorted(state.agents.values(), key=lambda r: r.agent_id)]
+    models = model_availability(state, catalog)
     return ClusterSnapshot(agents=views, ready_models=state.ready_models(), connected=connected,
-                           generated_at=generated_at)
+                           generated_at=generated_at, servable_models=[model.name for model in models],
+                           models=models)
 
 
 def placement_reasons(plan: Plan | None) -> dict[str, str]:
@@ -69,9 +72,16 @@ def agent_view(record: AgentRecord, catalog: Catalog, *, reason: str, cooling_do
                            telemetry.backend_reachable is not None else
                            status.backend_reachable if status is not None else None),
         backend_error=status.backend_error if status is not None else None,
+        backend_url=status.backend_url if status is not None else None,
         last_seen_s=round(record.silent_for(now), 1),
         placement_reason=reason,
         cooling_down=cooling_down,
+        runtime=record.runtime.model_dump() if record.runtime is not None else {},
+        slots=record.slots if record.status is not None else None,
+        loaded_models=list(record.loaded_models),
+        available_models={offer.name: offer.state for offer in record.offers()},
+        can_pull=record.can_pull,
+        continues_prefill=record.continues_prefill,
     )
 
 

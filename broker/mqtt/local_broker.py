@@ -35,6 +35,22 @@ EMBEDDED_LIMITS = (
 )
 
 _PATH_DIRECTIVES = ("password_file", "acl_file", "cafile", "certfile", "keyfile", "capath", "include_dir")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def open_broker_warning(host: str, port: int) -> str | None:
+    """The warning for a development broker (no password, no ACL) that listens beyond this machine.
+
+    ``None`` on loopback, where only this machine's users can reach it.
+    """
+    if host in LOOPBACK_HOSTS:
+        return None
+    return (
+        f"!!! the development broker on {host}:{port} has NO authentication and NO access control: anyone who "
+        "can reach this port reads every prompt and answer and can pose as an agent or as the coordinator. "
+        "Keep it on 127.0.0.1 (the default --mqtt-host); for a LAN run Mosquitto with "
+        "mosquitto/mosquitto.secure.conf (passwords, ACL, optional TLS) as docs/security.md shows !!!"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -55,6 +71,16 @@ def mosquitto_binary() -> str | None:
     return None
 
 
+def template_listeners(template: Path) -> list[tuple[int, str]]:
+    """``(port, host)`` of every ``listener`` line of a Mosquitto config, in order."""
+    found: list[tuple[int, str]] = []
+    for raw in template.read_text().splitlines():
+        parts = raw.split()
+        if len(parts) >= 2 and parts[0] == "listener" and parts[1].isdigit():
+            found.append((int(parts[1]), parts[2] if len(parts) > 2 else ""))
+    return found
+
+
 def render_mosquitto_config(
     template: Path,
     *,
@@ -63,41 +89,62 @@ def render_mosquitto_config(
     data_dir: Path,
     overrides: dict[str, str] | None = None,
     extra: str = "",
+    listener_ports: dict[int, int] | None = None,
 ) -> str:
-    """Copy of ``template`` with our listener, persistence folder, absolute paths and the current user."""
+    """Copy of ``template`` with our listeners, persistence folder, absolute paths and the current user.
+
+    The first listener gets ``port`` and ``host``; a further listener (the secure config's coordinator
+    listener) keeps its host and gets the port ``listener_ports`` maps its written port to. ``overrides``:
+    ``key`` replaces that setting everywhere, ``key@PORT`` only in the block of the listener written with
+    PORT (the secure config has one password file per listener). ``extra`` (a TLS listener) is appended with
+    the same treatment of paths and overrides.
+    """
     lines: list[str] = []
     listener_done = False
-    for raw in template.read_text().splitlines():
+    block_port: int | None = None  # written port of the listener whose block we are in
+
+    def rendered(raw: str, *, from_template: bool) -> str | None:
+        nonlocal listener_done, block_port
         line = raw.strip()
-        key = line.split(None, 1)[0] if line and not line.startswith("#") else ""
+        words = line.split(None, 2) if line and not line.startswith("#") else []
+        key = words[0] if words else ""
         if key == "listener":
-            if listener_done:
-                continue  # extra listeners (e.g. TLS) come from ``extra``
-            lines.append(f"listener {port} {host}")
-            listener_done = True
-            continue
+            written = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+            block_port = written
+            if from_template and not listener_done:
+                listener_done = True
+                return f"listener {port} {host}"
+            if from_template and written is not None and listener_ports and written in listener_ports:
+                return f"listener {listener_ports[written]} {words[2] if len(words) > 2 else ''}".rstrip()
+            return raw
         if key == "persistence_location":
-            lines.append(f"persistence_location {data_dir}/")
-            continue
+            return f"persistence_location {data_dir}/"
         if key in ("user", "pid_file"):
-            continue
+            return None
+        if overrides and block_port is not None and f"{key}@{block_port}" in overrides:
+            return f"{key} {overrides[f'{key}@{block_port}']}"
         if overrides and key in overrides:
-            lines.append(f"{key} {overrides[key]}")
-            continue
+            return f"{key} {overrides[key]}"
         if key in _PATH_DIRECTIVES:
             value = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
             path = Path(value)
             if not path.is_absolute():
                 path = (PROJECT_ROOT / path).resolve()
-            lines.append(f"{key} {path}")
-            continue
-        lines.append(raw)
+            return f"{key} {path}"
+        return raw
+
+    for raw in template.read_text().splitlines():
+        line = rendered(raw, from_template=True)
+        if line is not None:
+            lines.append(line)
     if not listener_done:
         lines.insert(0, f"listener {port} {host}")
     # Started as root, mosquitto drops to its own user and then cannot read our files.
     lines.append(f"user {getpass.getuser()}")
-    if extra:
-        lines.append(extra)
+    for raw in extra.splitlines():
+        line = rendered(raw, from_template=False)
+        if line is not None:
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +188,16 @@ class RunningBroker:
     log_path: Path
     config_path: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    listeners: dict[int, int] = field(default_factory=dict)
+    """Further listeners of the config: written port -> the free port they got (the secure coordinator one)."""
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def listener_url(self, written_port: int) -> str:
+        """URL of the config's listener written with ``written_port`` (e.g. 1884, the coordinator listener)."""
+        return f"mqtt://127.0.0.1:{self.listeners[written_port]}"
 
     def start(self, timeout: float = 10.0) -> None:
         log = self.log_path.open("ab")
@@ -195,13 +248,17 @@ def start_broker(
     binary = mosquitto_binary() if prefer != "embedded" else None
     if prefer == "mosquitto" and binary is None:
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    exposed = open_broker_warning(host, port) if config == DEFAULT_CONFIG or binary is None else None
+    if exposed:
+        logger.warning("%s", exposed)
     if binary is not None:
         state_dir = data_dir / "mosquitto"
         state_dir.mkdir(parents=True, exist_ok=True)
         config_path = state_dir / f"mosquitto-{port}.conf"
+        listener_ports = {written: free_port() for written, _ in template_listeners(config)[1:]}
         config_path.write_text(
             render_mosquitto_config(config, port=port, host=host, data_dir=state_dir, overrides=overrides,
-                                    extra=extra_config)
+                                    extra=extra_config, listener_ports=listener_ports)
         )
         broker = RunningBroker(
             kind="mosquitto",
@@ -210,6 +267,7 @@ def start_broker(
             command=[binary, "-c", str(config_path)],
             log_path=state_dir / f"mosquitto-{port}.log",
             config_path=config_path,
+            listeners=listener_ports,
         )
         broker.start(timeout)
         logger.info("broker: Mosquitto (%s) on %s:%d, config %s, log %s", binary, host, port, config_path,

@@ -10,7 +10,9 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from broker.protocol.redaction import redact_url, redact_urls_in
 
 PROTOCOL_VERSION = 1
 
@@ -24,6 +26,51 @@ RequestId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
 
 MAX_PROMPT_CHARS = 400_000
 """Upper bound for the text of one job; larger jobs are refused at the edge."""
+
+# What an agent may claim (issue 13.6, docs/protocol.md "Limits"). Lists and names over their limit make the
+# message invalid (dropped whole); measured numbers are capped, so a measurement spike never silences an honest
+# agent and a liar gains at most the ceiling; error texts are cut.
+MAX_NAME_CHARS = 200
+MAX_HOSTNAME_CHARS = 255
+MAX_URL_CHARS = 2048
+MAX_ERROR_CHARS = 2000
+MAX_GPUS = 16
+MAX_MODELS = 2000
+MAX_PARALLEL = 64
+MAX_TOKENS_PER_S = 10_000.0
+MAX_SECONDS = 86_400.0
+
+
+def _at_most(limit: float) -> AfterValidator:
+    """Cap a number that passed its other checks (``ge=0``) at ``limit``."""
+    return AfterValidator(lambda value: value if value <= limit else type(value)(limit))
+
+
+def _cut(text: object) -> object:
+    """Error texts longer than :data:`MAX_ERROR_CHARS` are cut (an honest backend may say a lot), URLs redacted."""
+    if not isinstance(text, str):
+        return text
+    text = redact_urls_in(text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def _redacted_url(url: object) -> object:
+    return redact_url(url) if isinstance(url, str) else url
+
+
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+"""Model, GPU, CPU, OS, version and runtime names."""
+Hostname = Annotated[str, StringConstraints(max_length=MAX_HOSTNAME_CHARS)]
+ErrorText = Annotated[str, BeforeValidator(_cut)]
+BackendUrl = Annotated[str, StringConstraints(max_length=MAX_URL_CHARS), AfterValidator(_redacted_url)]
+TokensPerSecond = Annotated[float, Field(ge=0), _at_most(MAX_TOKENS_PER_S)]
+Seconds = Annotated[float, Field(ge=0), _at_most(MAX_SECONDS)]
+Parallel = Annotated[int, Field(ge=1), _at_most(MAX_PARALLEL)]
+Percent = Annotated[float, Field(ge=0), _at_most(100.0)]
+Gigabytes = Annotated[float, Field(ge=0), _at_most(65_536.0)]
+Bytes = Annotated[int, Field(ge=0), _at_most(2**50)]
+Tokens = Annotated[int, Field(ge=0), _at_most(10_000_000)]
+Jobs = Annotated[int, Field(ge=0), _at_most(100_000)]
 
 
 def is_valid_agent_id(value: str) -> bool:
@@ -78,14 +125,14 @@ class Status(Message):
     """Presence of an agent; retained, and also the agent's last will."""
 
     state: Literal["online", "offline"]
-    agent_version: str = "unknown"
-    backend: str | None = Field(default=None, description="ollama, openai or simulated.")
-    backend_url: str | None = None
+    agent_version: Name = "unknown"
+    backend: Name | None = Field(default=None, description="ollama, openai or simulated.")
+    backend_url: BackendUrl | None = Field(default=None, description="Credentials shown as user:***@.")
     backend_reachable: bool | None = None
-    backend_error: str | None = None
+    backend_error: ErrorText | None = None
     simulated: bool = Field(default=False, description="True for the simulated backend (demos, benchmarks).")
-    hostname: str | None = None
-    max_parallel: int | None = Field(default=None, ge=1)
+    hostname: Hostname | None = None
+    max_parallel: Parallel | None = None
     runtime: RuntimeProfile | None = Field(default=None, description="The runtime profile, once learned.")
 
 
@@ -94,12 +141,12 @@ class GpuInfo(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
-    name: str = "unknown"
-    vendor: str = Field(default="unknown", description="nvidia, amd, intel, apple or unknown.")
-    vram_total_gb: float | None = Field(default=None, ge=0)
-    vram_free_gb: float | None = Field(default=None, ge=0)
+    name: Name = "unknown"
+    vendor: Name = Field(default="unknown", description="nvidia, amd, intel, apple or unknown.")
+    vram_total_gb: Annotated[float, Field(ge=0), _at_most(2048.0)] | None = None
+    vram_free_gb: Annotated[float, Field(ge=0), _at_most(2048.0)] | None = None
     unified_memory: bool = Field(default=False, description="GPU shares system RAM (Apple Silicon).")
-    memory_bandwidth_gbps: float | None = Field(default=None, ge=0)
+    memory_bandwidth_gbps: Annotated[float, Field(ge=0), _at_most(20_000.0)] | None = None
 
 
 class Benchmark(BaseModel):
@@ -107,24 +154,24 @@ class Benchmark(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
-    model: str
-    tokens_per_s: float = Field(ge=0)
-    ttft_s: float | None = Field(default=None, ge=0)
+    model: Name
+    tokens_per_s: TokensPerSecond
+    ttft_s: Seconds | None = None
     measured_at: float = Field(default_factory=time.time)
 
 
 class Hardware(Message):
     """What the machine can do; retained. Fields the probe could not read are ``None``."""
 
-    cpu_brand: str | None = None
-    cpu_physical_cores: int | None = Field(default=None, ge=0)
-    cpu_logical_cores: int | None = Field(default=None, ge=0)
-    cpu_max_ghz: float | None = Field(default=None, ge=0)
-    ram_total_gb: float | None = Field(default=None, ge=0)
-    gpus: list[GpuInfo] = Field(default_factory=list)
-    os: str | None = None
-    arch: str | None = None
-    hostname: str | None = None
+    cpu_brand: Name | None = None
+    cpu_physical_cores: Annotated[int, Field(ge=0), _at_most(1024)] | None = None
+    cpu_logical_cores: Annotated[int, Field(ge=0), _at_most(4096)] | None = None
+    cpu_max_ghz: Annotated[float, Field(ge=0), _at_most(10.0)] | None = None
+    ram_total_gb: Gigabytes | None = None
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_GPUS)
+    os: Name | None = None
+    arch: Name | None = None
+    hostname: Hostname | None = None
     declared: bool = Field(default=False, description="True when read from --hardware-profile, not probed.")
     benchmark: Benchmark | None = None
 
@@ -132,19 +179,20 @@ class Hardware(Message):
 class Telemetry(Message):
     """Load every few seconds; QoS 0, not retained."""
 
-    cpu_percent: float | None = Field(default=None, ge=0)
-    ram_used_gb: float | None = Field(default=None, ge=0)
-    ram_free_gb: float | None = Field(default=None, ge=0)
-    gpu_util_percent: float | None = Field(default=None, ge=0)
-    vram_free_gb: float | None = Field(default=None, ge=0)
-    jobs_running: int = Field(default=0, ge=0)
-    jobs_queued: int = Field(default=0, ge=0)
-    max_parallel: int | None = Field(default=None, ge=1)
-    tokens_per_s: float | None = Field(default=None, ge=0, description="Recent generation speed per stream.")
-    ttft_s: float | None = Field(default=None, ge=0, description="Recent time to first token.")
+    cpu_percent: Percent | None = None
+    ram_used_gb: Gigabytes | None = None
+    ram_free_gb: Gigabytes | None = None
+    gpu_util_percent: Percent | None = None
+    vram_free_gb: Gigabytes | None = None
+    jobs_running: Jobs = 0
+    jobs_queued: Jobs = 0
+    max_parallel: Parallel | None = None
+    tokens_per_s: TokensPerSecond | None = Field(default=None, description="Recent generation speed per stream.")
+    ttft_s: Seconds | None = Field(default=None, description="Recent time to first token.")
     backend_reachable: bool | None = None
     simulated: bool = False
-    interval_s: float = Field(default=2.0, gt=0, description="Seconds until the next telemetry message.")
+    interval_s: Annotated[float, Field(gt=0), _at_most(3600.0)] = Field(
+        default=2.0, description="Seconds until the next telemetry message.")
 
 
 ModelStateName = Literal["absent", "pulling", "loading", "ready", "failed"]
@@ -153,16 +201,17 @@ ModelStateName = Literal["absent", "pulling", "loading", "ready", "failed"]
 class ModelState(Message):
     """State of the assigned model; retained."""
 
-    model: str | None = None
+    model: Name | None = None
     state: ModelStateName
     progress: float | None = Field(default=None, ge=0, le=1)
-    completed_bytes: int | None = Field(default=None, ge=0)
-    total_bytes: int | None = Field(default=None, ge=0)
-    error: str | None = None
-    local_models: list[str] = Field(default_factory=list)
-    assignment_id: str | None = None
-    loaded_models: list[str] = Field(
-        default_factory=list, description="Models in the runtime's memory now (Ollama /api/ps), when it says."
+    completed_bytes: Bytes | None = None
+    total_bytes: Bytes | None = None
+    error: ErrorText | None = None
+    local_models: list[Name] = Field(default_factory=list, max_length=MAX_MODELS)
+    assignment_id: str | None = Field(default=None, max_length=100)
+    loaded_models: list[Name] = Field(
+        default_factory=list, max_length=MAX_MODELS,
+        description="Models in the runtime's memory now (Ollama /api/ps), when it says.",
     )
 
 
@@ -171,13 +220,13 @@ class ResultStats(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
-    prompt_tokens: int | None = Field(default=None, ge=0)
-    output_tokens: int | None = Field(default=None, ge=0)
-    ttft_s: float | None = Field(default=None, ge=0)
-    tokens_per_s: float | None = Field(default=None, ge=0)
-    total_s: float | None = Field(default=None, ge=0)
-    queue_s: float | None = Field(
-        default=None, ge=0, description="Time the job waited at the agent for a free slot (included in ttft_s)."
+    prompt_tokens: Tokens | None = None
+    output_tokens: Tokens | None = None
+    ttft_s: Seconds | None = None
+    tokens_per_s: TokensPerSecond | None = None
+    total_s: Seconds | None = None
+    queue_s: Seconds | None = Field(
+        default=None, description="Time the job waited at the agent for a free slot (included in ttft_s)."
     )
     finish_reason: str | None = Field(
         default=None, max_length=32, description="The runtime's own reason: stop, length, ... (Ollama done_reason)."
@@ -210,11 +259,11 @@ class Result(Message):
     seq: int = Field(ge=0)
     delta: str = ""
     done: bool = False
-    error: str | None = None
+    error: ErrorText | None = None
     error_code: ErrorCode | None = None
     stats: ResultStats | None = None
     agent_id: AgentId | None = None
-    model: str | None = None
+    model: Name | None = None
 
 
 # ---------------------------------------------------------------- coordinator → agent
@@ -225,7 +274,7 @@ class Assign(Message):
 
     model: str = Field(min_length=1, max_length=200)
     assignment_id: str = Field(min_length=1, max_length=100)
-    reason: str = ""
+    reason: ErrorText = ""
 
 
 class ChatMessage(BaseModel):
@@ -253,7 +302,7 @@ class Cancel(Message):
     """Stop a running job."""
 
     request_id: RequestId
-    reason: str | None = None
+    reason: ErrorText | None = None
 
 
 ManageAction = Literal["pull", "delete", "load", "unload"]
@@ -284,4 +333,4 @@ class CoordinatorStatus(Message):
     """Presence of the coordinator; retained, and also its last will."""
 
     state: Literal["online", "offline"]
-    coordinator_version: str = "unknown"
+    coordinator_version: Name = "unknown"

@@ -11,15 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.scheduling.catalog import Catalog, CatalogModel
+from broker.scheduling.names import same_model
 from broker.scheduling.registry import AgentRecord
-from broker.scheduling.scoring import MeasuredSpeed, Score, estimate_tokens_per_s, score_machine
-
-UNKNOWN_MODEL = CatalogModel(name="unknown", parameters_b=7.0, memory_gb=5.0, tier="unknown")
-"""Stand-in size for a model that is not in the catalog (speed prior only)."""
+from broker.scheduling.scoring import MeasuredSpeed, Score, estimate_tokens_per_s, normalise_speed, score_machine
 
 PRIOR_TTFT_BASE_S = 0.25
 PREFILL_SPEEDUP = 8.0
 """Prompt tokens are processed this many times faster than answer tokens are generated."""
+LOAD_BASE_S = 1.0
+LOAD_GB_PER_S = 1.0
+"""Loading a model from disk into memory: a second plus its size at about 1 GB/s (SSD and page cache vary)."""
+
+
+def load_time_s(model: CatalogModel) -> float:
+    """Expected time to load ``model`` before its first token (an agent has it on disk, not in memory)."""
+    return LOAD_BASE_S + model.memory_gb / LOAD_GB_PER_S
 
 
 def measured_speed(record: AgentRecord) -> MeasuredSpeed | None:
@@ -63,11 +69,18 @@ class SpeedExpectation:
     source: str
 
 
-def expected_speed(record: AgentRecord, model: str, catalog: Catalog, prompt_tokens: int = 0) -> SpeedExpectation:
-    """Per-stream tokens/s and time to first token of ``model`` on this agent."""
-    entry = catalog.model(model) or UNKNOWN_MODEL
+def expected_speed(record: AgentRecord, model: str, catalog: Catalog, prompt_tokens: int = 0, *,
+                   loaded: bool = True) -> SpeedExpectation:
+    """Per-stream tokens/s and time to first token of ``model`` on this agent (``loaded=False``: it must be loaded
+    from disk first, which adds to the time to first token).
+
+    For a model the agent was not assigned: what the coordinator observed for that model on that agent, else the
+    benchmark scaled by model size, else the catalog's (or the name's) size estimate — never the telemetry, which
+    describes the assigned model.
+    """
+    entry = catalog.estimate(model)
     observed = record.observed.get(model)
-    telemetry = record.telemetry if record.ready_model == model else None
+    telemetry = record.telemetry if same_model(record.ready_model, model) else None
     benchmark = record.hardware.benchmark if record.hardware is not None else None
     prior_speed = estimate_tokens_per_s(record.facts, entry)
     speed: float | None = None
@@ -77,17 +90,31 @@ def expected_speed(record: AgentRecord, model: str, catalog: Catalog, prompt_tok
     elif telemetry is not None and telemetry.tokens_per_s:
         speed, source = telemetry.tokens_per_s, "telemetry"
     elif benchmark is not None and benchmark.tokens_per_s:
-        bench_model = catalog.model(benchmark.model)
-        scale = bench_model.read_gb / entry.read_gb if bench_model is not None else 1.0
-        speed, source = benchmark.tokens_per_s * scale, "benchmark"
+        bench_model = catalog.estimate(benchmark.model)
+        speed, source = benchmark.tokens_per_s * bench_model.read_gb / entry.read_gb, "benchmark"
     tokens_per_s = max(0.1, speed or prior_speed)
     ttft = None
     if observed is not None and observed.ttft_s is not None:
         ttft = observed.ttft_s
     elif telemetry is not None and telemetry.ttft_s is not None:
         ttft = telemetry.ttft_s
-    elif benchmark is not None and benchmark.ttft_s is not None and benchmark.model == model:
+    elif benchmark is not None and benchmark.ttft_s is not None and same_model(benchmark.model, model):
         ttft = benchmark.ttft_s
     if ttft is None:
         ttft = PRIOR_TTFT_BASE_S + prompt_tokens / (tokens_per_s * PREFILL_SPEEDUP)
+    if not loaded:
+        ttft += load_time_s(entry)
     return SpeedExpectation(tokens_per_s, ttft, source)
+
+
+def placement_speed(record: AgentRecord, model: CatalogModel, catalog: Catalog) -> tuple[float, str]:
+    """Tokens/s placement expects of ``model`` on this agent, and from what: observed on that model, else any
+    measurement scaled by model size (speed ∝ 1 / weights), else the bandwidth prior."""
+    observed = record.observed.get(model.name)
+    if observed is not None and observed.tokens_per_s:
+        return observed.tokens_per_s, "observed"
+    measured = measured_speed(record)
+    if measured is not None:
+        on_reference = normalise_speed(measured.tokens_per_s, measured.model, catalog)
+        return on_reference * catalog.reference.read_gb / model.read_gb, f"{measured.source}, scaled"
+    return estimate_tokens_per_s(record.facts, model), "estimated"

@@ -7,9 +7,14 @@ The rules (docs/scheduling.md has them with examples):
 1. **Tier by score**: an agent gets the first model of the highest tier its
    score qualifies for; with **hysteresis**, an agent keeps its current tier
    while its score stays within ``hysteresis`` points of that tier's range.
-2. **Fit**: a model goes only where it fits — free VRAM on a machine with a
-   discrete GPU, else RAM (unified memory on Apple Silicon) — plus headroom;
-   otherwise the next smaller model, with the reason.
+2. **Fit and speed**: a model goes only where it fits — free VRAM on a
+   machine with a discrete GPU, else RAM (unified memory on Apple Silicon) —
+   plus headroom, and where the machine is expected (or measured) to run it
+   at the tier's ``min_tokens_per_s``; otherwise the next smaller model, with
+   the reason. Within a tier the agent's current model comes first, then
+   models it already has on disk, then the tier's primary, then the largest.
+   **Runtimes that cannot pull** (anything but Ollama and the simulated
+   backend) are only given a model they already have: the largest that fits.
 3. **Mix**: every tier that some agent qualifies for is served. An unserved
    tier takes the lowest-scoring agent of the most crowded tier above it
    (one with at least two agents), preferring an agent already serving it.
@@ -29,10 +34,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from broker.scheduling.catalog import Catalog, CatalogModel
-from broker.scheduling.estimates import agent_score
+from broker.scheduling.catalog import REASONING_TAG, Catalog, CatalogModel
+from broker.scheduling.estimates import agent_score, placement_speed
+from broker.scheduling.names import model_key
 from broker.scheduling.registry import AgentRecord, ClusterState
 from broker.scheduling.scoring import MachineFacts, Score
+
+LOCAL_TIER = "local"
+"""Tier shown for an agent whose runtime cannot pull: it serves the largest model it has."""
+NOTES_PER_TIER = 2
+"""Reasons kept per tier when its models do not fit (the rest are counted), so a reason stays readable."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class PlanEntry:
     score: float | None = None
     tier: str | None = None
     deferred: bool = False  # a change held back so that the cluster keeps answering while models move
+    local_only: bool = False  # the runtime cannot pull: the target is one of the agent's own models
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class Placement:
     tier: str
     reason: str
     deferred: bool = False
+    local_only: bool = False  # the runtime cannot pull: the target is one of its own models
 
     @property
     def change(self) -> bool:
@@ -104,7 +117,7 @@ class Plan:
         return PlanView(
             entries=[
                 PlanEntry(entry.agent_id, entry.current_model, entry.target_model, entry.change, entry.reason,
-                          score=entry.score, tier=entry.tier, deferred=entry.deferred)
+                          score=entry.score, tier=entry.tier, deferred=entry.deferred, local_only=entry.local_only)
                 for entry in self.entries
             ],
             excluded=dict(self.excluded),
@@ -148,8 +161,14 @@ def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog) -> M
         return MemoryPool(kind, None, None)
     if free is None:
         return MemoryPool(kind, total, total)
-    loaded = catalog.model(record.ready_model)
+    loaded = catalog.estimate(record.ready_model) if record.ready_model else None
     return MemoryPool(kind, total, min(total, free + (loaded.memory_gb if loaded else 0.0)))
+
+
+def fits_memory(record: AgentRecord, model: CatalogModel, catalog: Catalog, headroom_gb: float = 0.0) -> bool:
+    """Whether ``model`` fits the agent's memory pool now (unknown memory: assume it does)."""
+    pool = memory_pool(record, record.facts, catalog)
+    return pool.available_gb is None or model.memory_gb + headroom_gb <= pool.available_gb
 
 
 # ---------------------------------------------------------------- filters
@@ -225,6 +244,23 @@ class FitFilter:
                 f"{pool.available_gb:.1f} GB {pool.kind} free")
 
 
+class SpeedFilter:
+    """A machine expected (or measured) slower than a tier's ``min_tokens_per_s`` on a model gets a smaller one."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
+        tier = self.catalog.tier_of(model.name)
+        floor = self.catalog.tier(tier).min_tokens_per_s if tier is not None else None
+        if not floor:
+            return None
+        speed, source = placement_speed(candidate.record, model, self.catalog)
+        if speed >= floor:
+            return None
+        return f"would run at {speed:.1f} tok/s ({source}), below the {tier} tier's {floor:g}"
+
+
 class FailedModelFilter:
     """A model that failed on an agent (pull or load) is not offered to it again for a while."""
 
@@ -241,19 +277,68 @@ class FailedModelFilter:
 # ---------------------------------------------------------------- planning
 
 
+def _tier_order(candidate: Candidate, catalog: Catalog, tier: str) -> list[CatalogModel]:
+    """A tier's models in the order placement tries them: the current model (no churn), models already on the
+    machine (no download; reasoning models, which think aloud first, excepted), the tier's primary (the default
+    preference), then the largest, reasoning models last."""
+    current = model_key(candidate.record.current_model or "")
+    local = {model_key(name) for name in candidate.record.local_models}
+    models = catalog.models_of(tier)
+    primary = models[0].name
+
+    def order(indexed: tuple[int, CatalogModel]) -> tuple[bool, bool, bool, bool, float, int]:
+        index, model = indexed
+        reasoning = REASONING_TAG in model.tags
+        return (model_key(model.name) != current, reasoning or model_key(model.name) not in local,
+                model.name != primary, reasoning, -model.parameters_b, index)
+
+    return [model for _, model in sorted(enumerate(models), key=order)]
+
+
+def _problem(candidate: Candidate, model: CatalogModel, model_filters: Sequence[ModelFilter], now: float) -> str | None:
+    return next((problem for f in model_filters if (problem := f.check(candidate, model, now))), None)
+
+
 def _choose(
     candidate: Candidate, catalog: Catalog, start_tier: str, model_filters: Sequence[ModelFilter], now: float
 ) -> tuple[CatalogModel | None, list[str]]:
-    """First model from ``start_tier`` down that passes every model filter; the current model is tried first."""
+    """First model from ``start_tier`` down that passes every model filter, and why the ones before did not."""
     notes: list[str] = []
-    current = candidate.record.current_model
     for tier in catalog.ordered_tiers[catalog.tier_rank(start_tier):]:
-        models = sorted(catalog.models_of(tier.name), key=lambda model: model.name != current)
-        for model in models:
-            problem = next((p for f in model_filters if (p := f.check(candidate, model, now))), None)
+        skipped: list[str] = []
+        for model in _tier_order(candidate, catalog, tier.name):
+            problem = _problem(candidate, model, model_filters, now)
             if problem is None:
+                notes.extend(_compact(skipped, tier.name))
                 return model, notes
-            notes.append(f"{model.name} {problem}")
+            skipped.append(f"{model.name} {problem}")
+        notes.extend(_compact(skipped, tier.name))
+    return None, notes
+
+
+def _compact(skipped: list[str], tier: str) -> list[str]:
+    """The first few reasons of a tier, and how many more models of it were skipped."""
+    if len(skipped) <= NOTES_PER_TIER:
+        return skipped
+    return [*skipped[:NOTES_PER_TIER], f"{len(skipped) - NOTES_PER_TIER} more {tier} model(s) skipped"]
+
+
+def _choose_local(
+    candidate: Candidate, catalog: Catalog, model_filters: Sequence[ModelFilter], now: float
+) -> tuple[CatalogModel | None, list[str]]:
+    """For a runtime that cannot pull: its current model if it still has it, else the largest of its own chat
+    models that fits (the agent's own spelling, sized from the catalog or the name)."""
+    record = candidate.record
+    current = model_key(record.current_model or "")
+    own = [catalog.estimate(name).model_copy(update={"name": name}) for name in record.local_models]
+    chat = [model for model in own if not model.embedding]
+    chat.sort(key=lambda model: (model_key(model.name) != current, -catalog.size_rank(model.name), model.name))
+    notes = []
+    for model in chat:
+        problem = _problem(candidate, model, model_filters, now)
+        if problem is None:
+            return model, notes
+        notes.append(f"{model.name} {problem}")
     return None, notes
 
 
@@ -263,11 +348,11 @@ def _start_tier(candidate: Candidate, catalog: Catalog, hysteresis: float) -> tu
     low, high = catalog.tier_bounds(natural)
     span = f"{low:g}+" if high == float("inf") else f"{low:g}–{high:g}"
     reason = f"score {score:.1f} → {natural} ({span})"
-    current = catalog.model(candidate.record.current_model)
-    if current is not None and current.tier != natural:
-        low, high = catalog.tier_bounds(current.tier)
+    current = catalog.tier_of(candidate.record.current_model)
+    if current is not None and current != natural:
+        low, high = catalog.tier_bounds(current)
         if low - hysteresis <= score < high + hysteresis:
-            return current.tier, f"score {score:.1f} is within {hysteresis:g} of {current.tier} (hysteresis)"
+            return current, f"score {score:.1f} is within {hysteresis:g} of {current} (hysteresis)"
     return natural, reason
 
 
@@ -286,7 +371,9 @@ def plan_placement(
         result = agent_filter.filter(agents, now)
         agents = result.kept
         excluded.update(result.dropped)
-    model_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s)]
+    model_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s),
+                                        SpeedFilter(catalog)]
+    local_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s)]
 
     candidates: dict[str, Candidate] = {}
     natural_rank: dict[str, int] = {}
@@ -294,6 +381,14 @@ def plan_placement(
     for record in agents:
         score = scores[record.agent_id] if scores and record.agent_id in scores else agent_score(record, catalog)
         candidate = Candidate(record, score, record.facts, memory_pool(record, record.facts, catalog))
+        if not record.can_pull:
+            placement = _place_local(candidate, catalog, local_filters, now)
+            if isinstance(placement, str):
+                excluded[record.agent_id] = placement
+            else:
+                candidates[record.agent_id] = candidate
+                entries[record.agent_id] = placement
+            continue
         start, reason = _start_tier(candidate, catalog, settings.hysteresis)
         model, notes = _choose(candidate, catalog, start, model_filters, now)
         if model is None:
@@ -306,13 +401,39 @@ def plan_placement(
         candidates[record.agent_id] = candidate
         natural_rank[record.agent_id] = catalog.tier_rank(catalog.tier_for_score(score.total).name)
         entries[record.agent_id] = Placement(record.agent_id, record.current_model, model.name, score.total,
-                                             model.tier, reason)
+                                             catalog.tier_of(model.name) or start, reason)
 
     if settings.mix and len(entries) >= 2:
         _keep_mix(entries, candidates, natural_rank, catalog, model_filters, now)
     _stagger(entries, candidates, settings.move_fraction)
     ordered = sorted(entries.values(), key=lambda entry: (-entry.score, entry.agent_id))
     return Plan(tuple(ordered), excluded, created_at)
+
+
+def _place_local(candidate: Candidate, catalog: Catalog, model_filters: Sequence[ModelFilter],
+                 now: float) -> Placement | str:
+    """The placement of an agent whose runtime cannot pull, or why it gets none."""
+    record = candidate.record
+    kind = record.runtime_kind or "this runtime"
+    if record.status is not None and record.status.backend_url:
+        kind += f" at {record.status.backend_url}"
+    if record.model_state is None:
+        return f"{kind} cannot pull models, and the agent has not reported the ones it has yet"
+    model, notes = _choose_local(candidate, catalog, model_filters, now)
+    if model is None:
+        if not record.local_models:
+            return f"{kind} cannot pull models and lists none of its own: load a model there"
+        return f"{kind} cannot pull models, and none of its own fits or works (has: " \
+               f"{', '.join(record.local_models)})" + (f": {'; '.join(notes)}" if notes else "")
+    reason = f"{kind} cannot pull models: serves the largest of its own ({', '.join(record.local_models)}) that fits"
+    if notes:
+        reason += "; " + "; ".join(notes)
+    reason += f": {model.name}"
+    target = model.name
+    if record.current_model and model_key(record.current_model) == model_key(target):
+        target = record.current_model  # the same model in the spelling already assigned: no churn
+    return Placement(record.agent_id, record.current_model, target, candidate.score.total,
+                     catalog.tier_of(model.name) or LOCAL_TIER, reason, local_only=True)
 
 
 def _keep_mix(
@@ -331,10 +452,11 @@ def _keep_mix(
         rank = catalog.tier_rank(tier.name)
         options: list[tuple[str, CatalogModel]] = []
         for agent_id, entry in entries.items():
-            if natural_rank[agent_id] > rank or served[entry.tier] < 2 or catalog.tier_rank(entry.tier) >= rank:
+            if entry.local_only or natural_rank[agent_id] > rank or served[entry.tier] < 2 \
+                    or catalog.tier_rank(entry.tier) >= rank:
                 continue
             model, _ = _choose(candidates[agent_id], catalog, tier.name, model_filters, now)
-            if model is not None and model.tier == tier.name:
+            if model is not None and catalog.tier_of(model.name) == tier.name:
                 options.append((agent_id, model))
         if not options:
             continue
@@ -342,8 +464,7 @@ def _keep_mix(
         def preference(option: tuple[str, CatalogModel], wanted: str = tier.name) -> tuple[bool, int, float, str]:
             """Already serving this tier first (no churn), then the most crowded tier, then the lowest score."""
             entry = entries[option[0]]
-            already = catalog.model(entry.current_model)
-            return (not (already is not None and already.tier == wanted), -served[entry.tier], entry.score,
+            return (catalog.tier_of(entry.current_model) != wanted, -served[entry.tier], entry.score,
                     entry.agent_id)
 
         agent_id, model = min(options, key=preference)

@@ -19,9 +19,10 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
-from broker.protocol.messages import Assign, Hardware, ModelState, ResultStats, Status, Telemetry
+from broker.protocol.messages import Assign, Hardware, ModelState, ResultStats, RuntimeProfile, Status, Telemetry
+from broker.scheduling.names import model_key
 from broker.scheduling.scoring import MachineFacts, machine_facts
 
 DEFAULT_TELEMETRY_INTERVAL_S = 2.0
@@ -32,6 +33,26 @@ SPEED_SMOOTHING = 0.3
 
 _EMPTY: Mapping[str, object] = MappingProxyType({})
 _UNKNOWN_MACHINE = machine_facts(None)
+
+PULLING_RUNTIMES = frozenset({"ollama", "simulated"})
+"""Runtimes that can fetch a model they do not have; any other only serves what it already has."""
+SERVES_WHAT_IT_LISTS = frozenset({"llama.cpp", "llama-cpp-python", "vllm"})
+"""Runtimes that list only the models they have loaded (a server started with its model)."""
+
+MAX_MODEL_NAME = 200
+"""Longest model name a job or an assignment can carry; an agent's longer claims are ignored."""
+
+OfferState = Literal["ready", "loaded", "local"]
+"""How soon an agent can answer with a model: ready (its assignment, warm), loaded (in memory), local (on disk)."""
+OFFER_ORDER: Mapping[str, int] = MappingProxyType({"ready": 0, "loaded": 1, "local": 2})
+
+
+@dataclass(frozen=True)
+class ModelOffer:
+    """A model an agent can answer with now, under the agent's own name for it."""
+
+    name: str
+    state: OfferState
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,8 @@ class AgentRecord:
     def ready_model(self) -> str | None:
         """The model this agent can answer with right now, if any."""
         state = self.model_state
-        if not self.online or state is None or state.state != "ready" or not state.model:
+        if not self.online or state is None or state.state != "ready" or not state.model \
+                or len(state.model) > MAX_MODEL_NAME:
             return None
         if self.status is not None and self.status.backend_reachable is False:
             return None
@@ -116,6 +138,98 @@ class AgentRecord:
         return 1
 
     @property
+    def runtime(self) -> RuntimeProfile | None:
+        """What the agent learned about its runtime (kind, slots, prefill continuation), once it has."""
+        return self.status.runtime if self.status is not None else None
+
+    @property
+    def slots(self) -> int:
+        """Jobs the runtime really runs at once: the measured profile when known, else what the agent declares."""
+        runtime = self.runtime
+        return runtime.slots if runtime is not None else self.max_parallel
+
+    @property
+    def runtime_kind(self) -> str | None:
+        """The runtime's kind from its profile, else the backend the agent names (``ollama``, ``openai``…)."""
+        if self.runtime is not None:
+            return self.runtime.kind
+        if self.simulated:
+            return "simulated"
+        return self.status.backend if self.status is not None else None
+
+    @property
+    def can_pull(self) -> bool:
+        """Whether the agent can fetch a model its runtime lacks: only through Ollama's own API (or the simulated
+        backend). An agent on the OpenAI-compatible API cannot, even when the server behind it is Ollama; an agent
+        that says nothing is assumed to (older agents)."""
+        backend = self.status.backend if self.status is not None else None
+        if self.simulated:
+            return True
+        if backend is not None:
+            return backend in PULLING_RUNTIMES
+        kind = self.runtime_kind
+        return kind is None or kind in PULLING_RUNTIMES
+
+    @property
+    def continues_prefill(self) -> bool:
+        """A failover may continue a partial answer here only if the runtime continues a trailing assistant message.
+
+        Only a profile that says so counts; without a profile only the simulated backend (which continues by
+        construction) does. Anything else restarts the answer rather than risk splicing two answers.
+        """
+        runtime = self.runtime
+        if runtime is not None:
+            return runtime.continues_prefill is True
+        return self.simulated
+
+    @property
+    def reachable(self) -> bool:
+        """Online, and neither the status nor the latest telemetry says the runtime is unreachable."""
+        if not self.online:
+            return False
+        if self.status is not None and self.status.backend_reachable is False:
+            return False
+        return not (self.telemetry is not None and self.telemetry.backend_reachable is False)
+
+    @property
+    def local_models(self) -> tuple[str, ...]:
+        """What the runtime has (on disk), as the agent spells it; names no job could carry are left out."""
+        if self.model_state is None:
+            return ()
+        return tuple(name for name in self.model_state.local_models if 0 < len(name.strip()) <= MAX_MODEL_NAME)
+
+    @property
+    def loaded_models(self) -> tuple[str, ...]:
+        """In the runtime's memory: what it reports, else (a single-model server) everything it lists, and the
+        ready model."""
+        state = self.model_state
+        if state is None:
+            return ()
+        loaded = [name for name in state.loaded_models if 0 < len(name.strip()) <= MAX_MODEL_NAME]
+        if self.runtime_kind in SERVES_WHAT_IT_LISTS:
+            loaded += self.local_models
+        if state.state == "ready" and state.model:
+            loaded.append(state.model)
+        return tuple(_unique(loaded))
+
+    def offers(self) -> tuple[ModelOffer, ...]:
+        """Every model this agent can answer with now, best state first.
+
+        None while it is unreachable, and none while it is loading its assignment: the agent then holds its
+        runtime alone to warm and probe it, and a job would wait behind that.
+        """
+        if not self.reachable or (self.model_state is not None and self.model_state.state == "loading"):
+            return ()
+        found: dict[str, ModelOffer] = {}
+        ready = self.ready_model
+        if ready is not None:
+            found[model_key(ready)] = ModelOffer(ready, "ready")
+        for state, names in (("loaded", self.loaded_models), ("local", self.local_models)):
+            for name in names:
+                found.setdefault(model_key(name), ModelOffer(name, state))  # type: ignore[arg-type]
+        return tuple(found.values())
+
+    @property
     def telemetry_interval_s(self) -> float:
         return self.telemetry.interval_s if self.telemetry is not None else DEFAULT_TELEMETRY_INTERVAL_S
 
@@ -134,7 +248,20 @@ class ClusterState:
         return [record for record in self.agents.values() if record.online]
 
     def ready_models(self) -> list[str]:
+        """Assigned models that are ready somewhere (placement's view)."""
         return sorted({model for record in self.agents.values() if (model := record.ready_model)})
+
+
+def _unique(names: list[str]) -> list[str]:
+    """``names`` without repeats of one model (compared by :func:`model_key`), first spelling kept."""
+    seen: set[str] = set()
+    kept = []
+    for name in names:
+        key = model_key(name)
+        if key not in seen:
+            seen.add(key)
+            kept.append(name)
+    return kept
 
 
 # ---------------------------------------------------------------- events

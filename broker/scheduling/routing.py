@@ -7,8 +7,13 @@ expected completion time::
 
 where the queue wait comes from the agent's outstanding jobs (this
 coordinator's own in-flight count plus what its telemetry reports beyond
-that) and its parallel slots, and speeds are measured (or, before any
-measurement, the hardware prior). The baselines ``round_robin``, ``random``
+that) and the slots its runtime really has (the measured runtime profile), and
+speeds are measured (or, before any measurement, the hardware prior).
+
+Candidates are every agent that *has* the model — ready, loaded or on disk —
+not only the agents assigned it (a model on disk costs its load time in the
+estimate); ``auto`` and ``quality`` take an agent's ready assignment, or, when
+that is missing or failed, the best model it has (:func:`best_offer`). The baselines ``round_robin``, ``random``
 and ``least_outstanding`` exist to compare against (bench/).
 """
 
@@ -20,9 +25,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
+from broker.scheduling.availability import servable_models
 from broker.scheduling.catalog import Catalog
 from broker.scheduling.estimates import expected_speed
-from broker.scheduling.registry import ClusterState
+from broker.scheduling.names import find_model, same_model
+from broker.scheduling.placement import fits_memory
+from broker.scheduling.registry import AgentRecord, ClusterState, ModelOffer
 
 RoutingPolicy = Literal["expected_completion", "round_robin", "random", "least_outstanding"]
 """How an agent is chosen among candidates: lowest expected completion time, or a baseline.
@@ -57,21 +65,48 @@ class RouteCandidate:
     ttft_s: float
     speed_source: str = "prior"
     cooling_down: bool = False
+    availability: str = "ready"
+    """ready (its assignment, warm), loaded (in memory) or local (on disk: loading it counts in ``ttft_s``)."""
+    continues_prefill: bool = False
+    """Its runtime continues a partial answer (a failover may hand it the text so far)."""
+
+    def queue_wait_s(self, output_tokens: float) -> float:
+        """Expected wait before this agent starts a new job: the jobs beyond its free slots, each a full answer."""
+        waiting_jobs = max(0, self.outstanding - self.slots + 1)
+        return waiting_jobs * (self.ttft_s + output_tokens / self.tokens_per_s) / self.slots
 
     def expected_completion_s(self, output_tokens: float) -> float:
         """Queue wait + time to first token + output tokens at the per-stream speed."""
         sharing = min(self.outstanding, self.slots - 1)
         speed = self.tokens_per_s / (1.0 + CONTENTION * sharing)
         service = self.ttft_s + output_tokens / speed
-        waiting_jobs = max(0, self.outstanding - self.slots + 1)
-        wait = waiting_jobs * (self.ttft_s + output_tokens / self.tokens_per_s) / self.slots
-        return wait + service
+        return self.queue_wait_s(output_tokens) + service
 
 
 @dataclass(frozen=True)
 class Route:
     candidate: RouteCandidate
     reason: str
+
+
+def best_offer(record: AgentRecord, catalog: Catalog) -> ModelOffer | None:
+    """What ``auto`` and ``quality`` ask of an agent: its ready assignment, else the best chat model it has.
+
+    The fallback (assignment missing, failed, or still pulling) prefers a model in memory, then the largest on
+    disk that fits the machine's memory; embedding models never answer a chat.
+    """
+    offers = [offer for offer in record.offers() if catalog.is_chat(offer.name)]
+    if not offers:
+        return None
+    if offers[0].state == "ready":
+        return offers[0]
+    loaded = [offer for offer in offers if offer.state == "loaded"]
+    local = [offer for offer in offers if offer.state == "local" and fits_memory(record, catalog.estimate(offer.name),
+                                                                                   catalog)]
+    pool = loaded or local
+    if not pool:
+        return None
+    return max(pool, key=lambda offer: (catalog.size_rank(offer.name), offer.name))
 
 
 def route_candidates(
@@ -85,25 +120,39 @@ def route_candidates(
     exclude: frozenset[str] = frozenset(),
     prompt_tokens: int = 0,
 ) -> list[RouteCandidate]:
-    """Agents with a ready model (``model`` or any), not excluded, with their load and speed."""
+    """Agents that can answer now — with ``model`` in any state, or (``None``) with their best model — not
+    excluded, with their load and speed. Each candidate carries the agent's own name for the model."""
     found = []
     for record in state.agents.values():
-        ready = record.ready_model
-        if ready is None or record.agent_id in exclude or (model is not None and ready != model):
+        if record.agent_id in exclude:
             continue
-        speed = expected_speed(record, ready, catalog, prompt_tokens)
+        if model is None:
+            offer = best_offer(record, catalog)
+        else:
+            offers = record.offers()
+            name = find_model(model, [offer.name for offer in offers])
+            offer = next((offer for offer in offers if offer.name == name), None)
+        if offer is None:
+            continue
+        speed = expected_speed(record, offer.name, catalog, prompt_tokens, loaded=offer.state != "local")
         found.append(RouteCandidate(
             agent_id=record.agent_id,
-            model=ready,
+            model=offer.name,
             outstanding=own_inflight.get(record.agent_id, 0) + external.get(record.agent_id, 0),
-            slots=record.max_parallel,
+            slots=record.slots,
             tokens_per_s=speed.tokens_per_s,
             ttft_s=speed.ttft_s,
             speed_source=speed.source,
             cooling_down=cooling.get(record.agent_id, False),
+            availability=offer.state,
+            continues_prefill=record.continues_prefill,
         ))
     found.sort(key=lambda candidate: candidate.agent_id)
     return found
+
+
+AVAILABILITY_NOTES = {"loaded": "is in its runtime's memory (not its assignment)",
+                      "local": "is on its disk (not its assignment): it loads first"}
 
 
 class Router:
@@ -118,6 +167,13 @@ class Router:
         """Pick one candidate (``candidates`` must not be empty); agents cooling down only as a last resort."""
         if not candidates:
             raise ValueError("no candidates")
+        route = self._choose(candidates, output_tokens)
+        availability = AVAILABILITY_NOTES.get(route.candidate.availability)
+        if availability:
+            return Route(route.candidate, f"{route.reason}; {route.candidate.model} {availability}")
+        return route
+
+    def _choose(self, candidates: Sequence[RouteCandidate], output_tokens: float) -> Route:
         warm = [candidate for candidate in candidates if not candidate.cooling_down]
         pool = sorted(warm or candidates, key=lambda candidate: candidate.agent_id)
         note = "" if warm else " (every candidate is cooling down)"
@@ -154,7 +210,7 @@ def coming_soon(
     """
     for record in state.online_agents():
         target = record.current_model
-        if record.agent_id in exclude or (model is not None and target != model):
+        if record.agent_id in exclude or (model is not None and not same_model(target, model)):
             continue
         model_state = record.model_state
         if model_state is not None and model_state.state in ("pulling", "loading"):
@@ -175,21 +231,24 @@ def no_agent_reason(state: ClusterState, catalog: Catalog, model: str | None, ex
         return f"no other agent can continue this answer (tried {', '.join(sorted(exclude))})"
     if not online:
         return "no agent can serve this: no agent is online"
-    ready = state.ready_models()
+    servable = [name for name in servable_models(state, catalog) if catalog.is_chat(name)]
     if model is not None:
-        known = " (it is in the catalog but no agent is assigned it)" if catalog.model(model) else ""
-        available = f"; ready models: {', '.join(ready)}" if ready else ""
-        return f"no agent can serve model {model!r}: it is not ready on any agent{known}{available}"
+        known = (" (it is in the catalog: pull it with /api/pull, or wait for placement to assign it)"
+                 if catalog.model(model) else "")
+        available = f"; models available: {', '.join(servable)}" if servable else ""
+        return f"no agent can serve model {model!r}: no online agent has it{known}{available}"
     problems = "; ".join(
         f"{record.agent_id}: {record.model_state.state if record.model_state else 'no model'}"
         + (f" ({record.model_state.error})" if record.model_state and record.model_state.error else "")
+        + ("" if record.reachable else " (runtime unreachable)")
         for record in online
     )
-    return f"no agent can serve this: no agent has a ready model ({problems})"
+    return f"no agent can serve this: no agent has a ready model or another model it can answer with ({problems})"
 
 
 def largest_model(candidates: Sequence[RouteCandidate], catalog: Catalog) -> str | None:
-    """The biggest ready model (``quality`` mode): by parameter count, then by name for ties."""
+    """The biggest model among the candidates (``quality`` mode): by parameter count (the catalog's, else the
+    name's), then by name for ties."""
     if not candidates:
         return None
     return max({candidate.model for candidate in candidates}, key=lambda name: (catalog.size_rank(name), name))

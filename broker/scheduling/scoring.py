@@ -171,8 +171,8 @@ def estimate_tokens_per_s(facts: MachineFacts, model: CatalogModel) -> float:
 
 def normalise_speed(tokens_per_s: float, model_name: str | None, catalog: Catalog) -> float:
     """A measured speed on ``model_name`` expressed for the reference model (speed scales with 1 / weights)."""
-    model = catalog.model(model_name)
-    if model is None:
+    model = catalog.estimate(model_name) if model_name else None
+    if model is None or "size unknown" in model.tags:
         return tokens_per_s
     return tokens_per_s * model.read_gb / catalog.reference.read_gb
 

@@ -49,7 +49,9 @@ async def with_cluster(folder: Path, agent_ids: list[str], body: Callable[[Clust
                        ) -> Report:
     broker = start_broker(folder / "broker", port=free_port(), prefer="mosquitto")
     try:
-        with OllamaDouble(models=["llama3.2:3b"], **(double_kwargs or {"tokens_per_s": 40})) as double:
+        # the agents (machines) share this double, each running up to 8 at once (the harness's --max-parallel)
+        with OllamaDouble(models=["llama3.2:3b"], num_parallel=8 * max(1, len(agent_ids)),
+                          **(double_kwargs or {"tokens_per_s": 40})) as double:
             cluster = Cluster(broker.url, f"chaos/{uuid.uuid4().hex[:8]}/v1", folder / "cluster", double=double)
             try:
                 for agent_id in agent_ids:
@@ -91,7 +93,7 @@ async def run(arguments: argparse.Namespace, folder: Path) -> list[Report]:
             lambda cluster, broker: scenarios.broker_restart(cluster, broker, rounds=rounds, log=say)))
     if "backend-stall" in wanted:
         async def stall(cluster: Cluster, _: RunningBroker) -> Report:
-            with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=40) as stuck:
+            with OllamaDouble(models=["llama3.2:3b"], tokens_per_s=40, num_parallel=8) as stuck:
                 cluster.spawn("stuck", "--stall-timeout-s", "2", backend_url=stuck.url)
                 return await scenarios.backend_stall(cluster, stuck, trials=max(1, arguments.trials // 10))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from broker.coordinator.contract import (
     AgentSwitched,
+    AnswerRestarted,
     QueryEvent,
     QueryFailed,
     QueryFinished,
@@ -60,11 +61,15 @@ class QueryOutcome:
 
     @property
     def streamed(self) -> str:
-        return "".join(event.text for event in self.events if isinstance(event, TextDelta))
+        """The answer as a caller shows it: text after the last restart (AnswerRestarted voids what came before)."""
+        restarts = [index for index, event in enumerate(self.events) if isinstance(event, AnswerRestarted)]
+        since = restarts[-1] + 1 if restarts else 0
+        return "".join(event.text for event in self.events[since:] if isinstance(event, TextDelta))
 
     @property
-    def switches(self) -> list[AgentSwitched]:
-        return [event for event in self.events if isinstance(event, AgentSwitched)]
+    def switches(self) -> list[AgentSwitched | AnswerRestarted]:
+        """Every failover: continued elsewhere (AgentSwitched) or restarted elsewhere (AnswerRestarted)."""
+        return [event for event in self.events if isinstance(event, AgentSwitched | AnswerRestarted)]
 
     @property
     def serving(self) -> str | None:
