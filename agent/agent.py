@@ -491,9 +491,8 @@ class Agent:
             await self.operations.shutdown()
         for task in tasks:
             task.cancel()
-        if self.models is not None and self.models._task is not None:
-            self.models._task.cancel()
-            tasks.append(self.models._task)
+        if self.models is not None:
+            tasks.extend(self.models.cancel_all())
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.connection is not None and not self._killed:
             final = OutboundMessage.of(self.topics.status(self.agent_id), self._status("offline"))

@@ -73,6 +73,7 @@ class ModelManager:
         self._measure_runtime = measure_runtime
         self.fragile: Callable[[], bool] = fragile or (lambda: False)
         self.benchmarks: dict[str, Benchmark | None] = {}
+        self._extras: asyncio.Task[None] | None = None
         self.loaded_models: list[str] = []
         self.assignment: Assign | None = None
         self.state = ModelState(state="absent")
@@ -125,6 +126,13 @@ class ModelManager:
                 and assign.model == current.model:
             logger.debug("assignment %s again: nothing to do", assign.assignment_id)
             return
+        if assign is not None and current is not None and same_model(assign.model, current.model) \
+                and self.state.state == "ready" and not self.busy:
+            # Only the extra models (or the id) changed: the main model stays as it is, nothing is re-warmed.
+            self.assignment = assign
+            self._set("ready", progress=1.0)
+            self._start_extras(assign)
+            return
         self.assignment = assign
         self._lost_backend = False
         if assign is None:
@@ -133,6 +141,32 @@ class ModelManager:
             return
         logger.info("assigned %s (%s): %s", assign.model, assign.assignment_id, assign.reason or "no reason given")
         self._restart(assign)
+
+    def cancel_all(self) -> list[asyncio.Task[None]]:
+        """Stop preparing (shutdown); returns the tasks to await."""
+        tasks = [task for task in (self._task, self._extras) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def _start_extras(self, assign: Assign) -> None:
+        missing = [model for model in assign.also if not self.has_local(model)]
+        if not missing:
+            return
+        if self._extras is not None and not self._extras.done():
+            self._extras.cancel()
+        self._extras = asyncio.get_running_loop().create_task(self._pull_extras(missing), name="extra-models")
+
+    async def _pull_extras(self, models: list[str]) -> None:
+        """Pull the assignment's extra models one by one; a failure is logged and the next one tried."""
+        for model in models:
+            try:
+                logger.info("pulling extra model %s", model)
+                async for _ in self.backend.pull(model):
+                    pass
+                self.update_local_models(publishable(await self.backend.list_models()))
+            except BackendError as error:
+                logger.warning("extra model %s not pulled: %s", model, error)
 
     def _restart(self, assign: Assign | None) -> None:
         old = self._task
@@ -223,6 +257,8 @@ class ModelManager:
         self._set("ready", progress=1.0)
         if benchmark is not None and self._on_benchmark is not None:
             self._on_benchmark(benchmark)
+        if self.assignment is not None and self.assignment.also:
+            self._start_extras(self.assignment)
 
     async def benchmark_once(self, model: str, *, again: bool = False) -> Benchmark | None:
         """The warm-up speed of ``model``; measured once unless ``again`` (the caller holds the runtime alone)."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -29,10 +30,11 @@ from pydantic import ValidationError
 
 from app.answer_stream import AnswerStream
 from app.answers import AnswerRecord, restart_dict, restart_note
-from app.errors import AppError, BadRequest
+from app.errors import AppError, BadRequest, refuse_lone_surrogates
 from app.model_list import find_listed
 from app.service import AppService
 from app.settings import LOOPBACK_ORIGINS, AppSettings
+from app.throttle import FailureThrottle, retry_after_header
 from broker.coordinator.contract import (
     ROUTING_MODES,
     AnswerRestarted,
@@ -47,7 +49,7 @@ from broker.coordinator.contract import (
 logger = logging.getLogger(__name__)
 
 OWNER = "smart-llm-balancer"
-FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "failed": 502}
+FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "failed": 502, "truncated": 502}
 """HTTP status of each ``QueryFailed.code``; ``bad_request`` becomes a :class:`~app.errors.BadRequest`."""
 VIRTUAL_MODELS = {
     RoutingMode.AUTO.value: "the agent with the lowest expected completion time",
@@ -57,12 +59,18 @@ VIRTUAL_MODELS = {
 """The routing modes, listed as models by ``/v1/models`` and ``/api/tags``."""
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a request body may have (OpenAI's and Ollama's need 4)."""
+
+
 class ApiError(AppError):
     """An error only the HTTP API has (a missing key, a refused origin, an unknown model), with its status."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message, code=code, param=param)
         self.http_status = status
+        self.headers = headers or {}
 
 
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -225,17 +233,56 @@ async def read_until_routed(stream: AnswerStream) -> RoutedAnswer:
     return RoutedAnswer(head, stream)
 
 
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"the request body has {name}, which is not a JSON number; send a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"the number {text[:40]} in the request body is out of range")
+    return value
+
+
+def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse nesting deeper than ``max_depth`` and text that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``: JSON can spell it, UTF-8 cannot carry it to an agent)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            refuse_lone_surrogates("the request body", item)
+        elif isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise BadRequest(f"the request body is nested more than {max_depth} levels deep")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    refuse_lone_surrogates("the request body", key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
 async def json_body(request: Request) -> Any:
-    """The request's JSON, or a clear 400 (FastAPI's own parsing would answer 422 with a different shape)."""
+    """The request's JSON, or a clear 400 (FastAPI's own parsing would answer 422 with a different shape).
+
+    Beyond JSON itself: no NaN or Infinity, no number beyond a float's range (``1e400``), no nesting deeper than
+    :data:`MAX_JSON_DEPTH`, no lone surrogate; each would otherwise fail later, as a 500.
+    """
     raw = await request.body()
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except BadRequest:
+        raise
+    except RecursionError:
+        raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer with too many digits
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    check_json_value(body)
     return body
 
 
@@ -245,6 +292,8 @@ class ApiContext:
     def __init__(self, service: AppService) -> None:
         self.service = service
         self.settings: AppSettings = service.settings
+        self.key_guesses = FailureThrottle(free_failures=10)
+        """Back-off per client address after wrong API keys (issue 13.8)."""
 
     def origin_allowed(self, request: Request, origin: str) -> bool:
         """Loopback pages, the configured ``--cors-origins``, and pages served by this app itself."""
@@ -268,12 +317,22 @@ class ApiContext:
         key = self.settings.api_key.get_secret_value() if self.settings.api_key is not None else None
         if not key:
             return
+        address = f"address:{request.client.host if request.client else 'unknown'}"
+        wait = self.key_guesses.retry_after(address)
+        if wait > 0:  # refused before the key is compared: a guesser learns nothing while locked out
+            seconds = retry_after_header(wait)
+            raise ApiError(429, f"too many requests with a wrong API key from this address; try again in {seconds} s",
+                           "rate_limited", headers={"Retry-After": seconds})
         header = request.headers.get("authorization", "")
         scheme, _, supplied = header.partition(" ")
         if scheme.lower() != "bearer" or not supplied:
             supplied = request.headers.get("x-api-key", "")
         if not supplied or not secrets.compare_digest(supplied.strip().encode(), key.encode()):
+            lock = self.key_guesses.failed(address)
+            if lock:
+                logger.warning("API key: %d s back-off for %s after repeated wrong keys", lock, address)
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        self.key_guesses.succeeded(address)
 
     def resolve_mode(self, model: str) -> str:
         """The routing mode for a requested model, matched the way runtimes spell names (``x`` = ``x:latest``, a

@@ -9,6 +9,10 @@ input of any origin is a :class:`BadRequest`.
 
 from __future__ import annotations
 
+import re
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class AppError(Exception):
     """Something the user should read about; ``http_status`` says how the HTTP API answers it."""
@@ -26,3 +30,11 @@ class BadRequest(AppError, ValueError):
     """The caller's input is wrong (empty, too long, malformed); the same input will fail again."""
 
     http_status = 400
+
+
+def refuse_lone_surrogates(what: str, text: str) -> None:
+    """A :class:`BadRequest` for text holding a lone surrogate (``"\\ud800"``): JSON and Python can spell it,
+    but no UTF-8 channel (MQTT, SQLite, a runtime) can carry it, so it would fail later as an internal error."""
+    found = None if text.isascii() else _LONE_SURROGATE.search(text)
+    if found is not None:
+        raise BadRequest(f"{what} holds a lone surrogate ({found.group()!a}), which is not valid Unicode text")

@@ -41,7 +41,7 @@ def build_http_api(
     @router.get("/status", tags=["cluster"])
     async def status() -> JSONResponse:
         """The cluster summary and every agent's detail."""
-        return JSONResponse(service.status())
+        return Response(await service.status_json(), media_type="application/json")
 
     @router.get("/metrics", tags=["cluster"])
     async def metrics_endpoint() -> Response:
@@ -64,6 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
         response = error_response(request, error.http_status, error.message, error.code, error.param)
         if error.http_status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
+        for name, value in getattr(error, "headers", {}).items():
+            response.headers[name] = value
         return response
 
     @app.exception_handler(Exception)

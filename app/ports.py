@@ -32,7 +32,8 @@ class CoordinatorPort(Protocol):
         """Cancel running queries and disconnect."""
 
     def snapshot(self) -> ClusterSnapshot:
-        """The cluster now; cheap enough to call on every refresh."""
+        """The cluster now; cheap enough to call on every refresh, and safe from a worker thread (``/status`` is
+        built in one)."""
 
     def model_names(self) -> list[str]:
         """Every model some online agent can answer with now (ready, loaded or on disk), by display name."""

@@ -7,6 +7,7 @@ run on, so they iterate its query streams directly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,17 +20,28 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from app.gradio_queue import UnreadResults  # noqa: E402
 from app.http_api import build_http_api, install_error_handlers  # noqa: E402
-from app.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware  # noqa: E402
+from app.middleware import (  # noqa: E402
+    BodyLimitMiddleware,
+    BodyLimits,
+    HttpMetrics,
+    LoginThrottleMiddleware,
+    MetricsMiddleware,
+    SecurityHeadersMiddleware,
+)
 from app.ports import CoordinatorPort  # noqa: E402
 from app.service import AppService  # noqa: E402
 from app.settings import LOOPBACK_ORIGINS, AppSettings  # noqa: E402
 from app.store import RagStore, SessionStore  # noqa: E402
+from app.throttle import FailureThrottle  # noqa: E402
 from app.ui import CSS, TITLE, build_ui  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 SESSIONS_FILE = "sessions.sqlite3"
+FILES_PER_UPLOAD = 16
+"""Files of --max-upload-mb one upload request may carry (Gradio checks each file's size; this bounds the sum)."""
 # System fonts only: the page must not fetch anything from the internet (private, LAN-only use).
 THEME = gr.themes.Soft(
     font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
@@ -67,10 +79,12 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await coordinator.start()
         await service.start()
+        sweeper = asyncio.create_task(unread_results.run(), name="unread-gradio-results")
         logger.info("web app ready on http://%s:%d (broker %s)", settings.host, settings.port, settings.broker)
         try:
             yield
         finally:
+            sweeper.cancel()
             await service.stop()
             await coordinator.stop()
             logger.info("web app stopped")
@@ -96,18 +110,32 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
         allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         allow_credentials=False,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_prompt_chars * 4 + 65536)
-    app.add_middleware(MetricsMiddleware, metrics=http_metrics)
-
     demo = build_ui(service, metrics=http_metrics)
+    unread_results = UnreadResults(demo, ttl_s=settings.unread_result_ttl_s)
+    app.state.blocks = demo
+    app.state.unread_results = unread_results
     auth = None
     if settings.ui_username and settings.ui_password is not None:
         auth = (settings.ui_username, settings.ui_password.get_secret_value())
+        app.add_middleware(LoginThrottleMiddleware, throttle=FailureThrottle(free_failures=5))
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits(
+        api=settings.api_body_limit,
+        gradio=max(settings.api_body_limit, settings.max_upload_bytes * 2 + 65_536),
+        upload=settings.max_upload_bytes * FILES_PER_UPLOAD + (1 << 20),
+    ))
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=http_metrics)
+
     if not settings.loopback_only:
         if settings.api_key is None:
             logger.warning("listening on %s without an API key: anyone on the network can use /v1, /api", settings.host)
         if auth is None:
             logger.warning("listening on %s without a UI login: anyone on the network can use it", settings.host)
+    if settings.api_key is not None and auth is None:
+        logger.warning(
+            "--api-key protects /v1 and /api only: without --ui-username/--ui-password the UI and its API "
+            "(/gradio_api/*: queries, chat sessions, documents) need no key; set a UI login to protect them too"
+        )
     gr.mount_gradio_app(
         app,
         demo,

@@ -11,9 +11,11 @@ answered. The stores are reached through :attr:`AppService.sessions` and
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 
@@ -21,7 +23,7 @@ from app import cluster_status
 from app.answer_stream import AnswerStream
 from app.answers import simulated_agents, stats_of
 from app.async_store import AsyncStore
-from app.errors import BadRequest
+from app.errors import BadRequest, refuse_lone_surrogates
 from app.model_list import ListedModel, listed_models
 from app.ports import CoordinatorPort
 from app.sampler import ClusterSampler
@@ -34,6 +36,44 @@ logger = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 3.0
 """After a cancel, how long the coordinator has to end the stream before the service stops waiting."""
+T = TypeVar("T")
+
+
+STATUS_MAX_AGE_S = 0.5
+"""``/status`` is at most this stale: fresh enough that a restarted app shows its agents within a telemetry
+interval (tests/chaos), while any number of pollers cost at most two builds a second."""
+
+
+class CachedBuild(Generic[T]):
+    """A value built in a worker thread at most once per ``max_age_s``; callers meanwhile share the last one.
+
+    For ``/status`` (issue 13.6): open to anyone, polled by monitors, and as large as the agents make it, so
+    it must cost the event loop nothing per request and the process at most one build per refresh period.
+    """
+
+    def __init__(self, build: Callable[[], T], max_age_s: float) -> None:
+        self._build = build
+        self.max_age_s = max_age_s
+        self._value: T | None = None
+        self._built_at = 0.0
+        self._pending: asyncio.Future[T] | None = None
+        self.builds = 0
+
+    async def get(self) -> T:
+        if self._value is not None and time.monotonic() - self._built_at < self.max_age_s:
+            return self._value
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._pending)
+
+    async def _refresh(self) -> T:
+        try:
+            value = await anyio.to_thread.run_sync(self._build)
+            self._value, self._built_at = value, time.monotonic()
+            self.builds += 1
+            return value
+        finally:
+            self._pending = None
 
 
 class AppService:
@@ -57,6 +97,8 @@ class AppService:
         self.documents: AsyncStore[RagStore] = AsyncStore(self._open_documents)
         self._active: dict[str, AnswerStream] = {}
         self._warm_task: asyncio.Task[None] | None = None
+        self._status: CachedBuild[tuple[dict[str, Any], bytes]] = CachedBuild(
+            self._build_status, min(settings.cluster_refresh_s, STATUS_MAX_AGE_S))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,9 +145,19 @@ class AppService:
         """``GET /health`` (see app/cluster_status.py)."""
         return cluster_status.health(self.coordinator.snapshot(), self.settings.broker)
 
-    def status(self) -> dict[str, Any]:
-        """``GET /status`` (see app/cluster_status.py)."""
-        return cluster_status.status(self.coordinator.snapshot(), self.settings.broker, len(self._active))
+    async def status(self) -> dict[str, Any]:
+        """``GET /status`` (see app/cluster_status.py): built off the event loop, at most once per
+        ``STATUS_MAX_AGE_S``."""
+        return (await self._status.get())[0]
+
+    async def status_json(self) -> bytes:
+        """:meth:`status` as the JSON bytes ``GET /status`` sends (encoded once per build, not per request)."""
+        return (await self._status.get())[1]
+
+    def _build_status(self) -> tuple[dict[str, Any], bytes]:
+        """Runs in a worker thread: the snapshot is safe from any thread (app/ports.py)."""
+        body = cluster_status.status(self.coordinator.snapshot(), self.settings.broker, len(self._active))
+        return body, json.dumps(body, allow_nan=False).encode()
 
     # ------------------------------------------------------------------ asking
 
@@ -140,6 +192,10 @@ class AppService:
         if not isinstance(question, str) or not question.strip():
             if not messages:
                 raise BadRequest("the question is empty")
+        refuse_lone_surrogates("the question", question)
+        refuse_lone_surrogates("the mode", mode)
+        for message in messages or ():
+            refuse_lone_surrogates("a message", message.content)
         if len(question) > self.settings.max_prompt_chars:
             raise BadRequest(
                 f"the question has {len(question)} characters; the limit is {self.settings.max_prompt_chars}"

@@ -59,6 +59,10 @@ class AppSettings(CoordinatorSettings):
         default=100_000, ge=100, le=400_000, description="Longest prompt (all messages together) the API accepts."
     )
     max_messages: int = Field(default=500, ge=1, le=1000, description="Most messages in one API request.")
+    unread_result_ttl_s: float = Field(
+        default=120.0, ge=1, le=3600,
+        description="How long the result of a Gradio API call (/gradio_api/call/...) waits to be fetched.",
+    )
     cluster_refresh_s: float = Field(
         default=2.0, ge=0.5, le=60, description="Seconds between refreshes of the live cluster view."
     )
@@ -84,6 +88,11 @@ class AppSettings(CoordinatorSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def api_body_limit(self) -> int:
+        """Largest body of /v1 and /api: the longest prompt, every character JSON-escaped, plus the rest."""
+        return self.max_prompt_chars * 4 + 65_536
 
     @property
     def loopback_only(self) -> bool:

@@ -278,3 +278,40 @@ async def test_manage_on_a_runtime_that_cannot_pull_says_what_to_do(interrupting
         await asyncio.sleep(0.02)
     assert seen and seen[-1].done and seen[-1].error and "cannot delete" in seen[-1].error
     await backend.close()
+
+
+# ---------------------------------------------------------------- more than one model per machine
+
+
+async def test_extra_models_are_pulled_beside_the_main_one_without_re_preparing_it() -> None:
+    from agent.models import ModelManager
+    from broker.protocol import Assign, ModelState
+
+    with OllamaDouble(models=[MODEL], tokens_per_s=400) as double:
+        double.config.pull_bytes_per_s = 50_000_000
+        backend = OllamaBackend(double.url)
+        states: list[ModelState] = []
+        up = asyncio.Event()
+        up.set()
+        manager = ModelManager(backend, publish=states.append, wait_backend_up=up.wait,
+                               report_unreachable=lambda error: None, benchmark_tokens=0)
+        manager.handle_assign(Assign(model=MODEL, assignment_id="a1"))
+        for _ in range(250):
+            if manager.state.state == "ready":
+                break
+            await asyncio.sleep(0.02)
+        assert manager.state.state == "ready"
+        mark = len(states)
+        manager.handle_assign(Assign(model=MODEL, assignment_id="a2", also=["qwen2.5:0.5b"]))
+        for _ in range(250):
+            if manager.has_local("qwen2.5:0.5b"):
+                break
+            await asyncio.sleep(0.02)
+        assert manager.has_local("qwen2.5:0.5b"), "the extra model is pulled"
+        after = states[mark:]
+        assert after and all(state.state == "ready" for state in after), \
+            f"the main model is not re-prepared: {[state.state for state in after]}"
+        assert manager.state.assignment_id == "a2" and "qwen2.5:0.5b" in manager.state.local_models
+        for task in manager.cancel_all():
+            await asyncio.gather(task, return_exceptions=True)
+        await backend.close()

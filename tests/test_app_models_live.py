@@ -63,7 +63,8 @@ def live(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> 
 
         def everything_listed() -> bool:
             """Both assignments ready (while an agent loads its assignment it offers nothing), every model listed."""
-            if any(agent.get("model_state") != "ready" for agent in running.status()["agents"]):
+            agents = running.status()["agents"]  # /status is rebuilt at most once per refresh: it may lag
+            if len(agents) < 2 or any(agent.get("model_state") != "ready" for agent in agents):
                 return False
             models = models_by_id(running)
             return all(DESK in models.get(name, {}).get("slb_agents", []) for name in ("llama3.2:1b", "qwen2.5:0.5b")) \
@@ -211,7 +212,8 @@ def restart_cluster(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathF
         for name, double in zip(("box-a", "box-b"), doubles, strict=True):
             start_agent(running, folder, name, backend="ollama", backend_url=double.url, profile=GPU_DESKTOP,
                         extra=["--no-probe-runtime"])
-        wait_for_app(lambda: all(agent.get("model_state") == "ready" for agent in running.status()["agents"])
+        wait_for_app(lambda: len(agents := running.status()["agents"]) == 2  # /status may lag one refresh
+                     and all(agent.get("model_state") == "ready" for agent in agents)
                      and set(models_by_id(running).get("qwen2.5:0.5b", {}).get("slb_agents", [])) ==
                      {"box-a", "box-b"}, 90, "both assignments ready, qwen2.5:0.5b on both agents", running)
         yield running

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -15,13 +17,17 @@ from app import cluster_status
 from app.answer_stream import AnswerStream
 from app.answers import AnswerRecord, TokenCounts, finish_reason, stats_of, token_counts
 from app.errors import BadRequest
-from app.middleware import BodyLimitMiddleware, route_label
-from app.model_list import find_listed, listed_models
+from app.gradio_queue import UnreadResults
+from app.markup import markdown_html, markdown_literal
+from app.middleware import BodyLimitMiddleware, BodyLimits, route_label
+from app.model_list import find_listed, listed_models, valid_model_name
 from app.ollama_api import ollama_options
 from app.ollama_models import PullProgress, keep_alive_is_zero
 from app.openai_api import ChatCompletionRequest
+from app.service import CachedBuild
 from app.settings import AppSettings
 from app.streaming import throttled
+from app.throttle import FailureThrottle
 from app.ui.chat import mode_choices
 from app.ui.live import LiveAnswer
 from app.ui.render import (
@@ -31,6 +37,7 @@ from app.ui.render import (
     placement_markdown,
     plan_html,
     scores_frame,
+    user_message,
 )
 from broker.coordinator.contract import (
     AgentAnswer,
@@ -327,23 +334,41 @@ def test_ollama_options_are_checked() -> None:
         ollama_options({"stop": [1, 2]})
 
 
-async def test_body_limit_refuses_large_api_bodies_only() -> None:
+async def test_body_limits_cover_every_route_and_never_buffer() -> None:
     app = FastAPI()
+    seen: list[int] = []
 
-    @app.post("/v1/echo")
+    @app.post("/{path:path}")
     async def echo(request: Request) -> dict[str, int]:
-        return {"size": len(await request.body())}
+        size = 0
+        async for piece in request.stream():
+            size += len(piece)
+            seen.append(size)
+        return {"size": size}
 
-    @app.post("/upload")
-    async def upload(request: Request) -> dict[str, int]:
-        return {"size": len(await request.body())}
+    limits = BodyLimits(api=1000, gradio=5000, upload=20_000, other=100)
+    assert [limits.for_path(path) for path in ("/v1/chat/completions", "/api/chat", "/gradio_api/queue/join",
+                                               "/gradio_api/upload", "/login", "/")] == [1000, 1000, 5000, 20_000,
+                                                                                         100, 100]
+    wrapped = BodyLimitMiddleware(app, limits)
 
-    wrapped = BodyLimitMiddleware(app, max_bytes=1000)
+    async def chunks(count: int, size: int):
+        for _ in range(count):
+            yield b"x" * size
+
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://test") as client:
         assert (await client.post("/v1/echo", content=b"x" * 10)).json() == {"size": 10}
         refused = await client.post("/v1/echo", content=b"x" * 2000)
         assert refused.status_code == 413 and "limit" in refused.json()["error"]["message"]
-        assert (await client.post("/upload", content=b"x" * 2000)).json() == {"size": 2000}
+        assert (await client.post("/api/chat", content=b"x" * 2000)).json() == {"error": refused.json()["error"][
+            "message"]}
+        assert (await client.post("/gradio_api/upload", content=b"x" * 15_000)).json() == {"size": 15_000}
+        assert (await client.post("/gradio_api/call/x", content=b"x" * 15_000)).status_code == 413
+        assert (await client.post("/login", content=b"x" * 200)).status_code == 413
+        seen.clear()
+        streamed = await client.post("/gradio_api/call/x", content=chunks(100, 1000))  # no Content-Length
+        assert streamed.status_code == 413 and "limit" in streamed.json()["detail"]
+        assert max(seen, default=0) <= 5000, "the app never saw more than the limit"
 
 
 def test_route_labels_are_bounded() -> None:
@@ -368,7 +393,7 @@ def test_a_restart_replaces_the_partial_text_with_a_visible_note() -> None:
     assert "<script>" not in streaming and "&lt;script&gt;" in streaming, "the agent's reason is escaped"
     live.apply(QueryFinished("r5", "A new", ["desk", "laptop"], ["m", "m"], "auto", failovers=1))
     final = live.messages()[0]["content"]
-    assert final.startswith("*answer restarted on laptop") and "Once upon" not in final
+    assert final.startswith("<p><em>answer restarted on laptop") and "Once upon" not in final
     assert live.record.text == "A new" and stats_of(live.record, set())["restarts"][0]["discarded_chars"] == 16
 
 
@@ -431,7 +456,7 @@ def test_agents_table_shows_the_runtime_profile_escaped() -> None:
     html = agents_table_html(snapshot)
     assert "llama-cpp-python 0.3.36&lt;b&gt;" in html and "1 slot (measured)" in html
     assert "failover restarts" in html and "a new request interrupts" in html and "failover continues" in html
-    assert "<script>" not in html and "<i>" not in html and "also: &lt;i&gt;x&lt;/i&gt;, smollm2" in html
+    assert "<script>" not in html and "<i>" not in html and "also: smollm2<" in html, "a refused name is left out"
 
 
 def test_cluster_messages_name_each_runtime_and_escape_for_the_page() -> None:
@@ -449,7 +474,7 @@ def test_cluster_messages_name_each_runtime_and_escape_for_the_page() -> None:
     assert "mini cannot reach Ollama at http://10.0.0.6:11434" in message
     assert message.count("Install Ollama") == 1, "only the Ollama agent is told to install Ollama"
     notice = cluster_status.notice_markdown(snapshot, broker)
-    assert "<b>" not in notice and "refused &lt;b&gt;" in notice
+    assert "<b>" not in notice and "refused \\<b\\>" in notice, "literal in Markdown: backslash-escaped"
 
 
 def test_the_model_list_matches_runtime_spellings_and_lists_models_on_their_way() -> None:
@@ -477,4 +502,126 @@ def test_agent_errors_and_model_names_are_escaped_wherever_they_are_shown() -> N
     snapshot = ClusterSnapshot(agents=[_agent("desk", model="x`<img src=x onerror=alert(1)>`")], ready_models=[],
                                connected=True, generated_at=time.time())
     placement = placement_markdown(snapshot)
-    assert "<img" not in placement and "<code>x`&lt;img" in placement
+    assert "<img" not in placement and "<code>\\(a name no runtime uses\\)</code>" in placement
+
+
+# ---------------------------------------------------------------------------- issue 13: rendering and limits
+
+
+HOSTILE = ('<img src="http://evil.example/leak"> <form action="http://evil.example"><input type="password"></form>'
+           '<div style="position:fixed;inset:0">X</div> ![pic](http://evil.example/pic.png) [docs](http://evil.example/a)')
+
+
+def test_model_output_renders_as_markdown_without_html_or_images() -> None:
+    rendered = markdown_html("**bold** and `x < y`\n\n```html\n<b>code</b>\n```\n\n" + HOSTILE)
+    assert "<strong>bold</strong>" in rendered and "<code>x &lt; y</code>" in rendered
+    assert "&lt;b&gt;code&lt;/b&gt;" in rendered, "code keeps its text"
+    for tag in ("<img", "<form", "<input", "<div", 'style="'):
+        assert tag not in rendered, tag
+    assert "&lt;img src=" in rendered, "raw HTML shows as text"
+    assert 'image: pic</a> <span class="slb-link-target">(http://evil.example/pic.png)</span>' in rendered
+    assert '>docs</a> <span class="slb-link-target">(http://evil.example/a)</span>' in rendered
+    assert "href=\"javascript" not in markdown_html("[x](javascript:alert(1))"), "shown as text, not a link"
+    assert markdown_literal(HOSTILE).count("\\<") == HOSTILE.count("<") and "![" not in markdown_literal(HOSTILE)
+
+
+def test_every_chat_message_is_rendered_here_with_the_allow_list() -> None:
+    messages = answer_messages(HOSTILE, agents=["desk"], models=["![m](http://evil.example/m)"], mode="auto",
+                               stats={"answers": [{"agent_id": "desk", "model": "m", "text": HOSTILE}]},
+                               citations=[{"number": 1, "document_name": "<b>doc</b>", "snippet": HOSTILE}],
+                               simulated=set())
+    messages.append(user_message(HOSTILE))
+    for message in messages:
+        assert "<img" not in message["content"] and "<form" not in message["content"], message
+        assert "position:fixed" not in message["content"].replace("&quot;", "") or "&lt;div" in message["content"]
+
+
+def test_model_names_outside_the_runtimes_character_set_are_refused() -> None:
+    for name in ("qwen2.5:7b", "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", "/models/SmolLM2.gguf",
+                 "C:\\models\\my model.gguf", "lmstudio-community/Meta-Llama-3-8B-Instruct-GGUF"):
+        assert valid_model_name(name), name
+    for name in ("<img src=x>", "![m](http://x)", "a" * 201, "", "x\ny", 'x"y', None):
+        assert not valid_model_name(name), name
+    snapshot = ClusterSnapshot(agents=[_agent("desk", model="<img src=x>")], ready_models=["<img src=x>"],
+                               connected=True, generated_at=time.time(), servable_models=["<img src=x>", "ok:1b"])
+    assert cluster_status.servable(snapshot) == ["ok:1b"]
+    available = [ModelAvailability("<b>x</b>", [ModelHolder("desk", "<b>x</b>", "local")]),
+                 ModelAvailability("ok:1b", [ModelHolder("desk", "ok:1b", "local")])]
+    assert [model.name for model in listed_models(snapshot, available)] == ["ok:1b"]
+
+
+def test_status_is_bounded_and_redacted() -> None:
+    agents = [_agent(f"a{n}", backend_url="http://me:pw@host:1/v1", backend_error="x" * 50_000,
+                     local_models=[f"m{i}" for i in range(5000)],
+                     hardware={"gpus": [{"name": "H100"}] * 5000, "nested": {"a": {"b": {"c": {"d": {"e": 1}}}}}})
+              for n in range(300)]
+    body = cluster_status.status(ClusterSnapshot(agents=agents, ready_models=[], connected=True,
+                                                 generated_at=time.time()), AppSettings().broker, 0)
+    assert len(body["agents"]) == cluster_status.STATUS_AGENTS and body["agents_omitted"] == 100
+    entry = body["agents"][0]
+    assert entry["backend_url"] == "http://me:***@host:1/v1"
+    assert len(entry["backend_error"]) == cluster_status.STATUS_TEXT_CHARS
+    assert len(entry["hardware"]["gpus"]) == cluster_status.STATUS_LIST_ITEMS + 1
+    assert len(entry["local_models"]) == cluster_status.STATUS_LIST_ITEMS + 1
+    assert len(json.dumps(body)) < 4 << 20
+
+
+def test_failure_throttle_backs_off_exponentially_and_forgets() -> None:
+    now = [0.0]
+    throttle = FailureThrottle(free_failures=2, base_s=1.0, max_s=8.0, forget_s=100.0, max_keys=3,
+                               clock=lambda: now[0])
+    assert [throttle.failed("ip") for _ in range(6)] == [0.0, 0.0, 1.0, 2.0, 4.0, 8.0]
+    assert throttle.retry_after("ip", "user") == 8.0
+    now[0] = 8.5
+    assert throttle.retry_after("ip") == 0.0
+    throttle.failed("ip")
+    assert throttle.retry_after("ip") == 8.0, "capped at max_s"
+    throttle.succeeded("ip")
+    assert throttle.retry_after("ip") == 0.0 and throttle.failed("ip") == 0.0
+    now[0] = 1000.0
+    assert [throttle.failed("ip") for _ in range(3)] == [0.0, 0.0, 1.0], "forgotten after forget_s"
+    for key in ("a", "b", "c", "d"):
+        throttle.failed(key)
+    assert len(throttle._keys) == 3, "made-up keys cannot grow memory"
+
+
+async def test_status_is_built_once_per_period_off_the_event_loop() -> None:
+    calls: list[str] = []
+
+    def build() -> str:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return f"v{len(calls)}"
+
+    cache = CachedBuild(build, max_age_s=0.3)
+    results = await asyncio.gather(*(cache.get() for _ in range(20)))
+    assert results == ["v1"] * 20 and len(calls) == 1 and calls[0] != threading.current_thread().name
+    assert await cache.get() == "v1"
+    await asyncio.sleep(0.35)
+    assert await cache.get() == "v2"
+
+
+class _FakeQueue:
+    def __init__(self) -> None:
+        self.pending_messages_per_session: dict[str, asyncio.Queue[int]] = {}
+        self.pending_event_ids_session: dict[str, set[str]] = {}
+        self.event_ids_to_events: dict[str, object] = {}
+
+
+def test_unread_gradio_results_are_dropped_after_their_time_and_beyond_the_cap() -> None:
+    now = [0.0]
+    blocks = type("Blocks", (), {})()
+    blocks._queue = queue = _FakeQueue()
+    for index in range(5):
+        messages: asyncio.Queue[int] = asyncio.Queue()
+        messages.put_nowait(index)
+        queue.pending_messages_per_session[f"s{index}"] = messages
+        queue.pending_event_ids_session[f"s{index}"] = {f"e{index}"}
+    queue.event_ids_to_events["e4"] = object()  # still running: never dropped
+    queue.pending_messages_per_session["reader"] = asyncio.Queue()  # drained by its reader: never dropped
+    sweeper = UnreadResults(blocks, ttl_s=10, max_unread=3, clock=lambda: now[0])
+    assert sweeper.sweep() == 1 and "s0" not in queue.pending_messages_per_session, "the oldest beyond the cap"
+    now[0] = 11
+    assert sweeper.sweep() == 3
+    assert set(queue.pending_messages_per_session) == {"s4", "reader"}
+    assert set(queue.pending_event_ids_session) == {"s4"}

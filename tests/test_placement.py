@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -27,6 +28,8 @@ from broker.scheduling.scoring import Score
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 CATALOG = load_catalog(DEFAULT_CATALOG)
 DEFAULTS = PlacementSettings()
+ONE_MODEL_EACH = replace(DEFAULTS, extra_models=0)
+"""For tests of model moves alone: extra models beside the main one are tested on their own."""
 
 
 def hardware(name: str) -> Hardware:
@@ -62,7 +65,8 @@ def targets(plan: Plan) -> dict[str, str]:
 def applied(state: ClusterState, plan: Plan, ready: bool = True) -> ClusterState:
     """The registry after the plan's assignments went out and the agents made their models ready."""
     for entry in plan.changes:
-        state = apply(state, AssignmentSeen(entry.agent_id, Assign(model=entry.target_model, assignment_id="n")), 1.0)
+        assign = Assign(model=entry.target_model, assignment_id="n", also=list(entry.also))
+        state = apply(state, AssignmentSeen(entry.agent_id, assign), 1.0)
         if ready:
             state = apply(state, ModelStateReceived(entry.agent_id, ModelState(model=entry.target_model,
                                                                                state="ready")), 1.0)
@@ -114,7 +118,7 @@ def test_the_model_already_loaded_counts_as_free_memory() -> None:
     """An agent serving the 8B model has little VRAM free, and that must not push the model out."""
     state = add(ClusterState(), "desktop", "desktop_ryzen9_rtx4090_24g", current="llama3.1:8b",
                 model_state="ready", telemetry=Telemetry(vram_free_gb=17.5))
-    plan = plan_placement(state, CATALOG, DEFAULTS, now=1.0)
+    plan = plan_placement(state, CATALOG, ONE_MODEL_EACH, now=1.0)
     assert plan.changes == [] and targets(plan) == {"desktop": "llama3.1:8b"}
 
 
@@ -167,7 +171,7 @@ def _scored(state: ClusterState, **scores: float) -> dict[str, Score]:
 def test_hysteresis_small_score_changes_reassign_nothing() -> None:
     state = add(ClusterState(), "laptop", "laptop_i7_iris_16g", current="llama3.2:3b", model_state="ready")
     for score in (56.0, 62.0, 79.0, 82.0, 84.9):
-        plan = plan_placement(state, CATALOG, DEFAULTS, now=1.0, scores=_scored(state, laptop=score))
+        plan = plan_placement(state, CATALOG, ONE_MODEL_EACH, now=1.0, scores=_scored(state, laptop=score))
         assert plan.changes == [], score
         assert "hysteresis" in plan.entries[0].reason or score < 80
     up = plan_placement(state, CATALOG, DEFAULTS, now=1.0, scores=_scored(state, laptop=85.0))
@@ -367,3 +371,29 @@ def test_embedding_models_are_never_placed_for_chat() -> None:
         state = add(state, f"m{n}", machine)
     for entry in plan_placement(state, CATALOG, DEFAULTS, now=1.0).entries:
         assert not CATALOG.estimate(entry.target_model).embedding
+
+
+def test_big_machines_also_keep_a_smaller_model_that_fits_beside_the_main_one() -> None:
+    plan = plan_placement(demo_cluster(), CATALOG, DEFAULTS, now=1.0)
+    by_agent = {entry.agent_id: entry for entry in plan.entries}
+    desktop = by_agent["gpu-desktop"]
+    assert desktop.target_model == "llama3.1:8b" and desktop.also, "24 GB of VRAM holds an 8B and a 3B model"
+    main = CATALOG.model(desktop.target_model)
+    extras = [CATALOG.model(name) for name in desktop.also]
+    assert main is not None and all(extra is not None for extra in extras)
+    assert main.memory_gb + sum(extra.memory_gb for extra in extras) + DEFAULTS.headroom_gb <= 24
+    assert by_agent["raspberry-pi"].also == (), "8 GB holds one small model, nothing beside it"
+    without = plan_placement(demo_cluster(), CATALOG, replace(DEFAULTS, extra_models=0), now=1.0)
+    assert all(entry.also == () for entry in without.entries)
+
+
+def test_a_change_of_extras_alone_is_published_but_moves_no_model() -> None:
+    state = demo_cluster()
+    first = plan_placement(state, CATALOG, replace(DEFAULTS, extra_models=0), now=1.0)
+    state = applied(state, first)
+    second = plan_placement(state, CATALOG, DEFAULTS, now=2.0)
+    extras_only = [entry for entry in second.changes if entry.extras_change]
+    assert extras_only and all(not entry.change for entry in extras_only)
+    assert [entry.agent_id for entry in second.entries if entry.change] == []
+    third = plan_placement(applied(state, second), CATALOG, DEFAULTS, now=3.0)
+    assert third.changes == []

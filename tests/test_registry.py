@@ -172,3 +172,10 @@ def test_ollama_offers_ready_then_loaded_then_local_and_older_agents_can_pull() 
         ("llama3.2:3b", "ready"), ("gemma3:1b", "loaded"), ("qwen2.5:0.5b", "local")]
     assert record.can_pull and not record.continues_prefill and record.slots == 1  # no profile yet
     assert joined().agents["a"].continues_prefill  # the simulated backend continues by construction
+
+
+def test_an_agent_delivering_results_is_alive_though_its_telemetry_is_late() -> None:
+    state = apply(joined(now=0.0), TelemetryReceived("a", Telemetry(interval_s=1.0)), 0.0)
+    assert [event.agent_id for event in find_expired(state, 3.5, factor=3.0)] == ["a"]
+    assert find_expired(state, 3.5, factor=3.0, heard={"a": 3.0}) == []
+    assert [event.agent_id for event in find_expired(state, 7.0, factor=3.0, heard={"a": 3.0})] == ["a"]

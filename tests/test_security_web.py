@@ -187,6 +187,8 @@ def test_api_key_is_enforced_on_every_route_and_method(app_cluster: RunningApp) 
                 response = client.request(method, path, json=body, headers=headers)
                 assert response.status_code == 401, (method, path, headers, response.text)
                 assert response.headers.get("www-authenticate") == "Bearer"
+            # A right key clears this address's wrong-key count, which after 10 in a row would be 429s (13.8).
+            assert client.get("/api/version", headers=app_cluster.headers).status_code == 200
         assert queries_total(app_cluster) == before, "an unauthenticated request reached the cluster"
         assert client.get("/v1/models", headers={"X-API-Key": app_cluster.api_key or ""}).status_code == 200
 

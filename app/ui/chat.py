@@ -19,9 +19,9 @@ from app.errors import AppError
 from app.model_list import ListedModel, model_label
 from app.service import AppService
 from app.streaming import throttled
-from app.ui.errors import gradio_errors
+from app.ui.errors import gradio_errors, warn
 from app.ui.live import LiveAnswer
-from app.ui.render import history_messages
+from app.ui.render import error_message, history_messages, user_message
 from broker.coordinator.contract import AGGREGATIONS, Aggregation, RoutingMode
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
                 elem_id="slb-chatbot",
                 buttons=["copy"],
                 feedback_options=None,
+                # Messages are HTML made by app/ui/render.py (Markdown with a strict allow-list: no raw HTML, no
+                # image); Gradio's own Markdown pass would let a model's <img>, <form> or overlay through.
+                render_markdown=False,
+                sanitize_html=True,
+                allow_tags=False,
                 placeholder="Ask the cluster anything. Every answer says which machine and model wrote it.",
             )
             with gr.Row():
@@ -137,7 +142,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
         owner = request.session_hash if request is not None else None
         mode_value = mode_value or RoutingMode.AUTO.value
         live = LiveAnswer(mode=mode_value, simulated=simulated_agents(service.coordinator.snapshot()))
-        base = [*history, {"role": "user", "content": text}]
+        base = [*history, user_message(text)]
         yield base + live.messages(), "", session_id, "", gr.skip()
         if metrics is not None:
             metrics.ui_streams.inc()
@@ -157,9 +162,9 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
                         live.apply(event)
                     yield base + live.messages(), gr.skip(), gr.skip(), live.panel_html(), gr.skip()
         except AppError as error:
-            gr.Warning(str(error))
+            warn(error)
             live.note = None
-            failed = [{"role": "assistant", "content": f"**Error: {error}**"}]
+            failed = [error_message(str(error))]
             yield base + failed, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         finally:
             if metrics is not None:
@@ -180,7 +185,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
             info = await service.sessions.get_session(session_id)
             history = await service.sessions.get_history(session_id)
         except AppError as error:
-            gr.Warning(str(error))
+            warn(error)
             return [], "", "", ""
         return history_messages(history), session_id, info.title, ""
 
@@ -195,7 +200,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
         try:
             await service.sessions.rename_session(session_id, title)
         except AppError as error:
-            gr.Warning(str(error))
+            warn(error)
             return gr.skip()
         return await refresh_sessions(session_id)
 
@@ -206,7 +211,7 @@ def build_chat_tab(service: AppService, *, metrics: Any = None) -> dict[str, Any
         try:
             await service.sessions.delete_session(session_id)
         except AppError as error:
-            gr.Warning(str(error))
+            warn(error)
         return [], "", gr.update(choices=await session_choices(), value=None), ""
 
     def mode_changed(value: str):

@@ -16,6 +16,7 @@ import gradio as gr
 
 from app import cluster_status
 from app.answers import simulated_agents
+from app.markup import markdown_literal
 from app.service import AppService
 from app.ui.render import (
     agents_table_html,
@@ -68,7 +69,7 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
             f"**{online} of {len(snapshot.agents)} agents online**"
             + (f" ({simulated} simulated, marked [sim] in the plots)" if simulated else "")
             + f" · broker {'connected' if snapshot.connected else '**not connected**'}"
-            + f" · models: {html.escape(cluster_status.models_summary(snapshot), quote=False) or 'none'}"
+            + f" · models: {cluster_status.models_summary(snapshot, markdown_literal) or 'none'}"
         )
         if not cluster_status.is_healthy(snapshot):
             head += "\n\n" + cluster_status.notice_markdown(snapshot, settings.broker)
@@ -92,14 +93,14 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
             return plan_html(service.coordinator.plan(), simulated_ids())
         except Exception as error:  # noqa: BLE001 - a placement bug is shown in the tab (and logged), not a broken tab
             logger.warning("what-if plan failed", exc_info=True)
-            return f"could not compute the plan: {error}"
+            return f"could not compute the plan: {html.escape(str(error))}"
 
     async def reassign():
         try:
             plan = await service.coordinator.reassign()
         except Exception as error:  # noqa: BLE001 - as in preview(): shown in the tab and logged
             logger.warning("reassign failed", exc_info=True)
-            return f"reassign failed: {error}"
+            return f"reassign failed: {html.escape(str(error))}"
         changes = sum(1 for entry in plan.entries if entry.change)
         gr.Info(f"Re-planned: {changes} change(s).")
         return plan_html(plan, simulated_ids())

@@ -15,8 +15,10 @@ from typing import Any
 import gradio as gr
 
 from app.errors import AppError
+from app.markup import markdown_literal
 from app.service import AppService
 from app.store.extract import SUPPORTED_EXTENSIONS
+from app.ui.errors import warn
 from app.ui.render import documents_frame, search_markdown
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
         try:
             documents = await service.documents.list_documents()
         except AppError as error:
-            gr.Warning(str(error))
+            warn(error)
             documents = []
         except Exception:  # noqa: BLE001 - opening LanceDB or the model fails in many ways; the log says why
             logger.warning("listing documents failed", exc_info=True)
@@ -110,11 +112,11 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         added, errors = await add_files(service, files_value, progress)
         lines = [
-            f"Added **{document['name']}**: {document['chunk_count']} chunks"
+            f"Added **{markdown_literal(document['name'])}**: {document['chunk_count']} chunks"
             + (" (already in the library)" if document.get("duplicate") else "")
             for document in added
         ]
-        lines += [f"Failed: {error}" for error in errors]
+        lines += [f"Failed: {markdown_literal(error)}" for error in errors]
         frame, choices = await library()
         return "\n\n".join(lines), frame, choices, None
 
@@ -124,9 +126,9 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
                 text or "", name or "pasted text.txt", progress=lambda f, m: progress(f, desc=m)
             )
         except AppError as error:
-            return f"Failed: {error}", gr.skip(), gr.skip()
+            return f"Failed: {markdown_literal(error)}", gr.skip(), gr.skip()
         frame, choices = await library()
-        return f"Added **{document.name}**: {document.chunk_count} chunks", frame, choices
+        return f"Added **{markdown_literal(document.name)}**: {document.chunk_count} chunks", frame, choices
 
     async def delete(document_id: str | None):
         if not document_id:
@@ -135,7 +137,7 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
         try:
             await service.documents.delete_document(document_id)
         except AppError as error:
-            return f"Failed: {error}", gr.skip(), gr.skip()
+            return f"Failed: {markdown_literal(error)}", gr.skip(), gr.skip()
         frame, choices = await library()
         return "Deleted.", frame, choices
 
@@ -146,7 +148,7 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
         try:
             found = await service.documents.search(text, 5)
         except AppError as error:
-            return f"Failed: {error}"
+            return f"Failed: {markdown_literal(error)}"
         return search_markdown(text, found)
 
     add_button.click(upload, files, [result, table, to_delete, files], api_name="ui_upload",

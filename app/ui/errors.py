@@ -8,6 +8,7 @@ body inside :func:`gradio_errors`.
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import Iterator
 
 import gradio as gr
@@ -22,3 +23,8 @@ def gradio_errors() -> Iterator[None]:
         yield
     except AppError as error:
         raise gr.Error(str(error)) from None
+
+
+def warn(message: object) -> None:
+    """A warning toast; escaped, because Gradio shows toasts as HTML and a message may quote what an agent said."""
+    gr.Warning(html.escape(str(message)))

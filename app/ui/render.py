@@ -3,8 +3,13 @@
 Functions of their arguments only, kept apart from the Gradio wiring so they
 are unit-testable and so a stored answer re-opened from the session list
 looks exactly like it did live (app/ui/live.py renders the live one with
-them). All text that came from a model, a user or an agent is HTML-escaped
-here.
+them). Chat messages are HTML made here (the chatbot shows them without a
+Markdown pass of its own): model text through :func:`app.markup.markdown_html`
+(no raw HTML, no image), everything else escaped. In the ``gr.Markdown``
+parts (placement, search results) outside text goes through
+:func:`app.markup.markdown_literal`; in the ``gr.HTML`` parts through
+``html.escape``. Model names with characters no runtime uses are not shown
+(:func:`app.model_list.valid_model_name`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from typing import Any
 
 import pandas as pd
 
+from app.markup import markdown_html, markdown_literal, text_html
+from app.model_list import shown_model_name, valid_model_name
 from app.sampler import ClusterSample
 from app.store import ChatMessage as StoredMessage
 from app.store import Citation, Document, SearchHit
 from broker.coordinator.contract import AgentView, ClusterSnapshot, PlanView
+from broker.protocol.redaction import redact_urls_in
 
 CURSOR = " ▌"
 SIMULATED_BADGE = "simulated"
@@ -61,8 +69,9 @@ def answered_by(
     return " · ".join(parts)
 
 
-def citation_lines(citations: Iterable[Citation | dict[str, Any]]) -> str:
-    lines = []
+def citations_html(citations: Iterable[Citation | dict[str, Any]]) -> str:
+    """The sources of a RAG answer: document, page or section, and the passage as plain text."""
+    blocks = []
     for citation in citations:
         item = citation.model_dump() if isinstance(citation, Citation) else dict(citation)
         where = []
@@ -71,22 +80,34 @@ def citation_lines(citations: Iterable[Citation | dict[str, Any]]) -> str:
         if item.get("section"):
             where.append(str(item["section"]))
         location = f" ({html.escape(', '.join(where))})" if where else ""
-        snippet = html.escape(str(item.get("snippet", "")))
-        lines.append(f"**[{item.get('number', '?')}] {html.escape(str(item.get('document_name', '?')))}**{location}  \n"
-                     f"> {snippet}")
-    return "\n\n".join(lines)
+        number = html.escape(str(item.get("number", "?")))
+        name = html.escape(str(item.get("document_name", "?")))
+        blocks.append(f'<div class="slb-citation"><p><strong>[{number}] {name}</strong>{location}</p>'
+                      f"<blockquote>{text_html(str(item.get('snippet', '')))}</blockquote></div>")
+    return "\n".join(blocks)
 
 
-def answers_markdown(answers: Iterable[dict[str, Any]]) -> str:
+def answers_html(answers: Iterable[dict[str, Any]]) -> str:
     """Every agent's answer of a fan-out, for the collapsed block under a combined answer."""
     blocks = []
     for answer in answers:
         label = agent_label(answer.get("agent_id", "?"), answer.get("model"), bool(answer.get("simulated")))
-        body = answer.get("text") or ""
+        parts = [f"<p><strong>{html.escape(label)}</strong></p>"]
         if answer.get("error"):
-            body = f"*failed: {html.escape(str(answer['error']))}*" + (f"\n\n{body}" if body else "")
-        blocks.append(f"**{html.escape(label)}**\n\n{body}")
-    return "\n\n---\n\n".join(blocks)
+            parts.append(f"<p><em>failed: {html.escape(str(answer['error']))}</em></p>")
+        if answer.get("text"):
+            parts.append(markdown_html(str(answer["text"])))
+        blocks.append("\n".join(parts))
+    return "\n<hr>\n".join(blocks)
+
+
+def user_message(text: str) -> Message:
+    """The user's question as the chat shows it (Markdown, with the same allow-list as answers)."""
+    return {"role": "user", "content": markdown_html(text)}
+
+
+def error_message(error: str) -> Message:
+    return {"role": "assistant", "content": f"<p><strong>Error: {html.escape(error)}</strong></p>"}
 
 
 def answer_messages(
@@ -102,24 +123,27 @@ def answer_messages(
     status: str | None = None,
 ) -> list[Message]:
     """Chatbot messages for one answer: the text with its provenance, the sources, the per-agent answers."""
+    parts: list[str] = []
     body = text + (CURSOR if streaming else "")
     if status:
-        body = f"*{html.escape(status)}*" + (f"\n\n{body}" if body.strip() else "")
+        parts.append(f"<p><em>{html.escape(status)}</em></p>")
     elif stats.get("restarts"):
-        notes = "\n\n".join(f"*{html.escape(str(restart.get('note', '')))}*" for restart in stats["restarts"])
-        body = notes + (f"\n\n{body}" if body.strip() else "")
+        parts += [f"<p><em>{html.escape(str(restart.get('note', '')))}</em></p>" for restart in stats["restarts"]]
+    if body.strip():
+        parts.append(markdown_html(body))
     if stats.get("error") and stats.get("error_code") != "cancelled":
-        body += f"\n\n**Error: {html.escape(str(stats['error']))}**"
+        parts.append(f"<p><strong>Error: {html.escape(str(stats['error']))}</strong></p>")
     elif stats.get("error_code") == "cancelled":
-        body += "\n\n*(stopped)*"
+        parts.append("<p><em>(stopped)</em></p>")
     footer = "" if streaming else answered_by(agents, models, mode, stats, simulated)
-    content = body + (f"\n\n<sub>{html.escape(footer)}</sub>" if footer else "")
-    messages: list[Message] = [{"role": "assistant", "content": content or "…"}]
+    if footer:
+        parts.append(f"<p><sub>{html.escape(footer)}</sub></p>")
+    messages: list[Message] = [{"role": "assistant", "content": "\n".join(parts) or "<p>…</p>"}]
     if stats.get("answers"):
         messages.append(
             {
                 "role": "assistant",
-                "content": answers_markdown(stats["answers"]),
+                "content": answers_html(stats["answers"]),
                 "metadata": {"title": f"Every agent's answer ({len(stats['answers'])})", "status": "done"},
             }
         )
@@ -127,7 +151,7 @@ def answer_messages(
         messages.append(
             {
                 "role": "assistant",
-                "content": citation_lines(citations),
+                "content": citations_html(citations),
                 "metadata": {"title": f"Sources ({len(citations)})", "status": "done"},
             }
         )
@@ -139,7 +163,7 @@ def history_messages(history: Sequence[StoredMessage], simulated: set[str] | Non
     messages: list[Message] = []
     for stored in history:
         if stored.role == "user":
-            messages.append({"role": "user", "content": stored.content})
+            messages.append(user_message(stored.content))
         elif stored.role == "assistant":
             marked = set(stored.stats.get("simulated_agents", [])) | (simulated or set())
             messages.extend(
@@ -221,19 +245,18 @@ def agents_table_html(snapshot: ClusterSnapshot) -> str:
         if agent.model_state == "pulling":
             state += _progress_bar(agent.model_progress)
         if agent.model_error:
-            state += f'<div class="slb-error">{html.escape(agent.model_error)}</div>'
+            state += f'<div class="slb-error">{html.escape(redact_urls_in(agent.model_error))}</div>'
         backend = runtime_cell(agent)
         if agent.backend_reachable is False:
-            why = html.escape(agent.backend_error or "")
+            why = html.escape(redact_urls_in(agent.backend_error or ""))
             backend += f' <span class="slb-badge slb-warn" title="{why}">unreachable</span>'
         slots_count = agent.slots or agent.max_parallel
         slots = f"/{slots_count}" if slots_count else ""
-        others = sorted(name for name in agent.available_models if name != agent.model)
+        others = sorted(name for name in agent.available_models if name != agent.model and valid_model_name(name))
+        model_cell = html.escape(shown_model_name(agent.model))
         if others:
             shown = ", ".join(others[:4]) + (f" +{len(others) - 4}" if len(others) > 4 else "")
-            model_cell = f"{html.escape(agent.model or '–')}<div class=\"slb-also\">also: {html.escape(shown)}</div>"
-        else:
-            model_cell = html.escape(agent.model or "–")
+            model_cell += f'<div class="slb-also">also: {html.escape(shown)}</div>'
         rows.append(
             "<tr>"
             f"<td><b>{html.escape(agent.id)}</b> {sim}{cooling}</td>"
@@ -274,7 +297,8 @@ def runtime_cell(agent: AgentView) -> str:
             prefill, "prefill not probed"))
         if profile.get("interrupts_running"):
             details.append("a new request interrupts")
-    title = " · ".join(str(profile[key]) for key in ("detected_by", "health_check") if profile.get(key))
+    title = redact_urls_in(" · ".join(str(profile[key]) for key in ("detected_by", "health_check")
+                                      if profile.get(key)))
     text = f"<b>{html.escape(head)}</b>"
     if details:
         text += f'<div class="slb-runtime">{html.escape(" · ".join(details))}</div>'
@@ -286,8 +310,8 @@ def placement_markdown(snapshot: ClusterSnapshot) -> str:
     for agent in sorted(snapshot.agents, key=lambda a: a.id):
         reason = agent.placement_reason or "no placement decision yet"
         marker = " *(simulated)*" if agent.simulated else ""
-        model = f"<code>{html.escape(agent.model)}</code>" if agent.model else "–"  # the agent may name its model
-        lines.append(f"- **{html.escape(agent.id)}**{marker} → {model}: {html.escape(reason)}")
+        model = f"<code>{markdown_literal(shown_model_name(agent.model))}</code>" if agent.model else "–"
+        lines.append(f"- **{markdown_literal(agent.id)}**{marker} → {model}: {markdown_literal(reason)}")
     return "\n".join(lines) or "*No agents.*"
 
 
@@ -303,8 +327,8 @@ def plan_html(plan: PlanView, simulated: set[str]) -> str:
             moves = "later (keeps the cluster answering)"
         rows.append(
             f"<tr><td><b>{html.escape(entry.agent_id)}</b>{badge}</td>"
-            f"<td class=\"slb-nowrap\">{html.escape(entry.current_model or '–')}</td>"
-            f"<td class=\"slb-nowrap\">{html.escape(entry.target_model or '–')}</td>"
+            f"<td class=\"slb-nowrap\">{html.escape(shown_model_name(entry.current_model))}</td>"
+            f"<td class=\"slb-nowrap\">{html.escape(shown_model_name(entry.target_model))}</td>"
             f"<td>{moves}</td><td>{html.escape(entry.reason)}</td></tr>"
         )
     if not rows:
@@ -390,15 +414,17 @@ def _size(size: int) -> str:
 
 
 def search_markdown(query: str, hits: Sequence[SearchHit]) -> str:
+    """Search results for a ``gr.Markdown``: the documents' text is literal (a passage may hold markup)."""
     if not hits:
-        return f"No passage matches *{html.escape(query)}*."
+        return f"No passage matches *{markdown_literal(query)}*."
     blocks = []
     for rank, hit in enumerate(hits, start=1):
-        location = f" — {html.escape(hit.location)}" if hit.location else ""
-        text = html.escape(" ".join(hit.text.split()))
+        location = f" — {markdown_literal(hit.location)}" if hit.location else ""
+        text = " ".join(hit.text.split())
         if len(text) > 600:
             text = text[:600] + "…"
-        blocks.append(f"**{rank}. {html.escape(hit.document_name)}**{location} · score {hit.score:.3f}\n\n> {text}")
+        blocks.append(f"**{rank}. {markdown_literal(hit.document_name)}**{location} · score {hit.score:.3f}\n\n"
+                      f"> {markdown_literal(text)}")
     return "\n\n".join(blocks)
 
 
@@ -426,4 +452,6 @@ CSS = """
 .slb-empty { color: var(--body-text-color-subdued); padding: 8px; }
 .slb-notice { border-left: 4px solid #f59e0b; padding: 4px 10px; }
 .slb-nowrap { white-space: nowrap; }
+#slb-chatbot .message-markdown-disabled { white-space: normal; }
+.slb-link-target { color: var(--body-text-color-subdued); font-size: 0.85em; word-break: break-all; }
 """

@@ -116,9 +116,9 @@ def build_script_api(service: AppService) -> None:
         """Stop a running query (its request_id is in every /chat and /query item)."""
         return {"request_id": request_id, "cancelled": await service.cancel(request_id)}
 
-    def status() -> dict[str, Any]:
+    async def status() -> dict[str, Any]:
         """The cluster summary and every agent's detail (as GET /status)."""
-        return service.status()
+        return await service.status()
 
     def health() -> dict[str, Any]:
         """healthy, connected_clients, active_models, message (as GET /health)."""
@@ -181,7 +181,7 @@ def build_script_api(service: AppService) -> None:
         """The k best passages of your documents for a query, best first, with their sources."""
         try:
             count = int(k) if not isinstance(k, bool) and isinstance(k, int | float | str) else None
-        except ValueError:
+        except (ValueError, OverflowError):  # "many", NaN, Infinity
             count = None
         if count is None:
             raise gr.Error(f"k must be a whole number, got {k!r}")

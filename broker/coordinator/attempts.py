@@ -4,13 +4,17 @@ Pieces the coordinator composes (tested without a broker):
 
 * :class:`ReorderBuffer` releases result chunks in ``seq`` order; duplicates
   (QoS 1 may deliver twice) are dropped, and a gap that never fills shows up
-  as no in-order progress, which the stall timer turns into a failover.
+  as no in-order progress, which the stall timer turns into a failover. What
+  waits behind a gap is bounded in characters and chunks, and a gap that stays
+  open for the between-chunks stall time fails the attempt even before its
+  first token (issue 13.7: a gap at seq 0 held 330 MB for 20 s).
 * :class:`EchoFilter` drops text a continuing agent repeats from the partial
   answer it was given, so the caller never sees text twice.
 * :class:`Attempt` holds one job's progress and says when it has stalled — no
   first token in time (the allowance grows with the jobs queued ahead of it on
   the agent), or no tokens for a while after that. A job that keeps producing
-  is never cut: only the query's own deadline ends it.
+  is never cut by time: only the query's own deadline ends it — but an answer
+  longer than ``max_chars`` (with the text it continues) ends as ``too_long``.
 * :class:`Run` is one query in progress; its inbox carries the signals its
   attempts wait on (result chunks, an agent gone, a cancel).
 * :class:`InFlight` is the one owner of who works on what: runs by request id,
@@ -26,19 +30,29 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from broker.coordinator.contract import QueryEvent, QueryRequest
-from broker.protocol.messages import Result, ResultStats
+from broker.protocol.messages import MAX_PROMPT_CHARS, Result, ResultStats
 
 MAX_PENDING_CHUNKS = 4096
 """Out-of-order chunks held at most; past that the gap is treated as a stall."""
+MAX_ANSWER_CHARS = MAX_PROMPT_CHARS
+"""Default cap on one answer's text (the protocol's ``MAX_PROMPT_CHARS``: a longer one could not be handed to
+another agent as a prefix); ``CoordinatorSettings.max_answer_chars`` sets it."""
 
 
 class ReorderBuffer:
-    """Chunks in sequence order; nothing after the ``done`` chunk."""
+    """Chunks in sequence order; nothing after the ``done`` chunk.
 
-    def __init__(self) -> None:
+    At most ``max_pending_chars`` characters (and :data:`MAX_PENDING_CHUNKS` chunks) wait behind a gap; a chunk
+    that would pass either is dropped and the buffer reports :attr:`overflowed`, which fails the attempt.
+    """
+
+    def __init__(self, max_pending_chars: int = MAX_ANSWER_CHARS) -> None:
         self.next_seq = 0
         self.finished = False
         self.duplicates = 0
+        self.max_pending_chars = max_pending_chars
+        self.pending_chars = 0
+        self.overflowed = False
         self._pending: dict[int, Result] = {}
 
     def push(self, result: Result) -> list[Result]:
@@ -46,25 +60,34 @@ class ReorderBuffer:
         if self.finished or result.seq < self.next_seq or result.seq in self._pending:
             self.duplicates += 1
             return []
-        self._pending[result.seq] = result
-        released: list[Result] = []
-        while self.next_seq in self._pending:
+        if result.seq != self.next_seq:
+            if self.overflowed or len(self._pending) >= MAX_PENDING_CHUNKS \
+                    or self.pending_chars + len(result.delta) > self.max_pending_chars:
+                self.overflowed = True  # the gap is not going to be worth waiting for; drop, do not hold
+                return []
+            self.pending_chars += len(result.delta)
+            self._pending[result.seq] = result
+            return []
+        released = [result]
+        self.next_seq += 1
+        while not (released[-1].done or released[-1].error) and self.next_seq in self._pending:
             chunk = self._pending.pop(self.next_seq)
+            self.pending_chars -= len(chunk.delta)
             released.append(chunk)
             self.next_seq += 1
-            if chunk.done or chunk.error:
-                self.finished = True
-                self._pending.clear()
-                break
+        if released[-1].done or released[-1].error:
+            self.close()
         return released
+
+    def close(self) -> None:
+        """Take nothing more and let go of what waits (the attempt ended)."""
+        self.finished = True
+        self._pending.clear()
+        self.pending_chars = 0
 
     @property
     def waiting_for_gap(self) -> bool:
         return bool(self._pending)
-
-    @property
-    def overflowed(self) -> bool:
-        return len(self._pending) > MAX_PENDING_CHUNKS
 
 
 class EchoFilter:
@@ -107,37 +130,69 @@ class Attempt:
     prefix: str = ""
     first_chunk_s: float | None = None
     first_chunk_note: str = ""
+    max_chars: int = MAX_ANSWER_CHARS
+    """The answer's text (``prefix`` included) may not pass this; past it the attempt ends as ``too_long``."""
+    solo: bool = False
+    """Nothing else ran on the agent when the job was sent (a speed measured on it is the agent's own)."""
+    claimed_tokens_per_s: float | None = None
+    """What the agent's telemetry or benchmark claimed for this model when the job was sent."""
+    output_allowed: bool = True
+    """The question lets the model say something (an empty answer is then no answer)."""
     text: str = ""
     first_chunk_at: float | None = None
     last_progress_at: float | None = None
+    done_at: float | None = None
+    gap_since: float | None = None
+    """When chunks began to wait behind a missing one (``None``: no gap)."""
     stats: ResultStats | None = None
     error: str | None = None
     error_code: str | None = None
     done: bool = False
-    buffer: ReorderBuffer = field(default_factory=ReorderBuffer)
+    rejected: str | None = None
+    """Why a finished answer was judged unusable (empty, a lie about its speed); set when the attempt ends."""
+    strike_if_answered: str | None = None
+    """A strike for this agent should another agent answer the same question (it answered empty)."""
+    buffer: ReorderBuffer = field(init=False)
     echo: EchoFilter = field(init=False)
 
     def __post_init__(self) -> None:
         self.echo = EchoFilter(self.prefix)
+        self.buffer = ReorderBuffer(max(0, self.max_chars - len(self.prefix)))
 
     def accept(self, result: Result, now: float) -> str:
         """Take one chunk; return the new text (in order, echo removed) it releases."""
         new_text = []
+        size = len(self.prefix) + len(self.text)
         for chunk in self.buffer.push(result):
             self.last_progress_at = now
             if self.first_chunk_at is None:
                 self.first_chunk_at = now
             if chunk.delta:
-                new_text.append(self.echo.feed(chunk.delta))
+                piece = self.echo.feed(chunk.delta)
+                if size + len(piece) > self.max_chars:
+                    self._too_long(now, size + len(piece))
+                    break
+                size += len(piece)
+                new_text.append(piece)
             if chunk.error:
                 self.error, self.error_code = chunk.error, chunk.error_code
             if chunk.done or chunk.error:
                 self.done = True
+                self.done_at = now
                 self.stats = chunk.stats
                 new_text.append(self.echo.flush())
+        self.gap_since = None if not self.buffer.waiting_for_gap else (self.gap_since or now)
         text = "".join(new_text)
         self.text += text
         return text
+
+    def _too_long(self, now: float, would_be: int) -> None:
+        self.error = (f"the answer passed the limit of {self.max_chars:,} characters (max_answer_chars): the next "
+                      f"chunk would have made it {would_be:,}")
+        self.error_code = "too_long"
+        self.done = True
+        self.done_at = now
+        self.buffer.close()
 
     def first_token_limit(self, first_chunk_s: float) -> float:
         """Seconds this attempt may take to its first token (the allowance, when one was set)."""
@@ -148,7 +203,11 @@ class Attempt:
         if self.done:
             return None
         if self.buffer.overflowed:
-            return f"chunk {self.buffer.next_seq} never arrived"
+            return (f"chunk {self.buffer.next_seq} never arrived, and more than {self.buffer.max_pending_chars:,} "
+                    f"characters piled up behind it")
+        if self.gap_since is not None and now - self.gap_since >= between_chunks_s:
+            return (f"chunk {self.buffer.next_seq} never arrived: later chunks waited {between_chunks_s:g} s "
+                    f"for it")
         if self.last_progress_at is None:
             limit = self.first_token_limit(first_chunk_s)
             if now - self.started_at >= limit:
@@ -161,9 +220,10 @@ class Attempt:
 
     def next_check(self, first_chunk_s: float, between_chunks_s: float) -> float:
         """When :meth:`stall_reason` could next become true (or the query's deadline come)."""
+        gap = self.gap_since + between_chunks_s if self.gap_since is not None else self.deadline
         if self.last_progress_at is None:
-            return min(self.deadline, self.started_at + self.first_token_limit(first_chunk_s))
-        return min(self.deadline, self.last_progress_at + between_chunks_s)
+            return min(self.deadline, gap, self.started_at + self.first_token_limit(first_chunk_s))
+        return min(self.deadline, gap, self.last_progress_at + between_chunks_s)
 
 
 # ---------------------------------------------------------------- one query in progress

@@ -23,6 +23,7 @@ from broker.coordinator.contract import (
     ROUTING_MODES,
     AgentFinished,
     AgentSwitched,
+    AgentView,
     Aggregation,
     AnswerRestarted,
     ClusterSnapshot,
@@ -216,7 +217,7 @@ def format_stats(snapshot: ClusterSnapshot, coordinator: Coordinator) -> str:
             f"  {agent.id:<20} {'online ' if agent.online else 'offline'} score {agent.score or 0:5.1f}  "
             f"{agent.model or '-'} ({agent.model_state or '-'}{progress})  jobs {agent.jobs_running}+"
             f"{agent.jobs_queued}  {speed}{'  SIMULATED' if agent.simulated else ''}"
-            f"{'  cooling down' if agent.cooling_down else ''}"
+            f"{'  cooling down' if agent.cooling_down else ''}{trust_summary(agent)}"
             f"{runtime_summary(agent.runtime, agent.slots)}")
     totals: dict[str, float] = {}
     for metric in coordinator.metrics.registry.collect():
@@ -227,6 +228,13 @@ def format_stats(snapshot: ClusterSnapshot, coordinator: Coordinator) -> str:
                  f"{totals.get('slb_failovers_total', 0):.0f}, output tokens "
                  f"{totals.get('slb_output_tokens_total', 0):.0f}")
     return "\n".join(lines) + "\n"
+
+
+def trust_summary(agent: AgentView) -> str:
+    """``  QUARANTINED (280 s left): 3 strike(s) in 600 s; last: empty answer…`` or ``  1 strike(s)``."""
+    if agent.quarantined:
+        return f"  QUARANTINED ({agent.quarantine_left_s or 0:.0f} s left): {agent.quarantine_reason}"
+    return f"  {agent.strikes} strike(s)" if agent.strikes else ""
 
 
 def runtime_summary(runtime: dict[str, object], slots: int | None) -> str:

@@ -170,7 +170,7 @@ class QueryFailed:
 
     request_id: str
     error: str
-    code: Literal["no_agent", "busy", "timeout", "failed", "cancelled", "bad_request"] = "failed"
+    code: Literal["no_agent", "busy", "timeout", "failed", "truncated", "cancelled", "bad_request"] = "failed"
     partial_text: str = ""
 
 
@@ -227,7 +227,12 @@ ManageEvent = ManageStarted | ManageProgress | ManageFinished
 
 @dataclass(frozen=True)
 class AgentView:
-    """One agent as the cluster view shows it."""
+    """One agent as the cluster view shows it.
+
+    Everything an agent says about itself is bounded here (issue 13.6): lists of models keep their first
+    :data:`~broker.coordinator.views.MAX_VIEW_MODELS` entries (``*_total`` counts them all), names and texts are
+    cut, so one agent's view has a bounded size whatever it publishes.
+    """
 
     id: str
     online: bool
@@ -266,6 +271,26 @@ class AgentView:
     """Every model this agent can answer with now (its own name → ready, loaded or local)."""
     can_pull: bool = True
     continues_prefill: bool = False
+    local_models_total: int = 0
+    loaded_models_total: int = 0
+    available_models_total: int = 0
+    """How many entries the agent's lists really have (the lists above keep the first few)."""
+    claimed_slots: int | None = None
+    """The slots the agent claims, when more than its machine can plausibly run (``slots`` is then the cap)."""
+    speed_source: str | None = None
+    """Where ``tokens_per_s`` comes from: ``measured`` (the coordinator's own clock on delivered tokens) or
+    ``claimed`` (the agent's telemetry, until an answer has been measured)."""
+    strikes: int = 0
+    """Answers that showed this agent lying: empty (where another agent then answered), or claiming a speed far
+    above the delivered one."""
+    last_strike: str | None = None
+    quarantined: bool = False
+    """No jobs go to this agent until the quarantine ends (``quarantine_left_s``)."""
+    quarantine_reason: str | None = None
+    """Why it is (or was last) in quarantine, e.g. "3 strike(s) in 600 s; last: empty answer: …"."""
+    quarantine_left_s: float | None = None
+    quarantines: int = 0
+    """Quarantines so far; each lasts twice as long as the one before."""
 
 
 @dataclass(frozen=True)
@@ -282,4 +307,7 @@ class ClusterSnapshot:
     generated_at: float
     servable_models: list[str] = field(default_factory=list)
     models: list[ModelAvailability] = field(default_factory=list)
+    models_total: int = 0
+    """How many servable models there are; ``servable_models`` and ``models`` keep the first
+    :data:`~broker.coordinator.views.MAX_SNAPSHOT_MODELS` (``Coordinator.models()`` has them all)."""
 

@@ -15,15 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from broker.coordinator.attempts import Attempt, CancelSignal, GoneSignal, InFlight, Run
 from broker.coordinator.contract import (
     AGGREGATIONS,
     ROUTING_MODES,
-    AgentAnswer,
-    AgentDelta,
-    AgentFinished,
     AgentSwitched,
-    Aggregation,
     AnswerRestarted,
     QueryEvent,
     QueryFailed,
@@ -33,6 +31,8 @@ from broker.coordinator.contract import (
     RoutingMode,
     TextDelta,
 )
+from broker.coordinator.errors import QueryError
+from broker.coordinator.fanout import FanOut
 from broker.coordinator.metrics import CoordinatorMetrics, mode_label
 from broker.coordinator.settings import CoordinatorSettings
 from broker.coordinator.wakeup import Wakeup
@@ -47,10 +47,9 @@ from broker.protocol import (
     encode,
     is_valid_agent_id,
 )
-from broker.scheduling import aggregation
 from broker.scheduling.catalog import Catalog
 from broker.scheduling.names import same_model
-from broker.scheduling.registry import AnswerMeasured, ClusterState
+from broker.scheduling.registry import AgentRecord, AnswerMeasured, ClusterState
 from broker.scheduling.routing import (
     CircuitBreaker,
     Route,
@@ -59,9 +58,9 @@ from broker.scheduling.routing import (
     coming_soon,
     largest_model,
     no_agent_reason,
-    one_per_agent,
     route_candidates,
 )
+from broker.scheduling.trust import Delivery, Trust, judge
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +76,8 @@ Publish = Callable[[str, bytes | Message], None]
 """Publish a QoS 1, non-retained message (dropped while the coordinator has no connection)."""
 
 
-class QueryError(Exception):
-    """Ends a query with :class:`QueryFailed`."""
-
-    def __init__(self, code: str, message: str, partial_text: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.partial_text = partial_text
+class PrefixDoesNotFit(Exception):
+    """A continuation job would be over the protocol's limits with the partial answer as its prefix."""
 
 
 @dataclass
@@ -110,6 +103,7 @@ class QueryExecutor:
         publish: Publish,
         ledger: InFlight,
         breaker: CircuitBreaker,
+        trust: Trust,
         wakeup: Wakeup,
         answer_measured: Callable[[AnswerMeasured], None],
         assignment_pending: Callable[[], bool],
@@ -123,10 +117,12 @@ class QueryExecutor:
         self._publish = publish
         self._ledger = ledger
         self._breaker = breaker
+        self._trust = trust
         self._wakeup = wakeup
         self._answer_measured = answer_measured
         self._assignment_pending = assignment_pending
         self._output_tokens = float(settings.expected_output_tokens)
+        self._fan_out = FanOut(self)
 
     # ------------------------------------------------------------------ one query
 
@@ -145,7 +141,7 @@ class QueryExecutor:
         self._ledger.open_run(run)
         try:
             if mode == RoutingMode.ALL:
-                emit(await self._fan_out(run))
+                emit(await self._fan_out.run(run))
             else:
                 answer = await self._answer(run, list(request.messages), mode, announce=True)
                 latency = time.monotonic() - run.started_at
@@ -206,17 +202,22 @@ class QueryExecutor:
     def candidates(self, model: str | None, exclude: frozenset[str], request: QueryRequest) -> list[RouteCandidate]:
         """Agents that could take ``request`` now (``model`` or any ready model), with their load and speed."""
         prompt_tokens = sum(len(message.content) for message in request.messages) // 4
+        now = time.monotonic()
         return route_candidates(
             self._state(), self.catalog, model=model, own_inflight=self._ledger.own_jobs,
-            external=self._ledger.external_jobs, cooling=self._breaker.cooling(time.monotonic()), exclude=exclude,
-            prompt_tokens=prompt_tokens,
+            external=self._ledger.external_jobs, cooling=self._breaker.cooling(now), exclude=exclude,
+            prompt_tokens=prompt_tokens, quarantined=self._trust.quarantined(now),
         )
 
     def _has_room(self, candidate: RouteCandidate) -> bool:
         return candidate.outstanding < candidate.slots + self.settings.agent_queue_limit
 
     def _coming(self, model: str | None, exclude: frozenset[str]) -> str | None:
-        return coming_soon(self._state(), model, exclude, self._assignment_pending())
+        held = frozenset(self._trust.quarantined(time.monotonic()))
+        return coming_soon(self._state(), model, exclude | held, self._assignment_pending())
+
+    def _no_agent_reason(self, model: str | None, exclude: frozenset[str]) -> str:
+        return no_agent_reason(self._state(), self.catalog, model, exclude, self._trust.quarantined(time.monotonic()))
 
     async def _admit(self, run: Run, mode: str, exclude: frozenset[str], prefer_model: str | None,
                      prefer_continuing: bool = False) -> Route:
@@ -243,8 +244,8 @@ class QueryExecutor:
             waiting_for = None if candidates else self._coming(wanted, exclude)
             now = time.monotonic()
             if not candidates and waiting_for is None:
-                raise QueryError("no_agent" if not exclude else "failed",
-                                 no_agent_reason(self._state(), self.catalog, wanted, exclude), partial_text="")
+                raise QueryError("no_agent" if not exclude else "failed", self._no_agent_reason(wanted, exclude),
+                                 partial_text="")
             if now >= give_up:
                 if candidates:
                     load = sum(c.outstanding for c in candidates)
@@ -257,39 +258,36 @@ class QueryExecutor:
                                              f"waited {self.settings.admission_wait_s:g} s")
             await self._wakeup.wait(give_up - now)
 
-    async def _fan_out_targets(self, run: Run) -> list[RouteCandidate]:
-        """Every agent with a ready model, waiting (bounded) while models are still on their way."""
-        give_up = min(run.deadline, time.monotonic() + self.settings.admission_wait_s)
-        while True:
-            candidates = one_per_agent(self.candidates(None, frozenset(), run.request))
-            if candidates:
-                return candidates
-            coming = self._coming(None, frozenset())
-            if coming is None:
-                raise QueryError("no_agent", no_agent_reason(self._state(), self.catalog, None, frozenset()))
-            now = time.monotonic()
-            if now >= give_up:
-                raise QueryError("no_agent", f"no agent can serve this yet: {coming}; "
-                                             f"waited {self.settings.admission_wait_s:g} s")
-            await self._wakeup.wait(give_up - now)
-            if run.cancel_reason:
-                raise QueryError("cancelled", run.cancel_reason)
-
     # ------------------------------------------------------------------ jobs on agents
 
     def _send(self, run: Run, candidate: RouteCandidate, messages: list[ChatMessage], prefix: str) -> Attempt:
-        """Publish the job; its deadline is the query's (a job that keeps producing tokens is never cut)."""
+        """Publish the job; its deadline is the query's (a job that keeps producing tokens is never cut).
+
+        Raises :class:`PrefixDoesNotFit` when ``prefix`` would put the job over the protocol's limits (the caller
+        then starts the answer over), and a clear ``bad_request`` for a job that fits nowhere — never a
+        validation error that would end the query as an "internal error".
+        """
         now = time.monotonic()
         wire_id = run.next_wire_id()
-        job = Job(request_id=wire_id, model=candidate.model, messages=messages, options=dict(run.request.options),
-                  deadline=time.time() + (run.deadline - now), assistant_prefix=prefix or None,
-                  attempt=run.counter - 1)
+        try:
+            job = Job(request_id=wire_id, model=candidate.model, messages=messages, options=dict(run.request.options),
+                      deadline=time.time() + (run.deadline - now), assistant_prefix=prefix or None,
+                      attempt=run.counter - 1)
+        except ValidationError as error:
+            if prefix:
+                raise PrefixDoesNotFit(f"{len(prefix):,} characters of answer") from None
+            raise QueryError("bad_request", f"the job cannot be sent: {error.errors()[0]['msg']}") from None
         payload = encode(job)
         if len(payload) > MAX_PAYLOAD_BYTES:
+            if prefix:
+                raise PrefixDoesNotFit(f"a job of {len(payload):,} bytes")
             raise QueryError("bad_request", f"the job is {len(payload):,} bytes; the limit is {MAX_PAYLOAD_BYTES:,}")
         allowance, note = self._first_token_allowance(candidate, run.request)
         attempt = Attempt(wire_id, candidate.agent_id, candidate.model, now, run.deadline, prefix=prefix,
-                          first_chunk_s=allowance, first_chunk_note=note)
+                          first_chunk_s=allowance, first_chunk_note=note, max_chars=self.settings.max_answer_chars,
+                          solo=candidate.outstanding == 0, output_allowed=output_allowed(run.request),
+                          claimed_tokens_per_s=claimed_speed(self._state().agents.get(candidate.agent_id),
+                                                             candidate.model))
         self._ledger.add_attempt(run, attempt)
         self.metrics.jobs_in_flight.inc()
         self._publish(self.topics.job(candidate.agent_id), payload)
@@ -314,21 +312,63 @@ class QueryExecutor:
         return self.settings.stall_first_token_s + extra, f" (allowing for {' and '.join(parts)})"
 
     def _end_attempt(self, attempt: Attempt, cancel_reason: str | None = None) -> None:
-        """Forget an attempt; tell the agent to stop if it has not finished; learn from a finished answer."""
+        """Forget an attempt; tell the agent to stop if it has not finished; judge a finished answer."""
         if not self._ledger.remove_attempt(attempt):
             return
         self.metrics.jobs_in_flight.dec()
-        if not attempt.done and cancel_reason is not None:
+        if attempt.error_code == "too_long":
+            cancel_reason = attempt.error  # we stopped listening; the agent is still generating
+        if (not attempt.done or attempt.error_code == "too_long") and cancel_reason is not None:
             self._publish(self.topics.cancel(attempt.agent_id), Cancel(request_id=attempt.wire_id,
                                                                        reason=cancel_reason))
         if attempt.done and attempt.error is None:
-            self._breaker.record_success(attempt.agent_id)
-            if attempt.stats is not None:
-                self._answer_measured(AnswerMeasured(attempt.agent_id, attempt.model, attempt.stats))
-                if attempt.stats.output_tokens:
-                    self.metrics.output_tokens.labels(attempt.model).inc(attempt.stats.output_tokens)
-                    self._output_tokens += OUTPUT_TOKENS_SMOOTHING * (attempt.stats.output_tokens - self._output_tokens)
+            self._judge(attempt)
         self._wakeup.notify()
+
+    def _judge(self, attempt: Attempt) -> None:
+        """Check a finished answer against what we saw of it: learn our own measurement of a good one; reject
+        (``attempt.rejected``) and strike an empty or lying one (:func:`broker.scheduling.trust.judge`)."""
+        now = time.monotonic()
+        verdict = judge(Delivery(
+            text=attempt.text, continued=bool(attempt.prefix), output_allowed=attempt.output_allowed,
+            sent_at=attempt.started_at, first_at=attempt.first_chunk_at, done_at=attempt.done_at or now,
+            stats=attempt.stats, solo=attempt.solo, claimed_tokens_per_s=attempt.claimed_tokens_per_s))
+        if verdict.strike is not None:
+            self._strike(attempt.agent_id, verdict.strike)
+        attempt.strike_if_answered = verdict.strike_if_answered
+        if verdict.failure is not None:
+            attempt.rejected = verdict.failure
+            return
+        self._breaker.record_success(attempt.agent_id)
+        self._trust.good(attempt.agent_id, now)
+        measurement = verdict.measurement
+        queue_s = attempt.stats.queue_s if attempt.stats is not None else None
+        self._answer_measured(AnswerMeasured(attempt.agent_id, attempt.model, measurement.as_stats(queue_s)))
+        if measurement.tokens:
+            self.metrics.output_tokens.labels(self._model_label(attempt.model)).inc(measurement.tokens)
+            self._output_tokens += OUTPUT_TOKENS_SMOOTHING * (measurement.tokens - self._output_tokens)
+
+    def _answered_by(self, answered: Attempt, attempts: list[Attempt]) -> None:
+        """Another agent answered the question ``attempts`` gave empty answers to: those were the agents' doing."""
+        for attempt in attempts:
+            if attempt.strike_if_answered is not None and attempt.agent_id != answered.agent_id:
+                self._strike(attempt.agent_id, f"{attempt.strike_if_answered}; {answered.agent_id} answered the "
+                                               f"same question")
+                attempt.strike_if_answered = None
+
+    def _strike(self, agent_id: str, reason: str) -> None:
+        self.metrics.strikes.inc()
+        length = self._trust.strike(agent_id, reason, time.monotonic())
+        logger.warning("agent %s: strike (%s)", agent_id, reason)
+        if length is not None:
+            self.metrics.quarantines.inc()
+            logger.warning("agent %s is in quarantine for %g s (no jobs): %s", agent_id, length,
+                           self._trust.standing(agent_id, time.monotonic()).reason)
+
+    def _model_label(self, model: str) -> str:
+        """Catalog models by name, others as one value: an agent cannot grow the metric's series at will."""
+        entry = self.catalog.model(model)
+        return entry.name if entry is not None else "other"
 
     async def _follow(self, run: Run, attempt: Attempt, on_text: Callable[[str], None]) -> str | None:
         """Stream one attempt to its end; return ``None`` when it finished, else why it failed."""
@@ -367,35 +407,45 @@ class QueryExecutor:
 
     async def _answer(self, run: Run, messages: list[ChatMessage], mode: str, *, announce: bool) -> _Answer:
         """One answer from one agent at a time; on failure another agent continues the partial text — only if its
-        runtime continues a prefill — or starts the answer over (:class:`AnswerRestarted`), never splicing two."""
+        runtime continues a prefill, and the text still fits in a job — or starts the answer over
+        (:class:`AnswerRestarted`), never splicing two. An answer judged unusable (empty, lying about its speed)
+        is a failure like any other; text it streamed is voided by a restart."""
         exclude: set[str] = set()
         attempts: list[Attempt] = []
-        segment: list[Attempt] = []  # the attempts whose text is the answer now (since the last restart)
+        segment: list[Attempt] = []  # the attempts whose text the caller has now (since the last restart)
+        void = False  # the caller saw text of a rejected answer: the next attempt starts the answer over
         reasons: list[str] = []
         while True:
             previous = attempts[-1] if attempts else None
-            partial = "".join(a.text for a in segment)
+            shown = "".join(a.text for a in segment)
+            partial = "" if void else shown
             try:
                 route = await self._admit(run, mode, frozenset(exclude), previous.model if previous else None,
                                           prefer_continuing=bool(partial))
             except QueryError as error:
                 if previous is not None and error.code in ("no_agent", "failed", "busy"):
-                    raise QueryError("failed", f"{'; '.join(reasons)}; and {error.message}",
+                    raise QueryError(failure_code(attempts), f"{'; '.join(reasons)}; and {error.message}",
                                      partial_text=partial) from None
                 error.partial_text = partial
                 raise
-            restart = bool(partial) and not route.candidate.continues_prefill
+            restart = void or (bool(partial) and not route.candidate.continues_prefill)
+            try:
+                attempt = self._send(run, route.candidate, messages, "" if restart else partial)
+            except PrefixDoesNotFit as error:
+                logger.info("query %s: the partial answer does not fit in a job (%s); restarting it", run.request_id,
+                            error)
+                restart = True
+                attempt = self._send(run, route.candidate, messages, "")
             if restart:
-                segment = []
-            attempt = self._send(run, route.candidate, messages, "" if restart else partial)
+                segment, void = [], False
             attempts.append(attempt)
             segment.append(attempt)
             if previous is not None and restart:
-                logger.info("query %s: %s cannot continue a partial answer; restarting it (%d chars discarded)",
-                            run.request_id, attempt.agent_id, len(partial))
+                logger.info("query %s: %s cannot continue the partial answer; restarting it (%d chars discarded)",
+                            run.request_id, attempt.agent_id, len(shown))
                 self.metrics.answer_restarts.inc()
                 run.emit(AnswerRestarted(run.request_id, previous.agent_id, attempt.agent_id, attempt.model,
-                                         reasons[-1], len(partial)))
+                                         reasons[-1], len(shown)))
             elif previous is not None:
                 run.emit(AgentSwitched(run.request_id, previous.agent_id, attempt.agent_id, attempt.model,
                                        reasons[-1]))
@@ -404,8 +454,16 @@ class QueryExecutor:
                                       route.reason))
             problem = await self._follow(run, attempt, lambda text, a=attempt: run.emit(
                 TextDelta(run.request_id, text, a.agent_id, a.model)))
-            partial = "".join(a.text for a in segment)
+            if attempt.rejected is not None:
+                problem = attempt.rejected
+                if attempt.text:
+                    void = True
+                else:
+                    segment.remove(attempt)  # nothing shown: the answer so far stands
+            partial = "" if void else "".join(a.text for a in segment)
             if problem is None and attempt.error is None:
+                if partial.strip():
+                    self._answered_by(attempt, attempts)
                 return _Answer(partial, [a.agent_id for a in attempts], [a.model for a in attempts],
                                combined_stats(run, segment, attempts), len(attempts) - 1)
             if (expired := run.deadline_passed(time.monotonic())) is not None:
@@ -417,6 +475,10 @@ class QueryExecutor:
             if attempt.error_code in NOT_THE_AGENTS_FAULT:
                 raise QueryError("bad_request" if attempt.error_code == "bad_job" else "failed",
                                  f"{attempt.agent_id} refused the job: {attempt.error}", partial_text=partial)
+            if attempt.error_code == "too_long":  # most likely the question's doing: another agent would go on too
+                earlier = f" (earlier: {'; '.join(reasons)})" if reasons else ""
+                raise QueryError("failed", f"{attempt.agent_id}: {attempt.error}; ask for a shorter answer{earlier}",
+                                 partial_text=partial)
             if attempt.error_code != "busy" and self._breaker.record_failure(attempt.agent_id, time.monotonic()):
                 logger.warning("agent %s cools down for %g s after %d failures in a row", attempt.agent_id,
                                self.settings.cooldown_s, self.settings.breaker_failures)
@@ -425,104 +487,17 @@ class QueryExecutor:
             logger.warning("query %s: %s failed (%s) after %d chars", run.request_id, attempt.agent_id, reason,
                            len(attempt.text))
             if len(attempts) > self.settings.max_failovers:
-                raise QueryError("failed", f"gave up after {len(attempts)} attempt(s): {'; '.join(reasons)}",
+                raise QueryError(failure_code(attempts),
+                                 f"gave up after {len(attempts)} attempt(s): {'; '.join(reasons)}",
                                  partial_text=partial)
             self.metrics.failovers.labels(failure_kind(reason)).inc()
 
-    # ------------------------------------------------------------------ fan-out
-
-    async def _fan_out(self, run: Run) -> QueryFinished:
-        request = run.request
-        targets = await self._fan_out_targets(run)
-        attempts = [self._send(run, candidate, list(request.messages), "") for candidate in targets]
-        run.emit(QueryStarted(run.request_id, [a.agent_id for a in attempts], [a.model for a in attempts],
-                              RoutingMode.ALL.value,
-                              f"fan-out to {len(attempts)} agent(s), then {request.aggregation}"))
-        answers: dict[str, AgentAnswer] = {}
-        simulated = {record.agent_id for record in self._state().agents.values() if record.simulated}
-        first, between = self.settings.stall_first_token_s, self.settings.stall_between_chunks_s
-
-        def finish(attempt: Attempt, error: str | None) -> None:
-            answer = AgentAnswer(attempt.agent_id, attempt.model, attempt.text, attempt.stats, error,
-                                 attempt.agent_id in simulated)
-            answers[attempt.wire_id] = answer
-            run.emit(AgentFinished(run.request_id, answer))
-            cancel = None if attempt.done else (error or "fan-out ended")
-            self._end_attempt(attempt, cancel_reason=cancel)
-
-        winner: Attempt | None = None
-        while len(answers) < len(attempts):
-            now = time.monotonic()
-            pending = [a for a in attempts if a.wire_id not in answers]
-            if (expired := run.deadline_passed(now)) is not None:
-                for attempt in pending:
-                    finish(attempt, f"no complete answer: {expired}")
-                break
-            for attempt in pending:
-                stalled = attempt.stall_reason(now, first, between)
-                if stalled is not None:
-                    finish(attempt, f"stalled: {stalled}")
-            pending = [a for a in attempts if a.wire_id not in answers]
-            if not pending:
-                break
-            signal = await run.next_signal(min([run.deadline] + [a.next_check(first, between) for a in pending]))
-            if signal is None:
-                continue
-            if isinstance(signal, CancelSignal):
-                raise QueryError("cancelled", signal.reason)
-            wire_id = signal.wire_id if isinstance(signal, GoneSignal) else signal.request_id
-            attempt = self._ledger.attempt_of(run, wire_id)
-            if attempt is None or attempt.wire_id in answers:
-                continue
-            if isinstance(signal, GoneSignal):
-                finish(attempt, signal.reason)
-                continue
-            text = attempt.accept(signal, time.monotonic())
-            if text:
-                run.text_arrived(time.monotonic())
-                run.emit(AgentDelta(run.request_id, attempt.agent_id, attempt.model, text))
-            if attempt.done:
-                finish(attempt, f"{attempt.error_code or 'error'}: {attempt.error}" if attempt.error else None)
-                if attempt.error is None and request.aggregation == Aggregation.FIRST and winner is None:
-                    winner = attempt
-                    for other in [a for a in attempts if a.wire_id not in answers]:
-                        finish(other, "cancelled: another answer came first")
-        ordered = [answers[a.wire_id] for a in attempts]
-        return await self._combine(run, ordered, winner)
-
-    async def _combine(self, run: Run, answers: list[AgentAnswer], winner: Attempt | None) -> QueryFinished:
-        request = run.request
-        complete = [answer for answer in answers if answer.error is None and answer.text.strip()]
-        latency = round(time.monotonic() - run.started_at, 3)
-        agents = [answer.agent_id for answer in answers]
-        models = [answer.model for answer in answers]
-        if not complete:
-            problems = "; ".join(f"{answer.agent_id}: {answer.error or 'empty answer'}" for answer in answers)
-            raise QueryError("failed", f"no agent answered ({problems})",
-                             partial_text=max((a.text for a in answers), key=len, default=""))
-        agreement = aggregation.consensus([answer.text for answer in complete])
-        text = complete[agreement.index].text
-        combined_by = f"{complete[agreement.index].agent_id} / {complete[agreement.index].model} (consensus)"
-        method = request.aggregation
-        if method == Aggregation.FIRST and winner is not None:
-            first_answer = next(a for a in complete if a.agent_id == winner.agent_id)
-            text, combined_by = first_answer.text, f"{first_answer.agent_id} / {first_answer.model} (first)"
-        elif method == Aggregation.SYNTHESIZE:
-            labelled = [(f"{a.agent_id} / {a.model}", a.text) for a in complete]
-            messages = aggregation.synthesis_messages(request.messages, labelled)
-            try:
-                synthesis = await self._answer(run, messages, RoutingMode.QUALITY.value, announce=False)
-                text = synthesis.text
-                combined_by = f"{synthesis.agents[-1]} / {synthesis.models[-1]} (synthesis)"
-            except QueryError as error:
-                if error.code == "cancelled":
-                    raise
-                logger.warning("query %s: synthesis failed (%s); using the consensus answer", run.request_id,
-                               error.message)
-                combined_by += f"; synthesis failed: {error.message}"
-        return QueryFinished(run.request_id, text, agents, models, RoutingMode.ALL.value, answers=answers,
-                             aggregation=method, agreement=agreement.agreement, latency_s=latency,
-                             combined_by=combined_by)
+def failure_code(attempts: list[Attempt]) -> str:
+    """``truncated`` when every runtime tried cut its answer short (the caller may want to retry alone or ask
+    the runtime's operator); ``failed`` for any other mix of failures."""
+    if attempts and all(attempt.error_code == "truncated" for attempt in attempts):
+        return "truncated"
+    return "failed"
 
 
 def combined_stats(run: Run, segment: list[Attempt], attempts: list[Attempt] | None = None) -> ResultStats:
@@ -553,7 +528,33 @@ def combined_stats(run: Run, segment: list[Attempt], attempts: list[Attempt] | N
 
 def failure_kind(reason: str) -> str:
     """The metrics label of a failover reason."""
-    for kind in ("stalled", "went away", "deadline", "busy", "truncated"):
+    for kind in ("stalled", "went away", "deadline", "busy", "truncated", "never arrived", "empty answer",
+                 "claimed"):
         if kind in reason:
-            return kind.replace("went away", "offline")
+            return {"went away": "offline", "never arrived": "gap", "empty answer": "empty",
+                    "claimed": "implausible"}.get(kind, kind)
     return "error"
+
+
+def output_allowed(request: QueryRequest) -> bool:
+    """Whether the question lets the model say anything (``num_predict`` / ``max_tokens`` of 0 do not)."""
+    for key in ("num_predict", "max_tokens", "max_completion_tokens"):
+        limit = request.options.get(key)
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit == 0:
+            return False
+    return True
+
+
+def claimed_speed(record: AgentRecord | None, model: str) -> float | None:
+    """The fastest speed the agent claims for ``model``: its telemetry (about the model it serves) or its
+    benchmark (when measured on that model). What the router believed before measuring it; checked later."""
+    if record is None:
+        return None
+    claims = []
+    telemetry = record.telemetry
+    if telemetry is not None and telemetry.tokens_per_s and same_model(record.ready_model, model):
+        claims.append(telemetry.tokens_per_s)
+    benchmark = record.hardware.benchmark if record.hardware is not None else None
+    if benchmark is not None and benchmark.tokens_per_s and same_model(benchmark.model, model):
+        claims.append(benchmark.tokens_per_s)
+    return max(claims) if claims else None

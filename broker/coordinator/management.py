@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import get_args
 
@@ -49,13 +49,15 @@ class ModelOperations:
     """Targets, sending and reply routing for model operations; the coordinator feeds it inbound messages."""
 
     def __init__(self, topics: Topics, metrics: CoordinatorMetrics, *, publish: Publish,
-                 state: Callable[[], ClusterState], catalog: Catalog, plan: Callable[[], Plan | None]) -> None:
+                 state: Callable[[], ClusterState], catalog: Catalog, plan: Callable[[], Plan | None],
+                 quarantined: Callable[[], Collection[str]] = frozenset) -> None:
         self.topics = topics
         self.metrics = metrics
         self._publish = publish
         self._state = state
         self._catalog = catalog
         self._plan = plan
+        self._quarantined = quarantined
         self._pending: dict[str, tuple[str, asyncio.Queue[Operation | _Gone]]] = {}  # wire id → (agent, inbox)
 
     # ------------------------------------------------------------------ inbound (event loop)
@@ -88,7 +90,8 @@ class ModelOperations:
         state = self._state()
         if agents:
             return list(dict.fromkeys(agents)), "the agents named in the request"
-        online = sorted(state.online_agents(), key=lambda record: record.agent_id)
+        held = self._quarantined()  # an agent in quarantine is not asked unless the request names it
+        online = sorted((r for r in state.online_agents() if r.agent_id not in held), key=lambda r: r.agent_id)
         if action == "pull":
             return self._pull_targets(online, model)
         if action == "unload":

@@ -41,3 +41,8 @@ class CoordinatorMetrics:
         self.assignments = Counter("slb_assignments", "Assign messages published.", registry=r)
         self.agent_expiries = Counter("slb_agent_expiries", "Agents declared gone for missing telemetry.", registry=r)
         self.chunks = Counter("slb_result_chunks", "Result chunks received, by handling.", ["kind"], registry=r)
+        self.strikes = Counter("slb_agent_strikes", "Answers that showed an agent lying (empty where another "
+                                                    "agent answered, a speed far above the delivered one).",
+                               registry=r)
+        self.quarantines = Counter("slb_agent_quarantines", "Agents put in quarantine (no jobs) for their strikes.",
+                                   registry=r)

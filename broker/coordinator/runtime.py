@@ -80,6 +80,7 @@ from broker.scheduling.registry import (
     find_expired,
 )
 from broker.scheduling.routing import CircuitBreaker
+from broker.scheduling.trust import Trust
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,12 @@ class Coordinator:
             move_fraction=settings.placement_move_fraction,
             mix=settings.placement_mix,
             failed_retry_s=settings.failed_model_retry_s,
+            extra_models=settings.placement_extra_models,
         )
         self._state = ClusterState()
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.cooldown_s)
+        self._trust = Trust(settings.strike_limit, settings.strike_window_s, settings.quarantine_s,
+                            settings.quarantine_max_s)
         self._ledger = InFlight()
         self._wakeup = Wakeup()
         self._execution = QueryExecutor(
@@ -129,13 +133,14 @@ class Coordinator:
             publish=self._publish,
             ledger=self._ledger,
             breaker=self._breaker,
+            trust=self._trust,
             wakeup=self._wakeup,
             answer_measured=self._apply,
             assignment_pending=lambda: self._replan_handle is not None,
         )
         self._operations = ModelOperations(
             self.topics, self.metrics, publish=self._publish, state=lambda: self._state, catalog=self.catalog,
-            plan=lambda: self._last_plan)
+            plan=lambda: self._last_plan, quarantined=lambda: self._trust.quarantined(time.monotonic()))
         self._last_plan: Plan | None = None
         self._connection: MqttConnection | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -144,6 +149,8 @@ class Coordinator:
         self._replan_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listening_since: float | None = None  # monotonic time of the last (re)connect; None while offline
+        self._heard: dict[str, float] = {}  # when each agent last delivered a result chunk (a sign of life)
+        self._quarantined: frozenset[str] = frozenset()  # as the last housekeeping round saw them
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,6 +300,7 @@ class Coordinator:
             self.metrics.chunks.labels("wrong_agent").inc()
             return
         self._chunks_ok.inc()
+        self._heard[agent_id] = time.monotonic()
         run.deliver(result)
 
     def _apply(self, event: Event) -> None:
@@ -336,24 +344,38 @@ class Coordinator:
     async def _housekeep(self) -> None:
         """Every HOUSEKEEPING_S: expire silent agents (see :meth:`_reconcile`)."""
         while True:
+            due = time.monotonic() + HOUSEKEEPING_S
             await asyncio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
+            if now - due > HOUSEKEEPING_S:
+                # The event loop itself was held up: messages from that time may still wait to be handled, so
+                # silence measured now is ours, not the agents'. Listen afresh before judging anyone.
+                logger.warning("coordinator loop ran %.1f s late; agent expiry waits a full period", now - due)
+                if self._listening_since is not None:
+                    self._listening_since = max(self._listening_since, now)
             try:
-                self._reconcile(time.monotonic())
+                self._reconcile(now)
             except Exception:  # noqa: BLE001 - housekeeping must survive a bug in one round
                 logger.exception("housekeeping failed")
 
     def _reconcile(self, now: float) -> None:
-        """Expire silent agents (an explicit, logged event) and refresh the gauges.
+        """Expire silent agents (an explicit, logged event), re-plan when the agents in quarantine change, and
+        refresh the gauges.
 
         Only silence while we were listening counts: during our own broker outage every agent is silent, and
         expiring them all used to fail every running query although the agents kept answering (found by
         tests/test_faults_broker.py). After a reconnect an agent gets a full expiry period to speak again.
         """
-        for expired in find_expired(self._state, now, self.settings.expiry_factor, self._listening_since):
+        for expired in find_expired(self._state, now, self.settings.expiry_factor, self._listening_since,
+                                    self._heard):
             logger.warning("agent %s expired: no telemetry for %.1f s (limit %.1f s)", expired.agent_id,
                            expired.silent_s, expired.limit_s)
             self.metrics.agent_expiries.inc()
             self._apply(expired)
+        quarantined = frozenset(self._trust.quarantined(now))
+        if quarantined != self._quarantined:  # an agent went into quarantine or came out: re-plan around it
+            self._quarantined = quarantined
+            self._schedule_replan("quarantine")
         online = self._state.online_agents()
         self.metrics.agents_online.set(len(online))
         self.metrics.agents_ready.set(sum(1 for record in online if record.ready_model))
@@ -361,7 +383,9 @@ class Coordinator:
     # ------------------------------------------------------------------ placement
 
     def _compute_plan(self) -> Plan:
-        return plan_placement(self._state, self.catalog, self.placement_settings, time.monotonic(), time.time())
+        now = time.monotonic()
+        return plan_placement(self._state, self.catalog, self.placement_settings, now, time.time(),
+                              quarantined=self._trust.quarantined(now))
 
     def plan(self) -> PlanView:
         """What a re-plan would do now, without doing it (what-if)."""
@@ -376,7 +400,9 @@ class Coordinator:
         self._last_plan = plan
         self.metrics.replans.labels(trigger).inc()
         for entry in plan.changes:
-            assign = Assign(model=entry.target_model, assignment_id=uuid.uuid4().hex[:16], reason=entry.reason)
+            reason = entry.reason + (f"; also keeps {', '.join(entry.also)} (fits beside it)" if entry.also else "")
+            assign = Assign(model=entry.target_model, assignment_id=uuid.uuid4().hex[:16], reason=reason[:2000],
+                            also=list(entry.also))
             self._publish(self.topics.assign(entry.agent_id), assign, retain=True)
             self._apply(AssignmentSeen(entry.agent_id, assign))
             self.metrics.assignments.inc()
@@ -416,18 +442,19 @@ class Coordinator:
         """The cluster now; safe from any thread (the registry is immutable) and free of side effects."""
         now = time.monotonic()
         return cluster_snapshot(self._state, self._last_plan, self.catalog, cooling=self._breaker.cooling(now),
-                                connected=self.connected, now=now, generated_at=time.time())
+                                standings=self._trust.standings(now), connected=self.connected, now=now,
+                                generated_at=time.time())
 
     def model_names(self, chat_only: bool = False) -> list[str]:
         """Every model some online agent can answer with now — ready, loaded or on disk — by display name;
         ``chat_only`` leaves out embedding models (for a chat model picker)."""
-        return [model.name for model in availability.model_availability(self._state, self.catalog)
-                if not (chat_only and model.embedding)]
+        return [model.name for model in self.models() if not (chat_only and model.embedding)]
 
     def models(self) -> list[ModelAvailability]:
         """Every servable model with the agents that have it and in what state (ready, loaded, local), plus what
-        the catalog knows (parameters, memory, context length); for ``/v1/models``, ``/api/tags`` and the picker."""
-        return availability.model_availability(self._state, self.catalog)
+        the catalog knows (parameters, memory, context length); for ``/v1/models``, ``/api/tags`` and the picker.
+        Agents in quarantine serve nothing, so what only they claim to have is not listed."""
+        return availability.model_availability(self._state, self.catalog, self._trust.quarantined(time.monotonic()))
 
     def loaded_models(self) -> list[LoadedModel]:
         """What is loaded where, from the agents' runtimes (Ollama's ``/api/ps``); for the cluster's ``/api/ps``."""

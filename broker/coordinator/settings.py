@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from broker.coordinator.attempts import MAX_ANSWER_CHARS
 from broker.mqtt.settings import MqttSettings
+from broker.protocol.messages import MAX_PROMPT_CHARS
 from broker.scheduling.catalog import DEFAULT_CATALOG
 from broker.scheduling.routing import POLICY_ALIASES, RoutingPolicy
 
@@ -49,6 +51,10 @@ class CoordinatorSettings(MqttSettings):
     )
     placement_mix: bool = Field(
         default=True, description="Keep every tier that some machine qualifies for served by at least one agent."
+    )
+    placement_extra_models: int = Field(
+        default=1, ge=0, le=8,
+        description="Smaller models a machine keeps beside its main one where memory allows (0: one model each).",
     )
     failed_model_retry_s: float = Field(
         default=600.0, ge=0, description="Seconds before a model that failed on an agent is offered to it again."
@@ -93,6 +99,21 @@ class CoordinatorSettings(MqttSettings):
         default=3, ge=1, description="Consecutive failures after which an agent cools down (gets no new jobs)."
     )
     cooldown_s: float = Field(default=60.0, ge=0, description="How long a failing agent cools down.")
+    max_answer_chars: int = Field(
+        default=MAX_ANSWER_CHARS, ge=1000, le=MAX_PROMPT_CHARS,
+        description="Longest answer text one agent may stream for a query (with the text it continues); past it "
+                    "the query ends with a clear error. Also bounds what waits in the reorder buffer.",
+    )
+    strike_limit: int = Field(
+        default=3, ge=1,
+        description="Strikes (an empty answer where another agent then answered, a claimed speed far above the "
+                    "delivered one) within strike_window_s that put an agent in quarantine: no jobs at all.",
+    )
+    strike_window_s: float = Field(default=600.0, gt=0, description="Strikes older than this no longer count.")
+    quarantine_s: float = Field(
+        default=300.0, ge=0, description="First quarantine of an agent; each further one lasts twice as long."
+    )
+    quarantine_max_s: float = Field(default=3600.0, ge=0, description="Longest quarantine.")
     manage_timeout_s: float = Field(
         default=600.0, gt=0,
         description="A model operation (pull, delete, load, unload) fails on an agent silent about it this long "

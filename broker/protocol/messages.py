@@ -275,6 +275,11 @@ class Assign(Message):
     model: str = Field(min_length=1, max_length=200)
     assignment_id: str = Field(min_length=1, max_length=100)
     reason: ErrorText = ""
+    also: list[Name] = Field(
+        default_factory=list, max_length=8,
+        description="Further models to keep on this machine where memory allows (pulled after `model` is "
+        "ready, never at its expense); a change of `also` alone does not re-prepare `model`.",
+    )
 
 
 class ChatMessage(BaseModel):

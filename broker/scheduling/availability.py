@@ -11,6 +11,7 @@ each holder keeps its own spelling (the name a job for that agent must carry).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from broker.scheduling.catalog import Catalog
@@ -77,10 +78,14 @@ def display_name(spellings: list[str], catalog: Catalog) -> str:
     return min(counts, key=lambda name: (-counts[name], name))
 
 
-def model_availability(state: ClusterState, catalog: Catalog) -> list[ModelAvailability]:
-    """Every servable model with its holders (best state first), sorted by display name."""
+def model_availability(state: ClusterState, catalog: Catalog,
+                       exclude: Collection[str] = ()) -> list[ModelAvailability]:
+    """Every servable model with its holders (best state first), sorted by display name; agents in ``exclude``
+    (in quarantine) serve nothing."""
     groups: dict[str, list[ModelHolder]] = {}
     for record in sorted(state.agents.values(), key=lambda record: record.agent_id):
+        if record.agent_id in exclude:
+            continue
         for offer in record.offers():
             groups.setdefault(model_key(offer.name), []).append(
                 ModelHolder(record.agent_id, offer.name, offer.state, record.simulated))
@@ -104,9 +109,9 @@ def model_availability(state: ClusterState, catalog: Catalog) -> list[ModelAvail
     return sorted(found, key=lambda model: model.name)
 
 
-def servable_models(state: ClusterState, catalog: Catalog) -> list[str]:
+def servable_models(state: ClusterState, catalog: Catalog, exclude: Collection[str] = ()) -> list[str]:
     """The display names of every servable model (for ``/v1/models``, ``/api/tags`` and the model picker)."""
-    return [model.name for model in model_availability(state, catalog)]
+    return [model.name for model in model_availability(state, catalog, exclude)]
 
 
 def loaded_models(state: ClusterState, catalog: Catalog) -> list[LoadedModel]:

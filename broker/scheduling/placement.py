@@ -53,6 +53,7 @@ class PlacementSettings:
     move_fraction: float = 0.25
     mix: bool = True
     failed_retry_s: float = 600.0
+    extra_models: int = 1
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,17 @@ class Placement:
     reason: str
     deferred: bool = False
     local_only: bool = False  # the runtime cannot pull: the target is one of its own models
+    also: tuple[str, ...] = ()  # further models to keep on the machine where memory allows
+    current_also: tuple[str, ...] = ()
 
     @property
     def change(self) -> bool:
         return self.target_model != self.current_model
+
+    @property
+    def extras_change(self) -> bool:
+        """Only the extra models differ: the agent pulls them beside its model, nothing is re-warmed."""
+        return not self.change and self.also != self.current_also
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Plan:
     @property
     def changes(self) -> list[Placement]:
         """What applying the plan publishes now (deferred moves wait for the next plan)."""
-        return [entry for entry in self.entries if entry.change and not entry.deferred]
+        return [entry for entry in self.entries if (entry.change or entry.extras_change) and not entry.deferred]
 
     @property
     def deferred(self) -> list[Placement]:
@@ -219,6 +227,24 @@ class HardwareReportedFilter:
                 kept.append(record)
             else:
                 dropped[record.agent_id] = "has not reported its hardware yet"
+        return FilterResult(kept, dropped)
+
+
+@dataclass(frozen=True)
+class QuarantineFilter:
+    """An agent in quarantine (its answers showed it lying: broker/scheduling/trust.py) gets no model; the others
+    share the tiers without it."""
+
+    quarantined: Mapping[str, str]
+
+    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
+        kept, dropped = [], {}
+        for record in agents:
+            reason = self.quarantined.get(record.agent_id)
+            if reason is None:
+                kept.append(record)
+            else:
+                dropped[record.agent_id] = f"in quarantine: {reason}"
         return FilterResult(kept, dropped)
 
 
@@ -363,11 +389,16 @@ def plan_placement(
     now: float,
     created_at: float = 0.0,
     scores: Mapping[str, Score] | None = None,
+    quarantined: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Decide which model each agent should serve, and why; nothing is applied here."""
+    """Decide which model each agent should serve, and why; nothing is applied here. Agents in ``quarantined``
+    get nothing (the reason is the value)."""
     agents: Sequence[AgentRecord] = sorted(state.agents.values(), key=lambda record: record.agent_id)
     excluded: dict[str, str] = {}
-    for agent_filter in (OnlineFilter(), HardwareReportedFilter()):
+    agent_filters: list[AgentFilter] = [OnlineFilter(), HardwareReportedFilter()]
+    if quarantined:
+        agent_filters.append(QuarantineFilter(quarantined))
+    for agent_filter in agent_filters:
         result = agent_filter.filter(agents, now)
         agents = result.kept
         excluded.update(result.dropped)
@@ -406,6 +437,8 @@ def plan_placement(
     if settings.mix and len(entries) >= 2:
         _keep_mix(entries, candidates, natural_rank, catalog, model_filters, now)
     _stagger(entries, candidates, settings.move_fraction)
+    for agent_id, entry in entries.items():
+        entries[agent_id] = _with_extras(entry, candidates[agent_id], catalog, settings, model_filters, now)
     ordered = sorted(entries.values(), key=lambda entry: (-entry.score, entry.agent_id))
     return Plan(tuple(ordered), excluded, created_at)
 
@@ -476,6 +509,33 @@ def _keep_mix(
             reason=f"score {entry.score:.1f}; mix: no agent served {tier.name}, so this one serves {model.name} "
                    f"({served[entry.tier]} left on {entry.tier})",
         )
+
+
+def _with_extras(entry: Placement, candidate: Candidate, catalog: Catalog, settings: PlacementSettings,
+                 model_filters: Sequence[ModelFilter], now: float) -> Placement:
+    """More than one model where memory allows: the default models of the tiers below the main one, as long as
+    they fit *beside* it (main + extras + headroom within the machine's memory), so a big machine also answers
+    the quick questions a small model serves best. Never for a runtime that cannot pull, never while the main
+    model is still to be moved in (deferred), and the same list again changes nothing."""
+    record = candidate.record
+    current = tuple(record.assignment.also) if record.assignment is not None else ()
+    entry = replace(entry, current_also=current)
+    if entry.local_only or entry.deferred or settings.extra_models <= 0 or candidate.pool.total_gb is None:
+        return replace(entry, also=current if entry.deferred else ())
+    main = catalog.model(entry.target_model) or catalog.estimate(entry.target_model)
+    room = candidate.pool.total_gb - settings.headroom_gb - main.memory_gb
+    main_rank = catalog.tier_rank(entry.tier) if entry.tier in {tier.name for tier in catalog.tiers} else -1
+    extras: list[str] = []
+    for tier in catalog.ordered_tiers[main_rank + 1:]:
+        if len(extras) >= settings.extra_models:
+            break
+        model = catalog.primary(tier.name)
+        if "embedding" in model.tags or model_key(model.name) == model_key(entry.target_model):
+            continue
+        if model.memory_gb <= room and _problem(candidate, model, model_filters[1:], now) is None:
+            extras.append(model.name)
+            room -= model.memory_gb
+    return replace(entry, also=tuple(extras))
 
 
 def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate], move_fraction: float) -> None:

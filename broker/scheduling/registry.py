@@ -42,6 +42,27 @@ SERVES_WHAT_IT_LISTS = frozenset({"llama.cpp", "llama-cpp-python", "vllm"})
 MAX_MODEL_NAME = 200
 """Longest model name a job or an assignment can carry; an agent's longer claims are ignored."""
 
+SLOTS_PER_CORE = 2
+"""Parallel streams a CPU-only machine can plausibly serve per physical core (llama.cpp's ``-np`` rarely
+exceeds the core count; beyond it every stream only gets slower)."""
+MIN_SLOT_CEILING = 4
+SLOTS_PER_GPU_GB = 2
+"""Parallel streams per GB of GPU memory: each needs its own KV cache (a 24 GB card: 48, an 8 GB card: 16)."""
+MIN_GPU_SLOT_CEILING = 8
+UNKNOWN_MACHINE_SLOT_CEILING = 8
+
+
+def slot_ceiling(facts: MachineFacts) -> int:
+    """The most parallel slots the machine an agent describes can plausibly have (issue 13.1: a runtime
+    claiming 1000 slots on 8 cores gets 16). A lie about the hardware itself is caught by what the answers
+    show (:mod:`broker.scheduling.trust`), not here."""
+    if facts.accelerator in ("discrete", "unified") and facts.vram_gb:
+        return max(MIN_GPU_SLOT_CEILING, int(facts.vram_gb * SLOTS_PER_GPU_GB))
+    if facts.cores:
+        return max(MIN_SLOT_CEILING, SLOTS_PER_CORE * facts.cores)
+    return UNKNOWN_MACHINE_SLOT_CEILING
+
+
 OfferState = Literal["ready", "loaded", "local"]
 """How soon an agent can answer with a model: ready (its assignment, warm), loaded (in memory), local (on disk)."""
 OFFER_ORDER: Mapping[str, int] = MappingProxyType({"ready": 0, "loaded": 1, "local": 2})
@@ -143,10 +164,16 @@ class AgentRecord:
         return self.status.runtime if self.status is not None else None
 
     @property
-    def slots(self) -> int:
-        """Jobs the runtime really runs at once: the measured profile when known, else what the agent declares."""
+    def claimed_slots(self) -> int:
+        """Jobs the agent says its runtime runs at once: the measured profile when known, else what it declares."""
         runtime = self.runtime
         return runtime.slots if runtime is not None else self.max_parallel
+
+    @property
+    def slots(self) -> int:
+        """Jobs the runtime really runs at once, as far as the coordinator believes it: the claim, capped by what
+        the machine it describes can plausibly run (:func:`slot_ceiling`)."""
+        return min(self.claimed_slots, slot_ceiling(self.facts))
 
     @property
     def runtime_kind(self) -> str | None:
@@ -437,12 +464,15 @@ def apply(state: ClusterState, event: Event, now: float) -> ClusterState:
 
 
 def find_expired(state: ClusterState, now: float, factor: float,
-                 listening_since: float | None = -math.inf) -> list[AgentExpired]:
+                 listening_since: float | None = -math.inf,
+                 heard: Mapping[str, float] | None = None) -> list[AgentExpired]:
     """The expiry reconciler: online agents silent for more than ``factor`` × their telemetry interval.
 
     Only silence while the coordinator was listening counts: ``listening_since`` is when it last
     (re)connected, ``None`` while it is offline (then nobody expires). During the coordinator's own broker
     outage every agent is silent; after a reconnect each agent gets a full expiry period to speak again.
+    ``heard``: when each agent last delivered anything else (result chunks): an agent streaming an answer is
+    alive even if its telemetry (QoS 0, which a loaded broker may drop) is late.
     """
     if listening_since is None:
         return []
@@ -452,6 +482,8 @@ def find_expired(state: ClusterState, now: float, factor: float,
             continue
         limit = factor * record.telemetry_interval_s
         silent = record.silent_for(now)
+        if heard is not None and record.agent_id in heard:
+            silent = min(silent, now - heard[record.agent_id])
         if silent > limit and now - listening_since >= limit:
             expired.append(AgentExpired(record.agent_id, silent, limit))
     return expired

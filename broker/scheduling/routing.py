@@ -119,12 +119,14 @@ def route_candidates(
     cooling: Mapping[str, bool],
     exclude: frozenset[str] = frozenset(),
     prompt_tokens: int = 0,
+    quarantined: Mapping[str, str] | None = None,
 ) -> list[RouteCandidate]:
     """Agents that can answer now — with ``model`` in any state, or (``None``) with their best model — not
-    excluded, with their load and speed. Each candidate carries the agent's own name for the model."""
+    excluded and not in quarantine (:mod:`broker.scheduling.trust`), with their load and speed. Each candidate
+    carries the agent's own name for the model."""
     found = []
     for record in state.agents.values():
-        if record.agent_id in exclude:
+        if record.agent_id in exclude or (quarantined and record.agent_id in quarantined):
             continue
         if model is None:
             offer = best_offer(record, catalog)
@@ -224,26 +226,31 @@ def coming_soon(
     return None
 
 
-def no_agent_reason(state: ClusterState, catalog: Catalog, model: str | None, exclude: frozenset[str]) -> str:
+def no_agent_reason(state: ClusterState, catalog: Catalog, model: str | None, exclude: frozenset[str],
+                    quarantined: Mapping[str, str] | None = None) -> str:
     """Why no agent can serve a query (for ``model``, or any model), in words the caller can act on."""
-    online = state.online_agents()
+    online = [record for record in state.online_agents() if not (quarantined and record.agent_id in quarantined)]
+    held = sorted(quarantined or {})
+    held_note = f"; in quarantine (no jobs): {', '.join(held[:5])}{' …' if len(held) > 5 else ''}" if held else ""
     if exclude:
-        return f"no other agent can continue this answer (tried {', '.join(sorted(exclude))})"
+        return f"no other agent can continue this answer (tried {', '.join(sorted(exclude))}){held_note}"
     if not online:
-        return "no agent can serve this: no agent is online"
-    servable = [name for name in servable_models(state, catalog) if catalog.is_chat(name)]
+        return f"no agent can serve this: no agent is online{held_note}" if not held else \
+            f"no agent can serve this: no online agent is out of quarantine{held_note}"
+    servable = [name for name in servable_models(state, catalog, held) if catalog.is_chat(name)]
     if model is not None:
         known = (" (it is in the catalog: pull it with /api/pull, or wait for placement to assign it)"
                  if catalog.model(model) else "")
         available = f"; models available: {', '.join(servable)}" if servable else ""
-        return f"no agent can serve model {model!r}: no online agent has it{known}{available}"
+        return f"no agent can serve model {model!r}: no online agent has it{known}{available}{held_note}"
     problems = "; ".join(
         f"{record.agent_id}: {record.model_state.state if record.model_state else 'no model'}"
         + (f" ({record.model_state.error})" if record.model_state and record.model_state.error else "")
         + ("" if record.reachable else " (runtime unreachable)")
         for record in online
     )
-    return f"no agent can serve this: no agent has a ready model or another model it can answer with ({problems})"
+    return (f"no agent can serve this: no agent has a ready model or another model it can answer with "
+            f"({problems}){held_note}")
 
 
 def largest_model(candidates: Sequence[RouteCandidate], catalog: Catalog) -> str | None:
