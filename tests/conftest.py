@@ -13,8 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -23,8 +21,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from broker.mqtt.client import MqttConnection  # noqa: E402
-from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
+from broker.mqtt.local_broker import RunningBroker, free_port, mosquitto_binary, start_broker  # noqa: E402
 from broker.mqtt.settings import MqttSettings  # noqa: E402
+from tests.support.brokers import start_secure_broker  # noqa: E402
 from tests.support.loops import mqtt_connection  # noqa: E402
 
 SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
@@ -67,23 +66,7 @@ class SecureBroker:
 def secure_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     """Mosquitto from mosquitto/mosquitto.secure.conf with real users in a password file and the real ACL."""
     _require_mosquitto()
-    folder = tmp_path_factory.mktemp("secure-mosquitto")
-    password_file = folder / "passwd"
-    password_file.touch()
-    password_file.chmod(0o600)
-    for name, password in SECURE_USERS.items():
-        subprocess.run(
-            [shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(password_file), name, password],
-            check=True,
-            capture_output=True,
-        )
-    broker = start_broker(
-        folder,
-        port=free_port(),
-        prefer="mosquitto",
-        config=SECURE_CONFIG,
-        overrides={"password_file": str(password_file)},
-    )
+    broker = start_secure_broker(tmp_path_factory.mktemp("secure-mosquitto"), SECURE_USERS)
     yield SecureBroker(broker, dict(SECURE_USERS))
     broker.stop()
 

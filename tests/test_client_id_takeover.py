@@ -12,8 +12,6 @@ coordinator and a real agent process.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +23,10 @@ from broker.coordinator.contract import QueryFinished, QueryRequest
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
 from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection
-from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, start_broker
+from broker.mqtt.local_broker import RunningBroker
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Status, TopicKind, Topics, decode
+from tests.support.brokers import COORDINATOR_LISTENER, start_secure_broker
 from tests.support.loops import mqtt_connection
 from tests.support.processes import spawn
 from tests.support.processes import wait_until_async as wait_until
@@ -38,23 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "agent" / "profiles"
 TOPICS = Topics("slb/v1")  # the ACL is written for the default prefix
 USERS = {"coordinator": "coord-pw", "agent-a": "pw-a", "agent-b": "pw-b"}
-COORDINATOR_LISTENER = 1884  # as written in mosquitto/mosquitto.secure.conf
 
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     """mosquitto.secure.conf as shipped: the LAN listener and the coordinator listener with its own users."""
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.fail("mosquitto_passwd is needed (apt-get install mosquitto)")
-    folder = tmp_path_factory.mktemp("takeover")
-    lan, coordinators = folder / "passwd", folder / "coordinator.passwd"
-    for path, users in ((lan, USERS), (coordinators, {"coordinator": USERS["coordinator"]})):
-        path.touch(mode=0o600)
-        for name, password in users.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(path), name, password], check=True, capture_output=True)
-    running = start_broker(folder, port=free_port(), prefer="mosquitto", config=SECURE_CONFIG,
-                           overrides={"password_file": str(lan),
-                                      f"password_file@{COORDINATOR_LISTENER}": str(coordinators)})
+    running = start_secure_broker(tmp_path_factory.mktemp("takeover"), USERS,
+                                  coordinator_users={"coordinator": USERS["coordinator"]})
     yield running
     running.stop()
 

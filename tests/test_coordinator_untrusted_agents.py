@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +27,10 @@ from agent.backends.simulated import simulated_text
 from broker.coordinator.contract import QueryEvent, QueryFailed, QueryFinished, QueryRequest
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
-from broker.mqtt.local_broker import SECURE_CONFIG, RunningBroker, free_port, start_broker
+from broker.mqtt.local_broker import RunningBroker
 from broker.protocol import ChatMessage
 from tests.scripted_agents import FLOOD_MODEL
+from tests.support.brokers import COORDINATOR_LISTENER, start_secure_broker
 from tests.support.processes import AgentProcess, ChildProcess, spawn
 from tests.support.processes import wait_until_async as wait_until
 
@@ -41,7 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "agent" / "profiles"
 USERS = {"coordinator": "coord-pw", "honest-a": "pw-a", "honest-b": "pw-b", "liar": "pw-liar",
          "flooder": "pw-flood"}
-COORDINATOR_LISTENER = 1884  # as written in mosquitto/mosquitto.secure.conf
 HONEST = ("honest-a", "honest-b")
 ANSWER_TOKENS = 16
 
@@ -49,17 +47,8 @@ ANSWER_TOKENS = 16
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     """mosquitto.secure.conf as shipped, with an account per agent (the liar's is as valid as any)."""
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.fail("mosquitto_passwd is needed (apt-get install mosquitto)")
-    folder = tmp_path_factory.mktemp("untrusted")
-    lan, coordinators = folder / "passwd", folder / "coordinator.passwd"
-    for path, users in ((lan, USERS), (coordinators, {"coordinator": USERS["coordinator"]})):
-        path.touch(mode=0o600)
-        for name, password in users.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(path), name, password], check=True, capture_output=True)
-    running = start_broker(folder, port=free_port(), prefer="mosquitto", config=SECURE_CONFIG,
-                           overrides={"password_file": str(lan),
-                                      f"password_file@{COORDINATOR_LISTENER}": str(coordinators)})
+    running = start_secure_broker(tmp_path_factory.mktemp("untrusted"), USERS,
+                                  coordinator_users={"coordinator": USERS["coordinator"]})
     yield running
     running.stop()
 
