@@ -58,6 +58,8 @@ from broker.protocol.topics import DEFAULT_PREFIX
 
 logger = logging.getLogger(__name__)
 
+EMPTY_RUNTIME_RETRY_S = 15.0
+"""How often a runtime that listed no models is asked again (its operator may load one without a restart)."""
 BENCHMARK_REFRESH_S = 300.0
 """How often measured job speed may replace the published benchmark."""
 
@@ -312,7 +314,8 @@ class Agent:
                     logger.warning("%s", problem)
                     if self.models is not None:
                         self.models.report_problem(problem)
-                    return
+                    await asyncio.sleep(EMPTY_RUNTIME_RETRY_S)  # nothing runs there: asking again disturbs no one
+                    continue
                 if self.models is not None:
                     self.models.update_local_models(models)
                 async with self.jobs.slots.exclusive():
@@ -489,6 +492,8 @@ class Agent:
             await self.jobs.shutdown()
         if self.operations is not None:
             await self.operations.shutdown()
+        if self._refresh_task is not None:
+            tasks.append(self._refresh_task)
         for task in tasks:
             task.cancel()
         if self.models is not None:
