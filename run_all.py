@@ -1,9 +1,10 @@
 """Start a whole single-machine cluster: broker, web app (with the coordinator) and a local agent.
 
     python run_all.py                      # broker + app + local agent (Ollama backend)
-    python run_all.py --demo               # ... plus three simulated machines (no Ollama needed)
+    python run_all.py --demo               # ... plus three simulated machines (without Ollama: only them)
     python run_all.py --agent-only --broker-url mqtt://HOST:1883   # on every other machine
 
+Every part it starts is restarted when it dies (1 s, 2 s, 4 s ... at most 30 s apart); Ctrl-C stops them all.
 Every flag has an environment twin: SLB_ + the flag in upper snake case
 (``--mqtt-port`` <-> ``SLB_MQTT_PORT``); a flag wins over its variable.
 """
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.request
 import webbrowser
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,9 @@ DEMO_AGENTS = (
     ("demo-laptop", "laptop.json", 25.0, 300.0),
     ("demo-raspberry-pi", "raspberry-pi.json", 6.0, 900.0),
 )
+
+DEMO_PULL_S = 0.5
+DEMO_BENCHMARK_TOKENS = 4
 
 
 class RunAllSettings(BaseSettings):
@@ -90,24 +94,56 @@ class RunAllSettings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level.")
 
 
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 30.0
+STABLE_AFTER_S = 60.0
+"""A child that ran this long before it died counts as healthy again: its next restart waits the first delay."""
+
+
+def restart_delay(quick_deaths: int, first: float = RESTART_FIRST_DELAY_S, cap: float = RESTART_MAX_DELAY_S) -> float:
+    """Back-off before a restart: 1 s, 2 s, 4 s ... capped, so a child that dies at once cannot spin the CPU."""
+    return float(min(cap, first * 2 ** max(0, quick_deaths - 1)))
+
+
 @dataclass
 class Child:
-    """A process we started and must stop."""
+    """A process we started, restart when it dies, and stop at the end."""
 
     name: str
     command: list[str]
     process: subprocess.Popen[bytes] | None = None
-    critical: bool = False
-    restarts: int = field(default=0)
+    restarts: int = 0
+    quick_deaths: int = 0
+    """Deaths in a row, each before the child had run :data:`STABLE_AFTER_S`; sets the back-off."""
+    started_at: float = 0.0
+    restart_at: float | None = None
+    """When the dead child is started again (monotonic); None while it runs."""
 
     def start(self, env: dict[str, str]) -> None:
         self.process = subprocess.Popen(self.command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
+        self.started_at = time.monotonic()
+        self.restart_at = None
         logger.info("started %s (pid %d)", self.name, self.process.pid)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def supervise(self, env: dict[str, str], now: float, stable_after_s: float = STABLE_AFTER_S) -> None:
+        """Notice a death and plan the restart with back-off; start the child again once its delay is over."""
+        if self.process is not None and self.process.poll() is not None:
+            code = self.process.returncode
+            self.process = None
+            self.quick_deaths = 1 if now - self.started_at >= stable_after_s else self.quick_deaths + 1
+            delay = restart_delay(self.quick_deaths)
+            self.restarts += 1
+            self.restart_at = now + delay
+            logger.error("%s exited with code %s; restarting it in %.0f s (restart %d)",
+                         self.name, code, delay, self.restarts)
+        elif self.process is None and self.restart_at is not None and now >= self.restart_at:
+            self.start(env)
+
     def terminate(self) -> None:
+        self.restart_at = None
         if self.running():
             assert self.process is not None
             self.process.send_signal(signal.SIGTERM)
@@ -154,19 +190,12 @@ def explain_missing_ollama(url: str) -> None:
     )
 
 
-def wait_http(url: str, timeout: float, children: list[Child]) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
-        if any(child.critical and not child.running() for child in children):
-            return False
-        time.sleep(0.3)
-    return False
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def local_agent_flags(settings: RunAllSettings) -> list[str]:
@@ -193,7 +222,7 @@ def build_children(settings: RunAllSettings, broker_url: str) -> list[Child]:
                        "--broker-url", broker_url, "--data-dir", data_dir, "--log-level", settings.log_level]
             if settings.catalog is not None:
                 command += ["--catalog", str(settings.catalog.resolve())]
-            children.append(Child("web app", command, critical=True))
+            children.append(Child("web app", command))
         else:
             logger.warning("not built yet: the web app (app/__main__.py is missing); starting without it")
     if settings.agent or settings.agent_only:
@@ -210,6 +239,9 @@ def build_children(settings: RunAllSettings, broker_url: str) -> list[Child]:
                 python, "-m", "agent", "--broker-url", broker_url, "--backend", "simulated",
                 "--agent-id", agent_id, "--hardware-profile", str(PROFILES / profile),
                 "--sim-tokens-per-s", str(tokens_per_s), "--sim-ttft-ms", str(ttft_ms),
+                # ready within seconds: a short simulated pull and warm-up benchmark, no runtime probe
+                "--sim-pull-s", str(DEMO_PULL_S), "--benchmark-tokens", str(DEMO_BENCHMARK_TOKENS),
+                "--no-probe-runtime",
                 "--data-dir", str(Path(data_dir) / agent_id), "--log-level", "WARNING",
             ]))
     return children
@@ -232,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     elif port_open(settings.mqtt_host, settings.mqtt_port):
         broker_url = f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"
-        logger.warning("something already listens on %s:%d; using it as the broker", settings.mqtt_host,
-                       settings.mqtt_port)
+        logger.warning(
+            "something already listens on %s:%d (a system Mosquitto service?); using it as the broker. To run "
+            "this cluster's own broker instead, pick a free port: --mqtt-port 1884", settings.mqtt_host,
+            settings.mqtt_port,
+        )
     else:
         broker = start_broker(settings.data_dir / "broker", port=settings.mqtt_port, host=settings.mqtt_host,
                               prefer=settings.broker_kind)
@@ -241,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if (settings.agent or settings.agent_only) and settings.backend == "ollama":
         url = settings.backend_url or "http://127.0.0.1:11434"
-        if not ollama_reachable(url):
+        if ollama_reachable(url):
+            pass
+        elif settings.demo and not settings.agent_only:
+            settings.agent = False
+            logger.info("--demo: Ollama is not answering at %s, so only the simulated machines run; start Ollama "
+                        "(or give --backend-url http://HOST:11434) and run again to add this machine's agent",
+                        redact_url(url))
+        else:
             explain_missing_ollama(redact_url(url))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
@@ -257,34 +299,39 @@ def main(argv: list[str] | None = None) -> int:
     for child in children:
         child.start(env)
 
+    health_url: str | None = None
+    health_deadline = time.monotonic() + 120
     if any(child.name == "web app" for child in children):
         shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        url = f"http://{shown_host}:{settings.port}/"
-        if wait_http(url + "health", 120, children):
-            logger.info("the cluster is up: open %s", url)
-            if settings.browser:
-                threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
-        else:
-            logger.error("the web app did not come up at %s; see its log above", url)
+        health_url = f"http://{shown_host}:{settings.port}/"
     elif not children:
         logger.info("only the broker runs (%s); nothing else was asked for or built", broker_url)
     exposed = open_broker_warning(settings.mqtt_host, settings.mqtt_port) if broker is not None else None
-    if exposed:
+    if exposed and health_url is None:
         logger.warning("%s", exposed)  # again once started, where the scroll of the start-up logs cannot hide it
 
-    exit_code = 0
-    while not stop.wait(1.0):
+    # Every part is restarted when it dies, the web app too: the coordinator lives in it, so a cluster without
+    # it cannot answer, and stopping everything would also drop the agents' warm models.
+    while not stop.wait(0.3 if health_url else 1.0):
+        now = time.monotonic()
         for child in children:
-            if child.process is not None and not child.running():
-                code = child.process.returncode
-                logger.error("%s exited with code %s", child.name, code)
-                if child.critical:
-                    exit_code = 1
-                    stop.set()
-                child.process = None
+            child.supervise(env, now)
         if broker is not None and not broker.alive():
             logger.error("the broker stopped; restarting it")
             broker.start()
+        if health_url is None:
+            continue
+        if http_ok(health_url + "health"):
+            logger.info("the cluster is up: open %s", health_url)
+            if settings.browser:
+                threading.Thread(target=webbrowser.open, args=(health_url,), daemon=True).start()
+        elif time.monotonic() < health_deadline:
+            continue
+        else:
+            logger.error("the web app did not come up at %s within 120 s; see its log above", health_url)
+        health_url = None
+        if exposed:
+            logger.warning("%s", exposed)  # again once started, where the scroll of the start-up logs cannot hide it
 
     for child in reversed(children):
         child.terminate()
@@ -293,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if broker is not None:
         broker.stop()
     logger.info("stopped")
-    return exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,10 +11,27 @@ mode="${1:-app}"; mode="${mode#--}"
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
+# apt-get install as root or through sudo; returns 1 (and says why) when it cannot
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    log "no apt-get here: cannot install $*"; return 1
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then sudo="sudo"; else log "cannot install $* without root"; return 1; fi
+  fi
+  log "apt: installing $*"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 # ---- system packages (Debian/Ubuntu): Mosquitto, and Chromium for the browser tests
 apt_packages=()
+installing_mosquitto=no
 if [ "$mode" != agent ]; then
-  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt_packages+=(mosquitto mosquitto-clients)
+  if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    apt_packages+=(mosquitto mosquitto-clients); installing_mosquitto=yes
+  fi
 fi
 if [ "$mode" = dev ]; then
   [ -x /usr/bin/chromium ] || apt_packages+=(chromium)
@@ -23,22 +40,16 @@ if [ "$mode" = dev ]; then
   { command -v gcc && command -v g++ && command -v make; } >/dev/null || apt_packages+=(build-essential)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
-  if command -v apt-get >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else SUDO="none"; fi
-    if [ "$SUDO" != none ]; then
-      log "apt: installing ${apt_packages[*]}"
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
-    else
-      log "cannot install ${apt_packages[*]} without root; the embedded Python broker will be used"
-    fi
-  else
-    log "no apt-get here: install Mosquitto yourself (brew install mosquitto) or use the embedded broker"
-  fi
-  # Debian starts a system-wide mosquitto on :1883 on install; our scripts run their own.
-  if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
-    log "note: the system mosquitto service is running on :1883; run_all.py will use it as the broker"
-  fi
+  apt_install "${apt_packages[@]}" \
+    || log "without Mosquitto run_all.py uses its embedded Python broker (or: brew install mosquitto)"
+fi
+# Debian/Ubuntu start a system-wide mosquitto service on :1883 when the package is installed. run_all.py would
+# find that port taken and use that broker (not its own config), so say so plainly.
+if [ "$installing_mosquitto" = yes ] && command -v systemctl >/dev/null \
+    && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  log "NOTE: installing Mosquitto started the system service mosquitto.service on :1883. run_all.py will use" \
+      "that broker (with the system's config), not one of its own. To have run_all.py start its own:" \
+      "'sudo systemctl disable --now mosquitto', or run it with another port, e.g. 'run_all.py --mqtt-port 1884'."
 fi
 
 # ---- Python packages
@@ -50,6 +61,11 @@ sys.exit(0 if (managed and not in_venv) else 1)
 PYEOF
 then
   log "this Python is externally managed; creating .venv"
+  # minimal Debian/Ubuntu images ship python3 without venv/ensurepip (the python3-venv package)
+  if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+    apt_install python3-venv \
+      || { log "python3 -m venv needs the python3-venv package; install it and run this again"; exit 1; }
+  fi
   "$PY" -m venv "$ROOT/.venv"
   PY="$ROOT/.venv/bin/python"
 fi
