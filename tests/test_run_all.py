@@ -6,7 +6,6 @@ the Ollama test double.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.ollama_double import OllamaDouble, reply_text
-from tests.support.processes import REPO, child_env, free_port
+from tests.support.processes import REPO, child_env, free_port, stop_in_time
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +52,7 @@ def test_run_all_comes_up_answers_and_stops(tmp_path: Path) -> None:
             assert completion.choices[0].message.content == reply_text("is the whole cluster up")
             assert (completion.model_extra or {})["slb"]["agents"] == ["local-agent"]
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-                pytest.fail(f"run_all.py did not stop within 40 s of SIGTERM:\n{log_path.read_text()[-5000:]}")
+            code = stop_in_time(process, 40, lambda: log_path.read_text()[-5000:])
     assert code == 0, log_path.read_text(errors="replace")[-5000:]
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text, text[-5000:]

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import run_all
-from tests.support.processes import REPO, child_env, free_port
+from tests.support.processes import REPO, child_env, free_port, stop_in_time
 
 DEMO_IDS = {agent_id for agent_id, *_ in run_all.DEMO_AGENTS}
 
@@ -122,14 +122,7 @@ def test_demo_without_ollama_runs_only_simulated_machines_and_a_killed_one_comes
             print(f"demo ready after {ready_after:.1f} s; killed agent back after {back_after:.1f} s "
                   f"(offline seen: {seen_offline})")
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-                pytest.fail(f"run_all.py did not stop within 40 s of SIGTERM:\n{text()[-5000:]}")
+            code = stop_in_time(process, 40, lambda: text()[-5000:])
     assert code == 0, text()[-5000:]
     assert "Traceback" not in text(), text()[-5000:]
 

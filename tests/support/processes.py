@@ -30,6 +30,7 @@ __all__ = [
     "free_port",
     "percentile",
     "spawn",
+    "stop_in_time",
     "wait_until",
     "wait_until_async",
 ]
@@ -118,6 +119,18 @@ def spawn(name: str, args: Sequence[str], folder: Path, *, log_name: str | None 
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=new_session)
     return kind(name, process, log_path)
+
+
+def stop_in_time(process: subprocess.Popen[bytes], timeout: float, describe: Callable[[], str]) -> int | None:
+    """SIGTERM ``process`` and wait: its exit code, or a test failure (with ``describe()``) if it took longer than
+    ``timeout`` (it is then killed, by :func:`stop_process`, so nothing is left behind)."""
+    if process.poll() is not None:
+        return process.returncode
+    started = time.monotonic()
+    code = stop_process(process, timeout)
+    if time.monotonic() - started >= timeout:
+        raise WaitTimedOut(f"the process did not stop within {timeout:g} s of SIGTERM:\n{describe()}")
+    return code
 
 
 class WaitTimedOut(AssertionError, TimeoutError):
