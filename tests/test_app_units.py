@@ -29,16 +29,9 @@ from app.settings import AppSettings
 from app.streaming import throttled
 from app.throttle import FailureThrottle
 from app.ui.chat import mode_choices
+from app.ui.cluster_render import agents_table_html, history_frames, placement_markdown, plan_html, scores_frame
 from app.ui.live import LiveAnswer
-from app.ui.render import (
-    agents_table_html,
-    answer_messages,
-    history_frames,
-    placement_markdown,
-    plan_html,
-    scores_frame,
-    user_message,
-)
+from app.ui.render import answer_messages, user_message
 from broker.coordinator.contract import (
     AgentAnswer,
     AgentDelta,

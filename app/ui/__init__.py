@@ -8,16 +8,19 @@ from typing import Any
 import gradio as gr
 
 from app.service import AppService
+from app.ui import cluster_render, documents_render, render
 from app.ui.chat import build_chat_tab, mode_choices, notice_markdown
 from app.ui.cluster import build_cluster_tab
 from app.ui.documents import build_documents_tab
-from app.ui.render import CSS
 from app.ui.scripting import build_script_api
 
 logger = logging.getLogger(__name__)
 
 TITLE = "Smart AI Load Balancer"
 CHAT_STATUS_REFRESH_S = 5.0
+
+CSS = render.CSS + cluster_render.CSS + documents_render.CSS
+"""The page's styles: the shared and chat ones, then each tab's own."""
 
 __all__ = ["CSS", "TITLE", "build_ui"]
 

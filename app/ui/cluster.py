@@ -18,7 +18,7 @@ from app import cluster_status
 from app.answers import simulated_agents
 from app.markup import markdown_literal
 from app.service import AppService
-from app.ui.render import (
+from app.ui.cluster_render import (
     agents_table_html,
     history_frames,
     placement_markdown,

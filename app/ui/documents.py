@@ -18,8 +18,8 @@ from app.errors import AppError
 from app.markup import markdown_literal
 from app.service import AppService
 from app.store.extract import SUPPORTED_EXTENSIONS
+from app.ui.documents_render import documents_frame, search_markdown
 from app.ui.errors import warn
-from app.ui.render import documents_frame, search_markdown
 
 logger = logging.getLogger(__name__)
 

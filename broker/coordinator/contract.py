@@ -63,6 +63,11 @@ class QueryRequest:
     options: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
     request_id: str = field(default_factory=new_request_id)
+    agent: str | None = None
+    """Only this agent may answer (the UI's machine picker); ``None``: routing chooses."""
+    conversation: str | None = None
+    """Which conversation this turn continues (a chat session id), for routing follow-ups to the machine that
+    holds the conversation's prompt cache; ``None``: the coordinator matches on the messages' prefix."""
 
 
 @dataclass(frozen=True)
