@@ -5,6 +5,8 @@
     python run_all.py --agent-only --broker-url mqtt://HOST:1883   # on every other machine
 
 Every part it starts is restarted when it dies (1 s, 2 s, 4 s ... at most 30 s apart); Ctrl-C stops them all.
+The broker is its own (Mosquitto, or the embedded one) unless --broker-url names another; when --mqtt-port
+(1883) is taken by something it did not start (a system Mosquitto service), its own runs on a free port.
 Every flag has an environment twin: SLB_ + the flag in upper snake case
 (``--mqtt-port`` <-> ``SLB_MQTT_PORT``); a flag wins over its variable.
 """
@@ -31,7 +33,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from broker.mqtt.cli import configure_logging, parse_settings
-from broker.mqtt.local_broker import RunningBroker, open_broker_warning, start_broker
+from broker.mqtt.local_broker import (
+    LOOPBACK_HOSTS,
+    RunningBroker,
+    free_port,
+    open_broker_warning,
+    start_broker,
+)
 from broker.protocol.redaction import redact_url
 
 logger = logging.getLogger("run_all")
@@ -247,6 +255,35 @@ def build_children(settings: RunAllSettings, broker_url: str) -> list[Child]:
     return children
 
 
+def choose_broker(settings: RunAllSettings) -> tuple[RunningBroker | None, str]:
+    """The broker this cluster uses, said in one line with the reason: the one given, or one we start.
+
+    A broker run_all did not start is used only when the user points at it (``--broker-url``). When the
+    port of our own is taken (Debian's package starts a system Mosquitto on :1883, with its own config),
+    our own starts on a free port instead, so the cluster never runs on a config nobody here chose.
+    """
+    if settings.broker_url:
+        logger.info("broker: the one at %s, given by --broker-url (SLB_BROKER_URL); run_all.py starts none",
+                    redact_url(settings.broker_url))
+        return None, settings.broker_url
+    port = settings.mqtt_port
+    if port_open(settings.mqtt_host, port):
+        port = free_port(settings.mqtt_host)
+        logger.warning(
+            "broker: %s:%d is taken by a process run_all.py did not start (a system Mosquitto service?), so this "
+            "cluster runs its own broker on %s:%d instead; to use the other one: --broker-url mqtt://%s:%d",
+            settings.mqtt_host, settings.mqtt_port, settings.mqtt_host, port, settings.mqtt_host,
+            settings.mqtt_port,
+        )
+    broker = start_broker(settings.data_dir / "broker", port=port, host=settings.mqtt_host,
+                          prefer=settings.broker_kind)
+    reach = ("this machine only (--mqtt-host)" if settings.mqtt_host in LOOPBACK_HOSTS
+             else f"agents on other machines: --broker-url mqtt://THIS-HOST:{broker.port}")
+    logger.info("broker: this cluster's own %s at %s (started by run_all.py, stopped with it); %s",
+                broker.kind, broker.url, reach)
+    return broker, broker.url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -255,24 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
-    broker: RunningBroker | None = None
-    if settings.broker_url:
-        broker_url = settings.broker_url
-        logger.info("using the broker at %s", redact_url(broker_url))
-    elif settings.agent_only:
+    if settings.agent_only and not settings.broker_url:
         logger.error("--agent-only needs --broker-url mqtt://HOST:PORT (the machine that runs the broker)")
         return 2
-    elif port_open(settings.mqtt_host, settings.mqtt_port):
-        broker_url = f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"
-        logger.warning(
-            "something already listens on %s:%d (a system Mosquitto service?); using it as the broker. To run "
-            "this cluster's own broker instead, pick a free port: --mqtt-port 1884", settings.mqtt_host,
-            settings.mqtt_port,
-        )
-    else:
-        broker = start_broker(settings.data_dir / "broker", port=settings.mqtt_port, host=settings.mqtt_host,
-                              prefer=settings.broker_kind)
-        broker_url = broker.url
+    broker, broker_url = choose_broker(settings)
 
     if (settings.agent or settings.agent_only) and settings.backend == "ollama":
         url = settings.backend_url or "http://127.0.0.1:11434"
@@ -306,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         health_url = f"http://{shown_host}:{settings.port}/"
     elif not children:
         logger.info("only the broker runs (%s); nothing else was asked for or built", broker_url)
-    exposed = open_broker_warning(settings.mqtt_host, settings.mqtt_port) if broker is not None else None
+    exposed = open_broker_warning(broker.host, broker.port) if broker is not None else None
     if exposed and health_url is None:
         logger.warning("%s", exposed)  # again once started, where the scroll of the start-up logs cannot hide it
 

@@ -1,10 +1,13 @@
 """The agent process: one asyncio loop wiring MQTT, the backend, the model manager and the job runner.
 
-paho's network thread only hands messages to this loop (MqttConnection with
-``loop=``); everything else — jobs, pulls, health checks, telemetry — runs as
+paho runs on this loop (MqttConnection with ``loop=``, paho's external-loop
+API); everything else — jobs, pulls, health checks, telemetry — runs as
 tasks on the loop, so nothing blocks the MQTT client. Retained state
 (status, hardware, model) is re-published after every reconnect, because a
-restarted broker without persistence has forgotten it.
+restarted broker without persistence has forgotten it, and again a moment
+after a coordinator's birth message, because a broker that does not replay
+retained messages to wildcard subscriptions (RabbitMQ's MQTT plugin) never
+shows it to a coordinator that started after us (docs/brokers.md).
 
 ``python -m agent`` runs ``await agent.run()`` until ``agent.request_stop()``
 (SIGTERM / Ctrl-C). Tests run the same coroutine on a thread of their own
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -40,6 +44,7 @@ from broker.protocol import (
     Assign,
     Benchmark,
     Cancel,
+    CoordinatorStatus,
     Hardware,
     Job,
     Manage,
@@ -62,6 +67,9 @@ EMPTY_RUNTIME_RETRY_S = 15.0
 """How often a runtime that listed no models is asked again (its operator may load one without a restart)."""
 BENCHMARK_REFRESH_S = 300.0
 """How often measured job speed may replace the published benchmark."""
+RECOVERY_JITTER_S = 1.0
+"""Longest random wait before re-publishing our state to a coordinator that came online (at most half a telemetry
+interval): a thousand agents answering one birth message spread over it instead of arriving in one burst."""
 
 
 def agent_client_id(agent_id: str, prefix: str) -> str:
@@ -134,6 +142,7 @@ class Agent:
         self._benchmark_updated = 0.0
         self._gpu_monitor: GpuMonitor | None = None
         self._killed = False
+        self._recovery: asyncio.TimerHandle | None = None  # a pending re-publish for a coordinator's birth
 
     # ------------------------------------------------------------------ messages we publish
 
@@ -168,6 +177,10 @@ class Agent:
             self._publish_retained(self.topics.hardware(self.agent_id), self.hardware)
 
     def _publish_model_state(self, state: ModelState) -> None:
+        """With the assignment's ``also``, so a coordinator that never read the retained assignment can adopt it."""
+        assignment = self.models.assignment if self.models is not None else None
+        if assignment is not None and assignment.also and state.assignment_id == assignment.assignment_id:
+            state = state.model_copy(update={"also": list(assignment.also)})
         self._publish_retained(self.topics.model(self.agent_id), state)
 
     def _publish_result(self, result: Result) -> None:
@@ -191,6 +204,31 @@ class Agent:
         if self.models is not None:
             self._publish_model_state(self.models.state)
 
+    def _republish_state(self) -> None:
+        """Status, hardware and model state again, for a coordinator that did not get them as retained messages."""
+        self._recovery = None
+        self.publish_status()
+        self._on_connected()
+
+    def _on_coordinator_status(self, message: InboundMessage) -> None:
+        """A coordinator came online: tell it our state after a short random wait (state recovery, docs/protocol.md).
+
+        A retained birth replayed by our own subscribe is skipped: the state went out with our own birth then.
+        Several births within the wait give one re-publish.
+        """
+        if message.retain or not message.payload or self._loop is None:
+            return
+        try:
+            status = decode(CoordinatorStatus, message.payload, topic=message.topic)
+        except PayloadError as error:
+            logger.warning("ignored coordinator status: %s", error)
+            return
+        if status.state != "online" or self._recovery is not None:
+            return
+        delay = random.uniform(0.0, min(RECOVERY_JITTER_S, self.settings.telemetry_interval_s / 2))
+        logger.info("a coordinator came online: re-publishing our state in %.2f s", delay)
+        self._recovery = self._loop.call_later(delay, self._republish_state)
+
     def _on_fatal(self, error: Exception) -> None:
         logger.error("stopping: %s", error)
         self.exit_code = 2 if isinstance(error, MqttAuthError) else 1
@@ -198,6 +236,9 @@ class Agent:
 
     def _on_message(self, message: InboundMessage) -> None:
         parsed = self.topics.parse(message.topic)
+        if parsed is not None and parsed[0] is TopicKind.COORDINATOR_STATUS:
+            self._on_coordinator_status(message)
+            return
         if parsed is None or parsed[1] != self.agent_id:
             return
         kind = parsed[0]
@@ -231,6 +272,12 @@ class Agent:
                 request = decode(Manage, message.payload, topic=message.topic)
             except PayloadError as error:
                 logger.warning("ignored manage request: %s", error)
+                return
+            if not self.models.fence.admit(request.epoch, f"manage request {request.request_id}"):
+                self._publish_operation(Operation(
+                    request_id=request.request_id, action=request.action, model=request.model, status="refused",
+                    done=True, error=f"refused: sent by a deposed coordinator (epoch {request.epoch} is older than "
+                    f"{self.models.fence.highest})"))
                 return
             self.operations.submit(request)
 
@@ -464,7 +511,9 @@ class Agent:
             # topic prefixes (one broker, several clusters or test runs) get their own ids.
             agent_client_id(self.agent_id, self.topics.prefix),
             on_message=self._on_message,
-            subscriptions=[(self.topics.control_of(self.agent_id), 1)],
+            # Exact topics, not control/<id>/+: some brokers replay retained messages only to exact subscriptions.
+            subscriptions=[(topic, 1) for topic in self.topics.controls_of(self.agent_id)]
+            + [(self.topics.coordinator_status(), 1)],
             will=OutboundMessage.of(status_topic, self._status("offline")),
             birth=self._birth,
             on_ready=self._on_connected,
@@ -488,6 +537,9 @@ class Agent:
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         logger.info("agent %s stopping", self.agent_id)
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
         if self.jobs is not None:
             await self.jobs.shutdown()
         if self.operations is not None:

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.backends.base import Backend, BackendError, BackendUnreachable, ChatDelta, ChatDone, StreamBroken
+from agent.embeddings import embed_results
 from broker.protocol import Job, Result, ResultStats, is_valid_agent_id
+from broker.protocol.messages import ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ class ResultStream:
             logger.exception("publishing result %s/%d failed", result.request_id, result.seq)
 
     def finish(self, *, stats: ResultStats | None = None, error: str | None = None,
-               error_code: str | None = None) -> None:
+               error_code: str | None = None, tool_calls: list[ToolCall] | None = None) -> None:
         """Send the last chunk (with whatever text is still pending) exactly once."""
         if self.finished:
             return
@@ -179,7 +181,8 @@ class ResultStream:
         delta = "".join(self._pending)
         self._pending.clear()
         self._send(Result(request_id=self.request_id, seq=self.seq, delta=delta, done=True, error=error,
-                          error_code=error_code, stats=stats, agent_id=self.agent_id, model=self.model))  # type: ignore[arg-type]
+                          error_code=error_code, stats=stats, agent_id=self.agent_id, model=self.model,  # type: ignore[arg-type]
+                          tool_calls=tool_calls or None))
         self.finished = True
 
 
@@ -193,6 +196,7 @@ class _Handle:
     first_token_at: float | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     stall_timer: asyncio.TimerHandle | None = None
+    active_at: float = 0.0  # the backend's last sign of life (the stall timer re-arms itself from it)
     began: bool = False
 
 
@@ -405,24 +409,48 @@ class JobRunner:
                 self.queued -= 1
             self._cleanup(handle)
 
+    async def _embed(self, handle: _Handle) -> None:
+        """An embed job (agent/embeddings.py): the vectors go out in bounded messages, the last one ``done``."""
+        results = await embed_results(self.backend, handle.job, self.agent_id, self.keep_alive, handle.received)
+        for result in results:
+            handle.stream._send(result)
+        handle.stream.finished = True
+        self.completed += 1
+
     def _arm_stall(self, handle: _Handle) -> None:
-        if handle.stall_timer is not None:
-            handle.stall_timer.cancel()
+        """Note the backend's sign of life; one timer per stall interval checks it, not a new timer per token."""
+        handle.active_at = time.monotonic()
+        if handle.stall_timer is None:
+            handle.stall_timer = asyncio.get_running_loop().call_later(self.stall_timeout_s, self._check_stall, handle)
+
+    def _check_stall(self, handle: _Handle) -> None:
+        quiet = time.monotonic() - handle.active_at
+        if quiet < self.stall_timeout_s:  # a token came meanwhile: wait for the rest of the interval from it
+            handle.stall_timer = asyncio.get_running_loop().call_later(self.stall_timeout_s - quiet,
+                                                                       self._check_stall, handle)
+            return
+        handle.stall_timer = None
         waited = "the first token" if handle.first_token_at is None else "the next token"
-        handle.stall_timer = asyncio.get_running_loop().call_later(
-            self.stall_timeout_s, self._abort, handle, "stalled",
-            f"backend sent nothing for {self.stall_timeout_s:.0f}s while waiting for {waited}",
-        )
+        self._abort(handle, "stalled",
+                    f"backend sent nothing for {self.stall_timeout_s:.0f}s while waiting for {waited}")
 
     async def _stream(self, handle: _Handle) -> None:
         job = handle.job
+        if job.kind == "embed":
+            await self._embed(handle)
+            return
         started = time.monotonic()
         pieces = 0
         last_token_at = started
         done: ChatDone | None = None
         self._arm_stall(handle)
+        offered = {"tools": job.tools, "tool_choice": job.tool_choice} if job.tools else {}  # docs/protocol.md
+        if job.format is not None or job.think is not None:  # structured output, thinking (docs/protocol.md)
+            offered.update(response_format=job.format, think=job.think)
+        keep_alive = self.keep_alive if job.keep_alive is None else (
+            job.keep_alive if isinstance(job.keep_alive, str) else f"{job.keep_alive:g}s")
         events = self.backend.chat(job.model, list(job.messages), dict(job.options), job.assistant_prefix,
-                                   self.keep_alive)
+                                   keep_alive, **offered)
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for event in events:
                 if isinstance(event, ChatDelta):
@@ -455,7 +483,7 @@ class JobRunner:
             finish_reason=(done.done_reason or None) and done.done_reason[:32],
             tokens_counted_by="agent" if done.counted or done.output_tokens is None else "runtime",
         )
-        handle.stream.finish(stats=stats)
+        handle.stream.finish(stats=stats, tool_calls=list(done.tool_calls))
         self.completed += 1
         # Telemetry and the benchmark describe the backend: its first token, not our queue in front of it.
         backend_ttft = None if ttft_s is None else round(max(0.0, handle.first_token_at - started), 4)

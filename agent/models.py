@@ -45,6 +45,27 @@ def publishable(models: list[str]) -> list[str]:
     return kept
 
 
+class EpochFence:
+    """Remembers the highest leadership epoch seen; anything older comes from a deposed coordinator.
+
+    Several coordinators may run on one broker, one of them leading placement (docs/protocol.md "Leadership").
+    A leader that was cut off and comes back (or whose queued publishes arrive late) still carries its old epoch:
+    its assignments and model operations are refused here, so agents never flap between two leaders' plans.
+    Messages without an epoch (an older coordinator) count as epoch 0.
+    """
+
+    def __init__(self) -> None:
+        self.highest = 0
+
+    def admit(self, epoch: int, what: str) -> bool:
+        """True when ``epoch`` is current (and remember it); False, logged, when it is stale."""
+        if epoch < self.highest:
+            logger.warning("ignored %s from a deposed coordinator: epoch %d < %d", what, epoch, self.highest)
+            return False
+        self.highest = epoch
+        return True
+
+
 class ModelManager:
     """Owns the assignment and the retained model state."""
 
@@ -80,6 +101,7 @@ class ModelManager:
         self.local_models: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._lost_backend = False
+        self.fence = EpochFence()
 
     # ------------------------------------------------------------------ state
 
@@ -120,11 +142,17 @@ class ModelManager:
     # ------------------------------------------------------------------ assignment
 
     def handle_assign(self, assign: Assign | None) -> None:
-        """A (retained) assignment arrived; ``None`` means it was cleared."""
+        """A (retained) assignment arrived; ``None`` means it was cleared.
+
+        One from a deposed leader (a lower epoch than seen) is ignored. A new leader re-publishes what agents
+        already have with its own epoch: the same id (or the same ready model) again changes nothing here.
+        """
+        if assign is not None and not self.fence.admit(assign.epoch, f"assignment {assign.assignment_id}"):
+            return
         current = self.assignment
         if assign is not None and current is not None and assign.assignment_id == current.assignment_id \
                 and assign.model == current.model:
-            logger.debug("assignment %s again: nothing to do", assign.assignment_id)
+            logger.debug("assignment %s again (epoch %d): nothing to do", assign.assignment_id, assign.epoch)
             return
         if assign is not None and current is not None and same_model(assign.model, current.model) \
                 and self.state.state == "ready" and not self.busy:

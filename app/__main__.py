@@ -10,7 +10,7 @@ from collections.abc import Sequence
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from app.settings import AppSettings  # noqa: E402
+from app.settings import USER_FLAG, AppSettings, fold_user_flags  # noqa: E402
 from broker.mqtt.cli import configure_logging, parse_settings  # noqa: E402
 
 logger = logging.getLogger("app")
@@ -19,9 +19,9 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, _ = parse_settings(
-        AppSettings,
-        argv,
+    import argparse
+
+    parser = argparse.ArgumentParser(
         prog="python -m app",
         description=(
             "The Smart AI Load Balancer web app: the coordinator, the Gradio UI at /, the scriptable Gradio API, "
@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--host says otherwise."
         ),
     )
+    parser.add_argument(USER_FLAG, metavar="NAME:PASSWORD", action="append",
+                        help="one more UI user, with their own chats; repeat for several (folded into --ui-users)")
+    settings, _ = parse_settings(AppSettings, fold_user_flags(sys.argv[1:] if argv is None else argv), parser=parser)
     configure_logging(settings.log_level)
     import uvicorn
 

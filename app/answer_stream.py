@@ -18,8 +18,8 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from app.answers import AnswerRecord
-from app.store import Citation
-from broker.coordinator.contract import QueryEvent
+from app.store import SHARED_USER, Citation
+from broker.coordinator.contract import QueryEvent, QueryFailed
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class AnswerStream:
         owner: str | None,
         events: AsyncGenerator[QueryEvent, None],
         on_close: Callable[[AnswerStream], Awaitable[None]],
+        user: str = SHARED_USER,
     ) -> None:
         self.request_id = request_id
         self.session_id = session_id
@@ -44,6 +45,8 @@ class AnswerStream:
         self.citations = citations
         self.owner = owner
         """The browser session that asked (the Stop button cancels its answers), if any."""
+        self.user = user
+        """The user whose chat ``session_id`` is (the answer is stored there as that user)."""
         self.record = AnswerRecord()
         self.reader: asyncio.Task[object] | None = None
         """The task reading the events: cancelled when the coordinator ignores a cancel (AppService.cancel)."""
@@ -64,6 +67,15 @@ class AnswerStream:
         try:
             event = await anext(self._events)
         except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except Exception as error:
+            # The cluster's stream broke (a bug, a lost connection): the answer failed, it was not stopped, and it
+            # is stored as such before the error goes on to the reader.
+            logger.warning("query %s: its event stream raised %s", self.request_id, type(error).__name__,
+                           exc_info=True)
+            self.record.apply(QueryFailed(self.request_id, f"the answer broke off: {type(error).__name__}",
+                                          "failed", self.record.text))
             await self.aclose()
             raise
         self.record.apply(event)

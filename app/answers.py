@@ -25,6 +25,7 @@ from broker.coordinator.contract import (
     QueryStarted,
     TextDelta,
 )
+from broker.protocol.messages import ToolCall
 
 STOPPED = "stopped"
 CHARS_PER_TOKEN = 4
@@ -50,15 +51,34 @@ class AnswerRecord:
     """Text pieces streamed for the current answer (a token each, for most runtimes): the count of last resort."""
     stopped: bool = False
     """Ended without a final event: its reader stopped it, or the app did (``failed`` then says "stopped")."""
+    tried: list[str] = field(default_factory=list)
+    """Every agent the cluster gave this answer to, in order (failed ones included); ``agents``: whose text it is."""
+    tried_models: list[str] = field(default_factory=list)
+    """The models of :attr:`tried`, each once, in order."""
+    affinity: bool = False
+    """Routing chose the agent because it holds this conversation's previous turn in its prompt cache."""
+    pinned: bool = False
+    """The caller named the agent; routing did not choose."""
 
     @property
     def ended(self) -> bool:
         return self.finished is not None or self.failed is not None
 
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The function calls of the finished answer (docs/api.md "Tools")."""
+        return list(self.finished.tool_calls) if self.finished is not None else []
+
+    def _tried(self, agents: list[str], models: list[str]) -> None:
+        self.tried.extend(agent for agent in agents if agent and agent not in self.tried)
+        self.tried_models.extend(model for model in models if model and model not in self.tried_models)
+
     def apply(self, event: QueryEvent) -> None:
         """Fold one event into the record."""
+        self._note_tried(event)
         if isinstance(event, QueryStarted):
             self.agents, self.models = list(event.agents), list(event.models)
+            self.affinity, self.pinned = event.affinity, event.pinned
         elif isinstance(event, TextDelta):
             self.text += event.text
             self.pieces += 1 if event.text else 0
@@ -89,11 +109,49 @@ class AnswerRecord:
             if event.partial_text and len(event.partial_text) >= len(self.text):
                 self.text = event.partial_text
 
+    def _note_tried(self, event: QueryEvent) -> None:
+        if isinstance(event, QueryStarted | QueryFinished):
+            self._tried(list(event.agents), list(event.models))
+            if isinstance(event, QueryFinished):
+                self._tried([answer.agent_id for answer in event.answers], [answer.model for answer in event.answers])
+        elif isinstance(event, TextDelta | AgentDelta):
+            self._tried([event.agent_id], [event.model])
+        elif isinstance(event, AgentSwitched | AnswerRestarted):
+            self._tried([event.from_agent, event.to_agent], [event.model])
+        elif isinstance(event, AgentFinished):
+            self._tried([event.answer.agent_id], [event.answer.model])
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the answer ended, as it is stored: ``ok``, ``error`` or ``stopped`` (see :class:`Outcome`)."""
+        if self.finished is not None:
+            return Outcome("ok", None, list(self.agents), list(self.models))
+        if self.stopped or (self.failed is not None and self.failed.code == "cancelled"):
+            # What arrived before the stop is the work of the agents that streamed it.
+            wrote = list(self.agents) if self.text else []
+            return Outcome("stopped", self.failed.error if self.failed else STOPPED, wrote, list(self.models))
+        error = self.failed.error if self.failed is not None else "the answer ended without a result"
+        # A failed answer was answered by nobody: the agents go to ``tried`` only (issue 14.4).
+        return Outcome("error", error, [], list(self.tried_models or self.models))
+
     def stop(self, request_id: str) -> None:
         """The stream ended without a final event: the answer was stopped, and keeps the text it has."""
         if not self.ended:
             self.stopped = True
             self.failed = QueryFailed(request_id=request_id, error=STOPPED, code="cancelled", partial_text=self.text)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an answer ended, as the chat stores it (app/store/sessions.py ``ChatMessage``)."""
+
+    status: str
+    """``ok`` (finished), ``error`` (failed: ``error`` says why) or ``stopped`` (by the user or the app)."""
+    error: str | None
+    agents: list[str]
+    """Whose text the answer is: empty for a failed answer, whoever streamed the partial text of a stopped one."""
+    models: list[str]
+    """The answer's models; for a failed answer, the models that were tried."""
 
 
 def restart_note(event: AnswerRestarted) -> str:
@@ -174,6 +232,10 @@ def stats_of(record: AnswerRecord, simulated: set[str]) -> dict[str, Any]:
     marked = sorted(agent for agent in record.agents if agent in simulated)
     if marked:
         stats["simulated_agents"] = marked
+    if record.affinity:
+        stats["affinity"] = True
+    if record.pinned:
+        stats["pinned"] = True
     return stats
 
 
@@ -185,6 +247,8 @@ def provenance(record: AnswerRecord, mode: str, simulated: set[str]) -> dict[str
         "agents": record.agents,
         "models": record.models,
         "simulated_agents": sorted(set(record.agents) & simulated),
+        "affinity": record.affinity,
+        "pinned": record.pinned,
     }
     if finished is not None:
         data["failovers"] = finished.failovers

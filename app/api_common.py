@@ -49,7 +49,8 @@ from broker.coordinator.contract import (
 logger = logging.getLogger(__name__)
 
 OWNER = "smart-llm-balancer"
-FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "failed": 502, "truncated": 502}
+FAILURE_STATUS = {"no_agent": 503, "busy": 503, "timeout": 504, "cancelled": 499, "failed": 502, "truncated": 502,
+                  "invalid_output": 502}
 """HTTP status of each ``QueryFailed.code``; ``bad_request`` becomes a :class:`~app.errors.BadRequest`."""
 VIRTUAL_MODELS = {
     RoutingMode.AUTO.value: "the agent with the lowest expected completion time",
@@ -211,8 +212,11 @@ class RoutedAnswer:
             yield event
 
 
-async def read_until_routed(stream: AnswerStream) -> RoutedAnswer:
+async def read_until_routed(stream: AnswerStream, *, past_start: bool = False) -> RoutedAnswer:
     """Read until the query is routed, so an early failure becomes a proper HTTP status instead of a broken stream.
+
+    ``past_start``: read on to the first text or the end (a request with tools: a runtime's refusal of tools
+    comes after routing, and the runtime itself answers it with a status, not a stream).
 
     On a failure the stream is closed here and the error raised; otherwise the response body that reads
     :meth:`RoutedAnswer.events` owns the stream and closes it.
@@ -221,7 +225,8 @@ async def read_until_routed(stream: AnswerStream) -> RoutedAnswer:
     try:
         async for event in stream:
             head.append(event)
-            if isinstance(event, QueryStarted | TextDelta | QueryFinished | QueryFailed):
+            if isinstance(event, TextDelta | QueryFinished | QueryFailed) or (
+                    isinstance(event, QueryStarted) and not past_start):
                 break
     except BaseException:
         await stream.aclose()
@@ -286,6 +291,15 @@ async def json_body(request: Request) -> Any:
     return body
 
 
+def supplied_key(headers: Any) -> str:
+    """The API key a request carries: ``Authorization: Bearer <key>``, else ``X-API-Key``; "" when none."""
+    header = headers.get("authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not supplied:
+        supplied = headers.get("x-api-key", "")
+    return supplied
+
+
 class ApiContext:
     """The service and settings every route needs, the API-key check and the model-name resolution."""
 
@@ -314,20 +328,21 @@ class ApiContext:
         if origin is not None and not self.origin_allowed(request, origin):
             raise ApiError(403, f"requests from web pages at {origin} are not allowed; list the origin in "
                                 "--cors-origins to allow them", "origin_not_allowed")
-        key = self.settings.api_key.get_secret_value() if self.settings.api_key is not None else None
-        if not key:
+        if self.settings.api_key is None or not self.settings.api_key.get_secret_value():
             return
-        address = f"address:{request.client.host if request.client else 'unknown'}"
+        self.check_key(supplied_key(request.headers), request.client.host if request.client else "unknown")
+
+    def check_key(self, supplied: str, client_host: str) -> None:
+        """Refuse a missing or wrong API key (401), with a back-off per client address after repeated wrong ones
+        (429): shared by /v1, /api and the API user of the UI's API (app/key_user.py)."""
+        key = self.settings.api_key.get_secret_value() if self.settings.api_key is not None else ""
+        address = f"address:{client_host}"
         wait = self.key_guesses.retry_after(address)
         if wait > 0:  # refused before the key is compared: a guesser learns nothing while locked out
             seconds = retry_after_header(wait)
             raise ApiError(429, f"too many requests with a wrong API key from this address; try again in {seconds} s",
                            "rate_limited", headers={"Retry-After": seconds})
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        if scheme.lower() != "bearer" or not supplied:
-            supplied = request.headers.get("x-api-key", "")
-        if not supplied or not secrets.compare_digest(supplied.strip().encode(), key.encode()):
+        if not key or not supplied or not secrets.compare_digest(supplied.strip().encode(), key.encode()):
             lock = self.key_guesses.failed(address)
             if lock:
                 logger.warning("API key: %d s back-off for %s after repeated wrong keys", lock, address)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from app.markup import markdown_literal
 from app.model_list import valid_model_name
@@ -97,6 +98,48 @@ def is_healthy(snapshot: ClusterSnapshot) -> bool:
     return bool(snapshot.connected and any(agent.online for agent in snapshot.agents) and servable(snapshot))
 
 
+AgentCondition = Literal["ready", "starting", "failed", "unreachable", "quarantined", "offline"]
+"""What one agent can do now, as the cluster view colours it: only ``ready`` is green, and only ``ready`` agents
+are counted as ready (an online agent whose model failed is online, not healthy)."""
+CONDITION_ORDER: tuple[AgentCondition, ...] = ("ready", "starting", "failed", "unreachable", "quarantined", "offline")
+"""The order the counts are named in (and the table sorts by)."""
+
+
+def agent_condition(agent: AgentView) -> AgentCondition:
+    """One agent's condition: offline first, then what stops an online agent from answering, then whether its
+    model is ready (pulling, loading or waiting for an assignment count as starting)."""
+    if not agent.online:
+        return "offline"
+    if agent.quarantined:
+        return "quarantined"
+    if agent.backend_reachable is False:
+        return "unreachable"
+    if agent.model_state == "failed":
+        return "failed"
+    if agent.model_state == "ready":
+        return "ready"
+    return "starting"
+
+
+def condition_counts(snapshot: ClusterSnapshot) -> dict[AgentCondition, int]:
+    """How many agents are in each condition (conditions no agent is in are left out), in
+    :data:`CONDITION_ORDER`."""
+    counts = Counter(agent_condition(agent) for agent in snapshot.agents)
+    return {condition: counts[condition] for condition in CONDITION_ORDER if counts[condition]}
+
+
+def counts_line(snapshot: ClusterSnapshot) -> str:
+    """``3 of 4 agents online · 2 ready · 1 failed · 1 offline``: online, ready and failed counted apart."""
+    total = len(snapshot.agents)
+    online = sum(1 for agent in snapshot.agents if agent.online)
+    counts = condition_counts(snapshot)
+    parts = [f"{online} of {total} agent{_plural(total)} online"]
+    parts.extend(f"{count} {condition}" for condition, count in counts.items())
+    if "ready" not in counts and total:
+        parts.insert(1, "0 ready")
+    return " · ".join(parts)
+
+
 def unreachable_advice(agents: list[AgentView], quote: Quote = _as_is) -> list[str]:
     """What to do about agents that cannot reach their runtime, in the words of each runtime (never "install
     Ollama" to someone whose agent talks to a llama.cpp server, LM Studio or vLLM)."""
@@ -152,7 +195,8 @@ def cluster_message(snapshot: ClusterSnapshot, broker: BrokerAddress, quote: Quo
     simulated = [agent for agent in online if agent.simulated]
     parts: list[str] = []
     if servable(snapshot):
-        parts.append(f"{len(online)} agent{_plural(len(online))} online; models: {models_summary(snapshot, quote)}.")
+        parts.append(f"{len(online)} agent{_plural(len(online))} online{_not_all_ready(online)}; "
+                     f"models: {models_summary(snapshot, quote)}.")
     else:
         pulling = [
             f"{quote(agent.id)} {quote(agent.model_state or 'waiting')}"
@@ -165,6 +209,15 @@ def cluster_message(snapshot: ClusterSnapshot, broker: BrokerAddress, quote: Quo
     if simulated:
         parts.append(f"Simulated agents (demo, not real models): {quote(', '.join(agent.id for agent in simulated))}.")
     return " ".join(parts)
+
+
+def _not_all_ready(online: list[AgentView]) -> str:
+    """`` (2 ready, 1 failed)`` when some online agents are not ready, else nothing."""
+    counts = Counter(agent_condition(agent) for agent in online)
+    if counts["ready"] == len(online):
+        return ""
+    return " (" + ", ".join(f"{counts[condition]} {condition}" for condition in CONDITION_ORDER
+                            if counts[condition]) + ")"
 
 
 def health(snapshot: ClusterSnapshot, broker: BrokerAddress) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from app.api_common import ApiContext, error_response, validation_message
+from app.embeddings_api import build_embeddings_router
 from app.errors import AppError
 from app.middleware import HttpMetrics
 from app.ollama_api import build_ollama_router
@@ -27,11 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_http_api(
-    service: AppService, metrics: HttpMetrics, coordinator_registry: CollectorRegistry | None
+    service: AppService, metrics: HttpMetrics, coordinator_registry: CollectorRegistry | None,
+    context: ApiContext | None = None,
 ) -> APIRouter:
-    """Every non-Gradio route of the web process."""
+    """Every non-Gradio route of the web process; ``context`` is shared with the API user's middleware (its
+    wrong-key back-off counts guesses on every path)."""
     router = APIRouter()
-    context = ApiContext(service)
+    context = context if context is not None else ApiContext(service)
 
     @router.get("/health", tags=["cluster"])
     async def health() -> JSONResponse:
@@ -51,6 +54,7 @@ def build_http_api(
             parts.insert(0, generate_latest(coordinator_registry))
         return PlainTextResponse(b"".join(parts), media_type=CONTENT_TYPE_LATEST)
 
+    router.include_router(build_embeddings_router(context))  # before /api's catch-all
     router.include_router(build_openai_router(context))
     router.include_router(build_ollama_router(context))
     return router

@@ -36,43 +36,30 @@ from app.api_common import (
     validation_message,
     wrong_method,
 )
+from app.api_parameters import check_ollama, ollama_keep_alive, ollama_options
 from app.errors import AppError, BadRequest
+from app.images import checked_images
 from app.ollama_models import build_ollama_model_routes, keep_alive_is_zero
+from app.store.prompt import api_citations
+from app.structured import answer_check, ollama_format
+from app.tools import RequestToolCall, checked_tools, ollama_calls, wire_calls
 from broker.coordinator.contract import Aggregation, AnswerRestarted, QueryFailed, QueryFinished, TextDelta
-from broker.protocol.messages import ChatMessage
+from broker.protocol.messages import ChatMessage, ToolCall
 
 logger = logging.getLogger(__name__)
 
 OLLAMA_VERSION = "0.6.8"
 """The Ollama API level this surface speaks (clients such as Open WebUI check it)."""
-OLLAMA_OPTIONS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "num_predict",
-        "stop",
-        "seed",
-        "repeat_penalty",
-        "repeat_last_n",
-        "presence_penalty",
-        "frequency_penalty",
-        "num_ctx",
-        "typical_p",
-        "mirostat",
-        "mirostat_eta",
-        "mirostat_tau",
-    }
-)
-
-
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
+    tool_calls: list[RequestToolCall] | None = None
+    tool_name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
+    thinking: str | None = None  # an earlier turn's thinking: accepted, not sent on (docs/api.md "Parameters")
 
 
 class OllamaChatRequest(BaseModel):
@@ -88,6 +75,7 @@ class OllamaChatRequest(BaseModel):
     keep_alive: Any = None
     aggregation: Aggregation = Aggregation.CONSENSUS
     rag: bool = False
+    tools: list[Any] | None = None
 
 
 class OllamaGenerateRequest(BaseModel):
@@ -117,31 +105,22 @@ NOT_SERVED = {
             "that has the model",
     "blobs": "the cluster does not store blobs (/api/blobs belongs to /api/create, which it does not serve): "
              "create the model with `ollama create` " + OLLAMA_ELSEWHERE,
-    "embed": "the cluster does not serve embeddings (/api/embed): point your embedding client at an Ollama "
-             "server directly; the cluster answers /api/chat and /api/generate",
-    "embeddings": "the cluster does not serve embeddings (/api/embeddings): point your embedding client at an "
-                  "Ollama server directly; the cluster answers /api/chat and /api/generate",
 }
 """Ollama endpoints the cluster does not serve (501), each with what to do instead."""
 
 
-def ollama_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    """The Ollama options this cluster forwards; types are checked so a bad value is a 400, not an agent error."""
-    if not options:
-        return {}
-    kept: dict[str, Any] = {}
-    for name, value in options.items():
-        if name not in OLLAMA_OPTIONS or value is None:
-            continue
-        if name == "stop":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                raise BadRequest("options.stop must be a string or a list of strings", param="options.stop")
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise BadRequest(f"options.{name} must be a number", param=f"options.{name}")
-        kept[name] = value
-    return kept
+def runtime_fields(format_value: Any, keep_alive: Any, think: Any) -> dict[str, Any]:
+    """What a chat or generate request asks of the runtime beyond messages and options (``QueryRequest`` fields):
+    structured output and its check, ``think: false``, and ``keep_alive`` (``0`` is the app's own unload after
+    the answer: app/ollama_models.py)."""
+    wanted = ollama_format(format_value)
+    fields: dict[str, Any] = {"format": wanted, "check_answer": answer_check(wanted)}
+    if think is False:
+        fields["think"] = False
+    lasting = ollama_keep_alive(keep_alive)
+    if lasting is not None and not keep_alive_is_zero(keep_alive):
+        fields["keep_alive"] = lasting
+    return fields
 
 
 def build_ollama_router(context: ApiContext) -> APIRouter:
@@ -201,6 +180,8 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         use_rag: bool,
         kind: Literal["chat", "generate"],
         keep_alive: Any,
+        tools: list[dict[str, Any]] | None = None,
+        query_fields: dict[str, Any] | None = None,
     ) -> Response:
         mode = context.resolve_mode(model)
         started = time.perf_counter()
@@ -211,14 +192,19 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             aggregation=aggregation,
             use_rag=use_rag,
             options=options,
+            tools=tools,
+            query_fields=query_fields,
         )
 
-        def piece(text: str) -> dict[str, Any]:
+        def piece(text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
             if kind == "chat":
-                return {"message": {"role": "assistant", "content": text}}
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if calls:
+                    message["tool_calls"] = ollama_calls(calls)
+                return {"message": message}
             return {"response": text}
 
-        def final(record: AnswerRecord, text: str) -> dict[str, Any]:
+        def final(record: AnswerRecord, text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
             numbers = usage_numbers(record)
             total_s = numbers["latency_s"] or (time.perf_counter() - started)
             eval_s = (
@@ -229,9 +215,9 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             body = {
                 "model": ",".join(record.models) or model,
                 "created_at": now_iso(),
-                **piece(text),
+                **piece(text, calls),
                 "done": True,
-                "done_reason": finish_reason(record),
+                "done_reason": "stop" if record.tool_calls else finish_reason(record),  # Ollama's word with calls
                 "total_duration": int(total_s * 1e9),
                 "load_duration": 0,
                 "prompt_eval_count": numbers["prompt_tokens"],
@@ -240,6 +226,8 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                 "eval_duration": int(eval_s * 1e9),
                 "slb": provenance(record, mode, simulated_agents(service.coordinator.snapshot())),
             }
+            if use_rag:  # the sources of a RAG answer, on the final object (docs/api.md)
+                body["citations"] = api_citations(answer.citations)
             if kind == "generate":
                 body["context"] = []
             return body
@@ -250,9 +238,9 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                 unload_after(record)
             if record.finished is None:
                 raise unfinished_error(record)
-            return JSONResponse(final(record, record.text), headers=provenance_headers(record))
+            return JSONResponse(final(record, record.text, record.tool_calls), headers=provenance_headers(record))
 
-        routed = await read_until_routed(answer)
+        routed = await read_until_routed(answer, past_start=tools is not None)  # a refusal of tools is a 400
 
         async def ndjson() -> AsyncIterator[str]:
             streamed = False
@@ -273,6 +261,10 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
                             line = {"model": ",".join(event.models) or model, "created_at": now_iso(),
                                     **piece(event.text), "done": False}
                             yield json.dumps(line, ensure_ascii=False) + "\n"
+                        if event.tool_calls:  # Ollama sends the calls in a chunk of their own before the last
+                            line = {"model": ",".join(event.models) or model, "created_at": now_iso(),
+                                    **piece("", list(event.tool_calls)), "done": False}
+                            yield json.dumps(line, ensure_ascii=False) + "\n"
                         yield json.dumps(final(answer.record, ""), ensure_ascii=False) + "\n"
                     elif isinstance(event, QueryFailed):
                         yield json.dumps({"error": event.error}) + "\n"
@@ -289,12 +281,12 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
     async def ollama_chat(request: Request) -> Response:
         """Ollama chat: NDJSON lines while streaming (the default), one object with ``stream: false``."""
         body = await json_body(request)
+        check_ollama(body, generate=False)  # refused parameters: a 400 naming them (app/api_parameters.py)
         try:
             payload = OllamaChatRequest.model_validate(body)
         except ValidationError as error:
             raise BadRequest(validation_message(error)[0]) from None
-        if any(message.images for message in payload.messages):
-            raise BadRequest("images are not supported by this cluster", param="messages")
+        images = checked_images([message.images or [] for message in payload.messages], "messages")
         options = ollama_options(payload.options)
         if not payload.messages:
             mode, reason = await load_or_unload(payload.model, payload.keep_alive)
@@ -304,7 +296,11 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             )
         texts = [message.content for message in payload.messages]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
-        messages = [ChatMessage(role=message.role, content=message.content) for message in payload.messages]
+        tools, _ = checked_tools(payload.tools)
+        messages = [ChatMessage(role=message.role, content=message.content, tool_calls=wire_calls(message.tool_calls),
+                                name=(message.tool_name or message.name) if message.role == "tool" else None,
+                                images=pictures)
+                    for message, pictures in zip(payload.messages, images, strict=True)]
         question = next((m.content for m in reversed(payload.messages) if m.role == "user"), "")
         return await ollama_answer(
             request,
@@ -317,18 +313,20 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             use_rag=payload.rag,
             kind="chat",
             keep_alive=payload.keep_alive,
+            tools=tools,
+            query_fields=runtime_fields(payload.format, payload.keep_alive, body.get("think")),
         )
 
     @ollama.post("/generate")
     async def ollama_generate(request: Request) -> Response:
         """Ollama generate: a prompt in, NDJSON ``response`` pieces out (or one object with ``stream: false``)."""
         body = await json_body(request)
+        check_ollama(body, generate=True)
         try:
             payload = OllamaGenerateRequest.model_validate(body)
         except ValidationError as error:
             raise BadRequest(validation_message(error)[0]) from None
-        if payload.images:
-            raise BadRequest("images are not supported by this cluster", param="images")
+        images = checked_images([payload.images or []], "images")[0]
         options = ollama_options(payload.options)
         if not payload.prompt:
             mode, reason = await load_or_unload(payload.model, payload.keep_alive)
@@ -338,7 +336,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
         texts = [payload.prompt, payload.system or ""]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
         messages = [ChatMessage(role="system", content=payload.system)] if payload.system else []
-        messages.append(ChatMessage(role="user", content=payload.prompt))
+        messages.append(ChatMessage(role="user", content=payload.prompt, images=images))
         return await ollama_answer(
             request,
             model=payload.model,
@@ -350,6 +348,7 @@ def build_ollama_router(context: ApiContext) -> APIRouter:
             use_rag=payload.rag,
             kind="generate",
             keep_alive=payload.keep_alive,
+            query_fields=runtime_fields(payload.format, payload.keep_alive, body.get("think")),
         )
 
     served = served_routes(ollama)

@@ -2,7 +2,8 @@
 
 ``model`` picks the routing: a model name, or ``auto`` / ``quality`` / ``all``
 (docs/api.md). ``aggregation`` and ``rag`` are this server's extensions
-(``extra_body`` in the openai SDK). Responses carry ``slb``: who answered.
+(``extra_body`` in the openai SDK). Responses carry ``slb``: who answered, and
+with ``rag`` the sources in ``citations`` (the final chunk when streamed).
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ from app.api_common import (
     validation_message,
     wrong_method,
 )
+from app.api_parameters import check_openai
 from app.errors import BadRequest
+from app.images import checked_images, fetched_images, openai_part_image
 from app.model_list import ListedModel
+from app.store.prompt import api_citations
+from app.structured import answer_check, openai_format
+from app.tools import RequestToolCall, checked_tools, openai_calls, wire_calls
 from broker.coordinator.contract import Aggregation, AnswerRestarted, QueryFailed, QueryFinished, TextDelta
 from broker.protocol.messages import ChatMessage
 
@@ -50,6 +56,7 @@ class TextPart(BaseModel):
 
     type: str
     text: str | None = None
+    image_url: Any = None  # a data: URL for vision models (app/images.py)
 
 
 class OpenAIMessage(BaseModel):
@@ -59,6 +66,9 @@ class OpenAIMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[RequestToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200)
 
     def text(self) -> str:
         if self.content is None:
@@ -67,16 +77,25 @@ class OpenAIMessage(BaseModel):
             return self.content
         parts: list[str] = []
         for part in self.content:
+            if part.type == "image_url":
+                continue  # carried by images()
             if part.type != "text" or part.text is None:
                 raise BadRequest(f"only text content is supported, got a {part.type!r} part", param="messages")
             parts.append(part.text)
         return "".join(parts)
+
+    def images(self) -> list[str]:
+        """The data: URLs of the ``image_url`` parts (checked by app/images.py)."""
+        if not isinstance(self.content, list):
+            return []
+        return [openai_part_image(part.image_url, "messages") for part in self.content if part.type == "image_url"]
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    include_obfuscation: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -96,9 +115,16 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)  # n > 1 is refused first (app/api_parameters.py)
+    top_k: int | None = Field(default=None, ge=0)  # llama.cpp's and vLLM's sampling extras
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+    response_format: Any = None  # app/structured.py
+    prompt_cache_key: str | None = Field(default=None, max_length=200)  # the conversation, for affinity routing
     aggregation: Aggregation = Aggregation.CONSENSUS
     rag: bool = False
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -109,7 +135,8 @@ class ChatCompletionRequest(BaseModel):
 
     def options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
-        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repeat_penalty"):
             value = getattr(self, name)
             if value is not None:
                 options[name] = value
@@ -183,17 +210,28 @@ def build_openai_router(context: ApiContext) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streamed as server-sent events when ``stream`` is true."""
         body = await json_body(request)
+        check_openai(body, ChatCompletionRequest.model_fields)  # refused and unknown parameters: a 400 naming them
         try:
             payload = ChatCompletionRequest.model_validate(body)
         except ValidationError as error:
             message, param = validation_message(error)
             raise BadRequest(message, code="invalid_request", param=param) from None
+        wanted = openai_format(payload.response_format)
+        query_fields: dict[str, Any] = {"format": wanted, "check_answer": answer_check(wanted)}
+        if payload.prompt_cache_key:
+            query_fields["conversation"] = payload.prompt_cache_key
         texts = [message.text() for message in payload.messages]
         check_total(settings.max_prompt_chars, settings.max_messages, texts)
+        tools, tool_choice = checked_tools(payload.tools, payload.tool_choice)
         mode = context.resolve_mode(payload.model)
+        images = checked_images(await fetched_images(
+            [message.images() for message in payload.messages], allow_remote=settings.allow_remote_images,
+            allow_local=settings.allow_local_image_urls), "messages")
         messages = [
-            ChatMessage(role="system" if message.role == "developer" else message.role, content=text)
-            for message, text in zip(payload.messages, texts, strict=True)
+            ChatMessage(role="system" if message.role == "developer" else message.role, content=text,
+                        tool_calls=wire_calls(message.tool_calls), tool_call_id=message.tool_call_id,
+                        name=message.name if message.role == "tool" else None, images=pictures)
+            for message, text, pictures in zip(payload.messages, texts, images, strict=True)
         ]
         question = next((text for message, text in zip(payload.messages, texts, strict=True)
                          if message.role == "user"), "")
@@ -204,9 +242,13 @@ def build_openai_router(context: ApiContext) -> APIRouter:
             aggregation=payload.aggregation,
             use_rag=payload.rag,
             options=payload.options(),
+            tools=tools,
+            tool_choice=tool_choice,
+            query_fields=query_fields,
         )
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
+        cited = {"citations": api_citations(answer.citations)} if payload.rag else {}
 
         def usage(record: AnswerRecord) -> dict[str, int]:
             numbers = usage_numbers(record)
@@ -219,10 +261,17 @@ def build_openai_router(context: ApiContext) -> APIRouter:
         def slb(record: AnswerRecord) -> dict[str, Any]:
             return provenance(record, mode, simulated_agents(service.coordinator.snapshot()))
 
+        def reason(record: AnswerRecord) -> str:
+            return "tool_calls" if record.tool_calls else finish_reason(record)
+
         if not payload.stream:
             record = await run_to_end(answer, request)
             if record.finished is None:
                 raise unfinished_error(record)
+            message: dict[str, Any] = {"role": "assistant", "content": record.text}
+            if record.tool_calls:  # OpenAI: content null when the answer is only calls
+                message = {"role": "assistant", "content": record.text or None,
+                           "tool_calls": openai_calls(record.tool_calls)}
             return JSONResponse(
                 {
                     "id": completion_id,
@@ -232,21 +281,23 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": record.text},
-                            "finish_reason": finish_reason(record),
+                            "message": message,
+                            "finish_reason": reason(record),
                             "logprobs": None,
                         }
                     ],
                     "usage": usage(record),
                     "system_fingerprint": None,
                     "slb": slb(record),
+                    **cited,
                 },
                 headers=provenance_headers(record),
             )
 
-        routed = await read_until_routed(answer)
+        routed = await read_until_routed(answer, past_start=tools is not None)  # a refusal of tools is a 400
         record = answer.record
         include_usage = bool(payload.stream_options and payload.stream_options.include_usage)
+        obfuscate = bool(payload.stream_options and payload.stream_options.include_obfuscation)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             body = {
@@ -257,6 +308,8 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                 **extra,
             }
+            if obfuscate and delta.get("content"):  # OpenAI's padding, so chunk sizes do not reveal the text
+                body["obfuscation"] = secrets.token_urlsafe(secrets.randbelow(24) + 1)
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def sse() -> AsyncIterator[str]:
@@ -273,7 +326,9 @@ def build_openai_router(context: ApiContext) -> APIRouter:
                     elif isinstance(event, QueryFinished):
                         if not streamed and event.text:
                             yield chunk({"content": event.text})
-                        yield chunk({}, finish_reason(record), slb=slb(record))
+                        if event.tool_calls:  # complete calls, one delta (docs/api.md "Tools")
+                            yield chunk({"tool_calls": openai_calls(event.tool_calls, streamed=True)})
+                        yield chunk({}, reason(record), slb=slb(record), **cited)
                         if include_usage:
                             usage_chunk = {
                                 "id": completion_id,

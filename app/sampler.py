@@ -1,16 +1,24 @@
-"""A few minutes of per-agent load, sampled in the background, so the cluster plots have a past."""
+"""A few minutes of per-agent load, sampled in the background, so the cluster plots have a past.
+
+Only online agents are sampled, so an agent's plot lines end when it goes
+offline (and start again when it comes back). The tokens/s drawn is what the
+machine generates now: its speed per answer times the answers it is running,
+and 0 while it runs none (the last measured speed alone would draw an idle
+cluster as busy).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.coordinator.contract import ClusterSnapshot
+from broker.coordinator.contract import AgentView, ClusterSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +32,31 @@ class ClusterSample:
     simulated: bool
     online: bool
     tokens_per_s: float | None
+    """Tokens per second generated at ``at`` (every running answer together); 0 when idle."""
     jobs_running: int
     jobs_queued: int
     cpu_percent: float | None
+
+
+def per_answer_speed(agent: AgentView) -> float | None:
+    """The agent's generation speed per answer: measured (or claimed) in the view, else its hardware benchmark."""
+    if agent.tokens_per_s:
+        return agent.tokens_per_s
+    benchmark = agent.hardware.get("benchmark") if isinstance(agent.hardware, dict) else None
+    speed = benchmark.get("tokens_per_s") if isinstance(benchmark, dict) else None
+    return float(speed) if isinstance(speed, int | float) and math.isfinite(speed) and speed > 0 else None
+
+
+def generating_tokens_per_s(agent: AgentView) -> float:
+    """Tokens per second the agent generates now: 0 when offline or running nothing, else its speed per answer
+    times the answers it runs (at most its slots), 0 while no speed is known."""
+    if not agent.online or agent.jobs_running <= 0:
+        return 0.0
+    speed = per_answer_speed(agent)
+    if speed is None:
+        return 0.0
+    running = agent.jobs_running if not agent.slots else min(agent.jobs_running, agent.slots)
+    return speed * running
 
 
 class ClusterSampler:
@@ -61,12 +91,13 @@ class ClusterSampler:
                     agent_id=agent.id,
                     simulated=agent.simulated,
                     online=agent.online,
-                    tokens_per_s=agent.tokens_per_s,
+                    tokens_per_s=generating_tokens_per_s(agent),
                     jobs_running=agent.jobs_running,
                     jobs_queued=agent.jobs_queued,
                     cpu_percent=agent.cpu_percent,
                 )
                 for agent in self._snapshot().agents
+                if agent.online
             ]
         )
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -19,9 +20,12 @@ import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
 
+from app.api_common import ApiContext  # noqa: E402
 from app.gradio_queue import UnreadResults  # noqa: E402
 from app.http_api import build_http_api, install_error_handlers  # noqa: E402
+from app.key_user import ApiKeyUserMiddleware  # noqa: E402
 from app.middleware import (  # noqa: E402
     BodyLimitMiddleware,
     BodyLimits,
@@ -61,6 +65,14 @@ def _coordinator_registry(coordinator: CoordinatorPort) -> CollectorRegistry | N
     return getattr(metrics, "registry", None)
 
 
+def _gradio_app(app: FastAPI) -> Any:
+    """The Gradio app mounted at ``/`` (its login tokens and cookie name), found after mounting."""
+    for route in app.routes:
+        if isinstance(route, Mount) and route.path == "":
+            return route.app
+    raise RuntimeError("the Gradio UI is not mounted")
+
+
 def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = None) -> FastAPI:
     """Build the web process's ASGI app; nothing touches the network until the lifespan starts."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,8 +80,20 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     sessions = SessionStore(settings.data_dir / SESSIONS_FILE)
 
     def open_rag() -> RagStore:
+        if settings.rag_cluster_embeddings:  # uploads embed on the cluster's agents (docs/rag.md)
+            import anyio.from_thread
+
+            from app.store.cluster_embedder import open_cluster_rag_store
+
+            # open_rag runs in a worker thread of the app's event loop (AsyncStore): ask that loop for itself.
+            loop = anyio.from_thread.run_sync(asyncio.get_running_loop)
+            return open_cluster_rag_store(settings, coordinator, loop, max_upload_bytes=settings.max_upload_bytes,
+                                          relevance_floor=settings.rag_relevance_floor)
         return RagStore(
-            settings.data_dir, embedding_model=settings.embedding_model, max_upload_bytes=settings.max_upload_bytes
+            settings.data_dir,
+            embedding_model=settings.embedding_model,
+            max_upload_bytes=settings.max_upload_bytes,
+            relevance_floor=settings.rag_relevance_floor,
         )
 
     service = AppService(settings, coordinator, sessions, open_rag)
@@ -100,7 +124,8 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     app.state.coordinator = coordinator
     app.state.http_metrics = http_metrics
     install_error_handlers(app)
-    app.include_router(build_http_api(service, http_metrics, _coordinator_registry(coordinator)))
+    api_context = ApiContext(service)
+    app.include_router(build_http_api(service, http_metrics, _coordinator_registry(coordinator), api_context))
 
     app.add_middleware(
         CORSMiddleware,
@@ -114,10 +139,15 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     unread_results = UnreadResults(demo, ttl_s=settings.unread_result_ttl_s)
     app.state.blocks = demo
     app.state.unread_results = unread_results
-    auth = None
-    if settings.ui_username and settings.ui_password is not None:
-        auth = (settings.ui_username, settings.ui_password.get_secret_value())
+    users = settings.user_directory()
+    auth = users.authenticate if users is not None else None
+    if users is not None:
+        logger.info("UI login on for %d user(s); each has their own chats", len(users))
         app.add_middleware(LoginThrottleMiddleware, throttle=FailureThrottle(free_failures=5))
+        if settings.api_key is not None:
+            # A script with the API key is the API user in the UI's API (app/key_user.py).
+            app.add_middleware(ApiKeyUserMiddleware, context=api_context, api_user=settings.api_user,
+                               gradio_app=lambda: _gradio_app(app))
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits(
         api=settings.api_body_limit,
         gradio=max(settings.api_body_limit, settings.max_upload_bytes * 2 + 65_536),
@@ -133,8 +163,9 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
             logger.warning("listening on %s without a UI login: anyone on the network can use it", settings.host)
     if settings.api_key is not None and auth is None:
         logger.warning(
-            "--api-key protects /v1 and /api only: without --ui-username/--ui-password the UI and its API "
-            "(/gradio_api/*: queries, chat sessions, documents) need no key; set a UI login to protect them too"
+            "--api-key protects /v1 and /api only: without a UI login (--ui-username/--ui-password, --ui-user, "
+            "--ui-users-file) the UI and its API (/gradio_api/*: queries, chat sessions, documents) need no key; "
+            "set a UI login to protect them too"
         )
     gr.mount_gradio_app(
         app,

@@ -36,6 +36,7 @@ async def throttled(source: AsyncIterator[T], interval_s: float) -> AsyncIterato
     generator owns ``source``: closing it (or reaching the end) closes ``source``.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
+    ended = asyncio.Event()  # set by the pump after its last item: a due batch waits no longer
 
     async def pump() -> None:
         try:
@@ -43,31 +44,40 @@ async def throttled(source: AsyncIterator[T], interval_s: float) -> AsyncIterato
                 queue.put_nowait(item)
         except asyncio.CancelledError:
             queue.put_nowait(_END)  # the source was stopped from elsewhere: end the stream, don't hang the reader
+            ended.set()
             raise
         except Exception as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
             queue.put_nowait(_Failure(error))
+            ended.set()
             return
         queue.put_nowait(_END)
+        ended.set()
 
     task = asyncio.create_task(pump())
     last_flush = 0.0
     pending: list[T] = []
     try:
         while True:
-            wait = None if not pending else max(0.0, last_flush + interval_s - time.monotonic())
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=wait) if wait is not None else await queue.get()
-            except asyncio.TimeoutError:
-                item = None
-            if item is _END:
-                if pending:
-                    yield pending
-                return
-            if isinstance(item, _Failure):
-                if pending:
-                    yield pending
-                raise item.error
-            if item is not None:
+            # One timer per batch, not per event: with text pending, sleep until the batch is due (or the end).
+            if pending:
+                remaining = last_flush + interval_s - time.monotonic()
+                if remaining > 0 and not ended.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(ended.wait(), remaining)
+                items: list[object] = []
+                while not queue.empty():  # everything that came meanwhile joins the batch
+                    items.append(queue.get_nowait())
+            else:
+                items = [await queue.get()]  # the first event of a batch goes out at once if one is due
+            for item in items:
+                if item is _END:
+                    if pending:
+                        yield pending
+                    return
+                if isinstance(item, _Failure):
+                    if pending:
+                        yield pending
+                    raise item.error
                 pending.append(item)  # type: ignore[arg-type]
             if pending and time.monotonic() - last_flush >= interval_s:
                 batch, pending = pending, []

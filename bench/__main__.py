@@ -37,7 +37,7 @@ from bench.common import (
 )
 from tests.support.processes import child_env
 
-ORDER = ("overhead", "relay", "routing", "fanout", "scale", "rag")
+ORDER = ("overhead", "relay", "routing", "affinity", "fanout", "scale", "rag")
 FILES = {"rag": "rag_suite.json"}
 """bench/bench_rag.py writes rag.json itself (its own format); the suite's RAG figures go next to it."""
 TIMEOUT_S = {"quick": 240, "full": 1800}

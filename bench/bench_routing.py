@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import random
 import tempfile
 import time
@@ -30,6 +31,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.common import BenchResult, agent_args, bench_main, mosquitto
 from bench.routing_sim import (
@@ -42,6 +45,7 @@ from bench.routing_sim import (
     make_workload,
     simulate,
 )
+from bench.standins import Answer, Standin, ask_v1, cluster_slots, standin_cluster
 from broker.coordinator.contract import QueryFailed, QueryFinished, QueryRequest, TextDelta
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
@@ -56,8 +60,16 @@ HETEROGENEOUS = [
     AgentSpec("pi-9", 9, 1.50, "raspberry-pi"),
 ]
 HOMOGENEOUS = [AgentSpec(f"same-{index}", 123, 0.30, "gpu-desktop") for index in range(4)]
+MIXED_SLOTS = [
+    AgentSpec("gpu-335", 335, 0.12, "gpu-desktop", slots=4),
+    AgentSpec("gpu-123", 123, 0.30, "gpu-desktop", slots=2),
+    AgentSpec("laptop-24", 24, 0.80, "laptop", slots=1),
+    AgentSpec("pi-9", 9, 1.50, "raspberry-pi", slots=1),
+]
+"""The heterogeneous speeds with the slots runtimes really have: a GPU server running four at once, one running
+two, and two one-slot boxes."""
 LOADS = (0.5, 0.75, 0.9)
-SIM_POLICIES = ("auto", "round_robin", "random", "least_outstanding", "oracle")
+SIM_POLICIES = ("auto", "auto_legacy", "round_robin", "random", "least_outstanding", "oracle")
 SLOWDOWN = Slowdown(at_request=300, agent_id="gpu-123", factor=4.0)
 REAL_LENGTH_SCALE = 0.25
 REAL_TOLERANCE = 0.10
@@ -81,11 +93,12 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def _pooled(agents: Sequence[AgentSpec], policy: str, load: float, seeds: Sequence[int], count: int,
-            **options: Any) -> dict[str, Any]:
+            kinds: bool = False, **options: Any) -> dict[str, Any]:
     capacity = capacity_per_s(agents)
     outcomes: list[Outcome] = []
     for seed in seeds:
-        outcomes += simulate(agents, policy, make_workload(seed, count, capacity * load), seed=seed, **options)
+        outcomes += simulate(agents, policy, make_workload(seed, count, capacity * load, kinds=kinds), seed=seed,
+                             **options)
     return summarize(outcomes)
 
 
@@ -126,20 +139,40 @@ def simulation_section(quick: bool) -> dict[str, Any]:
     section["what_if_at_0.75"] = what_if
     section["homogeneous_0.75"] = {policy: _pooled(HOMOGENEOUS, policy, 0.75, seeds, count)
                                    for policy in ("auto", "round_robin", "least_outstanding", "oracle")}
-    section["slowdown"] = slowdown_section((11, 12, 13), 1000 if quick else 2000)  # cheap; one seed is too noisy
+    # Issue 15: one-slot and mixed-slot clusters, answer lengths known (max_tokens) or not, and questions whose
+    # kind (first words) tells their typical answer length — what the length predictor learns from.
+    cases: dict[str, Any] = {}
+    for cluster_name, agents in (("one_slot", HETEROGENEOUS), ("mixed_slots", MIXED_SLOTS)):
+        for kinds in (False, True):
+            for hint in (False, True):
+                key = f"{cluster_name}/{'kinds' if kinds else 'no_kinds'}/{'max_tokens' if hint else 'no_max_tokens'}"
+                cases[key] = {policy: _pooled(agents, policy, 0.75, seeds, count, kinds=kinds, length_hint=hint)
+                              for policy in ("auto", "auto_legacy", "oracle")}
+    section["issue15_0.75"] = cases
+    slow_count = 1000 if quick else 2000
+    section["slowdown"] = slowdown_section((11, 12, 13), slow_count)  # cheap; one seed is too noisy
+    section["slowdown_variants"] = {
+        "kinds": slowdown_section((11, 12, 13), slow_count, kinds=True),
+        "max_tokens": slowdown_section((11, 12, 13), slow_count, length_hint=True),
+    }
     section["seconds"] = round(time.perf_counter() - started, 1)
     return section
 
 
-def slowdown_section(seeds: Sequence[int], count: int) -> dict[str, Any]:
-    """One agent becomes 4× slower at request 300 (50 % load); how soon is auto back near the oracle?"""
+def slowdown_section(seeds: Sequence[int], count: int, *, kinds: bool = False,
+                     length_hint: bool = False) -> dict[str, Any]:
+    """One agent becomes 4× slower at request 300 (50 % load); how soon is auto back near the oracle?
+
+    ``kinds`` / ``length_hint``: questions whose kind tells their typical length, or that carry ``max_tokens`` —
+    the variants where a predictor can know lengths as the oracle does."""
     capacity = capacity_per_s(HETEROGENEOUS)
     settle = 50
     after: dict[str, list[float]] = {"auto": [], "oracle": []}
     windows: list[dict[str, float]] = []
     for seed in seeds:
-        workload = make_workload(seed, count, capacity * 0.5)
-        runs = {policy: simulate(HETEROGENEOUS, policy, workload, seed=seed, slowdown=SLOWDOWN)
+        workload = make_workload(seed, count, capacity * 0.5, kinds=kinds)
+        runs = {policy: simulate(HETEROGENEOUS, policy, workload, seed=seed, slowdown=SLOWDOWN,
+                                 length_hint=length_hint)
                 for policy in after}
         start = SLOWDOWN.at_request + settle
         for policy, outcomes in runs.items():
@@ -266,6 +299,86 @@ def real_section(quick: bool) -> dict[str, Any]:
     return section
 
 
+# ---------------------------------------------------------------- stand-in section: Ollama-like doubles through /v1
+
+STANDINS = [
+    Standin("gpu-335", 335, 0.12, "gpu-desktop"),
+    Standin("gpu-123", 123, 0.30, "gpu-desktop"),
+    Standin("laptop-24", 24, 0.80, "laptop"),
+    Standin("pi-9", 9, 1.50, "raspberry-pi"),
+]
+STANDIN_TOKENS = (16, 256)
+"""Answer lengths: log-uniform between these (as the issue's run: 16–256 tokens)."""
+STANDIN_LOAD = 0.75
+
+
+def standin_lengths(rng: random.Random) -> int:
+    low, high = STANDIN_TOKENS
+    return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+
+def standin_capacity(specs: Sequence[Standin]) -> float:
+    """Requests/s the stand-ins complete with every slot always busy (first token + the answer at speed)."""
+    rng = random.Random(7)
+    lengths = [standin_lengths(rng) for _ in range(20_000)]
+    mean_length = sum(lengths) / len(lengths)
+    return sum(spec.num_parallel / (spec.ttft_s + (mean_length - 1) / spec.tokens_per_s) for spec in specs)
+
+
+def standin_workload(seed: int, count: int, rate_per_s: float) -> list[Request]:
+    rng = random.Random(seed)
+    now, requests = 0.0, []
+    for index in range(count):
+        now += rng.expovariate(rate_per_s)
+        requests.append(Request(index, now, 20, standin_lengths(rng)))
+    return requests
+
+
+async def _standin_trace(url: str, workload: Sequence[Request], known: bool) -> list[Answer]:
+    origin = time.monotonic()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
+                                 limits=httpx.Limits(max_connections=500)) as client:
+        async def one(request: Request) -> Answer:
+            await asyncio.sleep(max(0.0, origin + request.arrival_s - time.monotonic()))
+            content = f"question {request.index} [[reply:{request.output_tokens}]] " + " ".join(
+                ["word"] * (request.prompt_tokens - 3))
+            return await ask_v1(client, url, [{"role": "user", "content": content}],
+                                request.output_tokens if known else None)
+
+        return list(await asyncio.gather(*(one(request) for request in workload)))
+
+
+def _answers_summary(answers: Sequence[Answer]) -> dict[str, Any]:
+    done = [a for a in answers if a.error is None]
+    return {"latency_s": _spread([a.total_s for a in done]) if done else {},
+            "ttft_s": _spread([a.ttft_s for a in done]) if done else {},
+            "share": dict(sorted(Counter(a.agent for a in done).items())), "failed": len(answers) - len(done),
+            "errors": sorted({a.error for a in answers if a.error})[:5]}
+
+
+def standin_section(quick: bool, count: int | None = None) -> dict[str, Any]:
+    """The issue's run: Ollama-like stand-ins at 9/24/123/335 tok/s, one generation at a time each (agents
+    announce two), Poisson at 75 % of capacity, 16–256-token answers, through MQTT and ``/v1`` — with
+    ``max_tokens`` given and without it (the length then comes from a marker only the double reads)."""
+    count = count or (40 if quick else 300)
+    capacity = standin_capacity(STANDINS)
+    started = time.perf_counter()
+    section: dict[str, Any] = {"requests": count, "load": STANDIN_LOAD, "capacity_per_s": round(capacity, 3),
+                               "answer_tokens": list(STANDIN_TOKENS), "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="slb-bench-standins-") as name, \
+            standin_cluster(STANDINS, Path(name)) as cluster:
+        section["slots"] = cluster_slots(cluster.app_url)
+        for mode, known in (("max_tokens_known", True), ("max_tokens_unknown", False)):
+            workload = standin_workload(21, count, capacity * STANDIN_LOAD)
+            answers = asyncio.run(_standin_trace(cluster.app_url, workload, known))
+            section["modes"][mode] = _answers_summary(answers)
+            oracle = simulate([AgentSpec(s.agent_id, s.tokens_per_s, s.ttft_s, s.profile) for s in STANDINS],
+                              "oracle", workload)
+            section["modes"][mode]["oracle_simulated"] = summarize(oracle)
+    section["seconds"] = round(time.perf_counter() - started, 1)
+    return section
+
+
 def _jittered(workload: Sequence[Request], seed: int) -> list[Request]:
     """The trace with every arrival moved by a few ms, as a real run's submissions are: near-ties then flip."""
     rng = random.Random(seed)
@@ -282,8 +395,10 @@ def run(quick: bool) -> BenchResult:
     with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
         simulated = pool.submit(simulation_section, quick)  # CPU-bound; the real run mostly waits on timers
         real = real_section(quick)
+        standins = standin_section(quick)
         sim = simulated.result()
-    result.details = {"agents": [spec.__dict__ for spec in HETEROGENEOUS], "simulation": sim, "real_run": real}
+    result.details = {"agents": [spec.__dict__ for spec in HETEROGENEOUS], "simulation": sim, "real_run": real,
+                      "standins": standins}
     at75 = sim["heterogeneous"]["0.75"]
     p95 = {policy: at75[policy]["latency_s"]["p95"] for policy in SIM_POLICIES}
     for load in LOADS:
@@ -292,7 +407,15 @@ def run(quick: bool) -> BenchResult:
                    note=" / ".join(f"{p} {entry[p]['latency_s']['p95']:.1f}" for p in SIM_POLICIES[1:]))
     result.add("sim 75%: auto p95 ÷ round_robin p95", p95["auto"] / p95["round_robin"], "×", "<=", 0.5)
     result.add("sim 75%: auto p95 ÷ least_outstanding p95", p95["auto"] / p95["least_outstanding"], "×", "<=", 0.8)
-    result.add("sim 75%: auto p95 ÷ oracle p95", p95["auto"] / p95["oracle"], "×", "<=", 1.1)
+    result.add("sim 75%: auto p95 ÷ oracle p95", p95["auto"] / p95["oracle"], "×", "<=", 1.1,
+               note="no signal of answer length in the questions; before issue 15 "
+                    f"{p95['auto_legacy'] / p95['oracle']:.2f}×")
+    for key, entry in sim["issue15_0.75"].items():
+        auto, legacy, oracle = (entry[p]["latency_s"] for p in ("auto", "auto_legacy", "oracle"))
+        goal = ("<=", 1.1) if key.endswith("kinds/no_max_tokens") and "/no_kinds" not in key else (None, None)
+        result.add(f"sim 75% {key}: auto p95 ÷ oracle p95", auto["p95"] / oracle["p95"], "×", *goal,
+                   note=f"auto p95/p99 {auto['p95']:.2f}/{auto['p99']:.2f} s, before {legacy['p95']:.2f}/"
+                        f"{legacy['p99']:.2f} s, oracle {oracle['p95']:.2f}/{oracle['p99']:.2f} s")
     blind = sim["what_if_at_0.75"]["oracle_length_blind"]["latency_s"]["p95"]
     result.add("sim 75%: auto p95 ÷ length-blind oracle p95", p95["auto"] / blind, "×",
                note="the oracle without knowing answer lengths")
@@ -301,11 +424,25 @@ def run(quick: bool) -> BenchResult:
     result.add("sim homogeneous 75%: auto p95 ÷ round_robin p95",
                homogeneous["auto"]["latency_s"]["p95"] / homogeneous["round_robin"]["latency_s"]["p95"], "×", "<=",
                1.05)
-    result.add("sim slowdown: auto p95 ÷ oracle p95 from 50 requests after", sim["slowdown"]["ratio"], "×", "<=", 1.1)
+    result.add("sim slowdown: auto p95 ÷ oracle p95 from 50 requests after", sim["slowdown"]["ratio"], "×", "<=", 1.1,
+               note=f"auto {sim['slowdown']['auto_p95_s']:.2f} s, oracle {sim['slowdown']['oracle_p95_s']:.2f} s; no "
+                    "signal of answer length (the length-blind oracle is slower than auto here)")
+    for variant, entry in sim["slowdown_variants"].items():
+        result.add(f"sim slowdown, {variant}: auto p95 ÷ oracle p95", entry["ratio"], "×", "<=", 1.1,
+                   note=f"auto {entry['auto_p95_s']:.2f} s, oracle {entry['oracle_p95_s']:.2f} s")
     for policy, entry in real["policies"].items():
         band = entry["simulated_p95_band_s"]
         result.add(f"real run {policy}: p95 latency", entry["real"]["latency_s"]["p95"], "s",
                    note=f"simulated {entry['simulated']['latency_s']['p95']:.2f} s, band {band[0]:.2f}–{band[1]:.2f} s")
+    for mode, entry in standins["modes"].items():
+        latency = entry["latency_s"]
+        label = "max_tokens known" if mode == "max_tokens_known" else "max_tokens unknown"
+        note = (f"p50 {latency.get('p50', math.nan):.2f} s; oracle (sim) p95 "
+                f"{entry['oracle_simulated']['latency_s']['p95']:.2f} s; {entry['failed']} failed; "
+                f"share {entry['share']}")
+        result.add(f"stand-ins /v1, 1 slot each, 75%, {label}: p95", latency.get("p95", math.nan), "s", "<=", 6.0,
+                   note=note)
+        result.add(f"stand-ins /v1, 1 slot each, 75%, {label}: p99", latency.get("p99", math.nan), "s", "<=", 8.0)
     inside = sum(1 for entry in real["policies"].values() if entry["within_band"])
     result.add("real vs sim: real p95 inside the simulated band ±10 %", inside, f"of {len(real['policies'])}",
                ">=", len(real["policies"]))

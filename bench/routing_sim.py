@@ -11,7 +11,8 @@ only what the coordinator and the agents do around those calls, mirrored line
 by line (bench/bench_routing.py checks it against a real run):
 
 * coordinator: admission (an agent takes at most ``slots + agent_queue_limit``
-  jobs; a query waits for room and retries on every completion or telemetry),
+  jobs; a query waits for room and retries on every completion or telemetry;
+  queries waiting for a full agent count in its queue for later ones),
   its own in-flight count per agent, ``external`` = what telemetry reports
   beyond that, ``AnswerMeasured`` after every answer, the moving average of
   answer lengths (``min(num_predict, average)`` when the job carries a limit);
@@ -41,6 +42,7 @@ from typing import Any
 from bench.common import PROFILES
 from broker.protocol.messages import Benchmark, Hardware, ModelState, ResultStats, Status, Telemetry
 from broker.scheduling.catalog import DEFAULT_CATALOG, Catalog, load_catalog
+from broker.scheduling.estimates import AnswerLengths, prompt_shape
 from broker.scheduling.placement import PlacementSettings, plan_placement
 from broker.scheduling.registry import (
     AnswerMeasured,
@@ -51,9 +53,11 @@ from broker.scheduling.registry import (
     TelemetryReceived,
     apply,
 )
-from broker.scheduling.routing import Router, route_candidates
+from broker.scheduling.routing import JobProgress, Router, route_candidates
 
-POLICIES = ("auto", "round_robin", "random", "least_outstanding", "oracle")
+POLICIES = ("auto", "auto_legacy", "round_robin", "random", "least_outstanding", "oracle")
+"""``auto_legacy``: ``auto`` as it was before issue 15 — every outstanding job an average answer, only agents with
+room considered, one moving average of answer lengths — kept to measure the change in the same run."""
 AGENT_QUEUE_LIMIT = 4  # CoordinatorSettings.agent_queue_limit default
 EXPECTED_OUTPUT_TOKENS = 256  # CoordinatorSettings.expected_output_tokens default
 OUTPUT_TOKENS_SMOOTHING = 0.1  # broker.coordinator.execution.OUTPUT_TOKENS_SMOOTHING
@@ -86,6 +90,9 @@ class Request:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    kind: int = 0
+    """The question's kind (what its first words say: "summarise", "write an essay"…): the shape the length
+    predictor sees; kinds differ in their typical answer length."""
 
 
 @dataclass(frozen=True)
@@ -119,16 +126,39 @@ def _lognormal(rng: random.Random, median: float, sigma: float, bounds: tuple[in
     return int(min(bounds[1] * scale, max(bounds[0], round(value))))
 
 
-def make_workload(seed: int, count: int, rate_per_s: float, length_scale: float = 1.0) -> list[Request]:
-    """Poisson arrivals at ``rate_per_s``; log-normal prompt and answer lengths (answers scaled by ``length_scale``)."""
+KIND_SIGMA = 0.35
+"""Spread of answer lengths within one kind of question (the rest of ANSWER_SIGMA is spread between kinds)."""
+KINDS = 8
+
+
+def _kind_medians(length_scale: float) -> list[float]:
+    """Median answer length per kind: spread so that the lengths of all kinds together are about as before."""
+    between = math.sqrt(max(0.0, ANSWER_SIGMA ** 2 - KIND_SIGMA ** 2))
+    return [ANSWER_MEDIAN_TOKENS * length_scale * math.exp(between * (2 * (k + 0.5) / KINDS - 1) * 1.7)
+            for k in range(KINDS)]
+
+
+def make_workload(seed: int, count: int, rate_per_s: float, length_scale: float = 1.0,
+                  kinds: bool = False) -> list[Request]:
+    """Poisson arrivals at ``rate_per_s``; log-normal prompt and answer lengths (answers scaled by ``length_scale``).
+
+    ``kinds``: every question has one of :data:`KINDS` kinds whose answers have their own typical length (as
+    "summarise in a sentence" and "write an essay" do); the answer is log-normal around its kind's median."""
     rng = random.Random(seed)
     requests: list[Request] = []
+    medians = _kind_medians(length_scale)
     now = 0.0
     for index in range(count):
         now += rng.expovariate(rate_per_s)
         prompt = _lognormal(rng, PROMPT_MEDIAN_TOKENS, PROMPT_SIGMA, PROMPT_RANGE, 1.0)
-        answer = max(2, _lognormal(rng, ANSWER_MEDIAN_TOKENS, ANSWER_SIGMA, ANSWER_RANGE, length_scale))
-        requests.append(Request(index, now, prompt, answer))
+        if kinds:
+            kind = rng.randrange(KINDS)
+            answer = max(2, _lognormal(rng, medians[kind], KIND_SIGMA, ANSWER_RANGE, 1.0))
+            answer = int(min(ANSWER_RANGE[1] * length_scale, answer))
+        else:
+            kind = 0
+            answer = max(2, _lognormal(rng, ANSWER_MEDIAN_TOKENS, ANSWER_SIGMA, ANSWER_RANGE, length_scale))
+        requests.append(Request(index, now, prompt, answer, kind))
     return requests
 
 
@@ -160,6 +190,7 @@ def load_profile(name: str) -> dict[str, Any]:
 class _Job:
     request: Request
     received_s: float
+    expected_tokens: float = 0.0
     start_s: float = 0.0
     first_token_s: float = 0.0
     finish_s: float = 0.0
@@ -208,7 +239,9 @@ class Simulation:
         self.slowdown = slowdown
         self.catalog = catalog or load_catalog(DEFAULT_CATALOG)
         # The bench calls the policy "auto"; the router calls it "expected_completion" (the oracle needs no router).
-        self.router = Router("expected_completion" if policy in ("auto", "oracle") else policy, rng=random.Random(seed))
+        self.router = Router("expected_completion" if policy in ("auto", "auto_legacy", "oracle") else policy,
+                             rng=random.Random(seed))
+        self.lengths = AnswerLengths(EXPECTED_OUTPUT_TOKENS)
         self.state = ClusterState()
         self.own: dict[str, int] = {}
         self.external: dict[str, int] = {}
@@ -286,30 +319,65 @@ class Simulation:
 
         return min(sorted(self.agents), key=lambda agent_id: finish(self.agents[agent_id]))
 
-    def _expected_tokens(self, request: Request) -> float:
-        if self.length_hint:  # QueryExecutor._expected_output_tokens with num_predict in the options
-            return min(float(request.output_tokens), self.output_tokens)
-        return self.output_tokens
+    def _shape(self, request: Request) -> tuple[object, ...]:
+        """QueryExecutor._shape: the prompt's size class and the question's kind (its first words), and the size
+        class of its limit when it carries one."""
+        limit = request.output_tokens if self.length_hint else 0
+        return (*prompt_shape(request.prompt_tokens, 1, False, f"kind{request.kind}"), int(limit).bit_length())
+
+    def _expected_tokens(self, request: Request, model: str | None = None) -> float:
+        if self.policy == "auto_legacy":
+            if self.length_hint:  # the old QueryExecutor._expected_output_tokens with num_predict in the options
+                return min(float(request.output_tokens), self.output_tokens)
+            return self.output_tokens
+        predicted = self.lengths.predict(model, self._shape(request))
+        return min(float(request.output_tokens), predicted) if self.length_hint else predicted
+
+    def _jobs(self, now: float) -> dict[str, list[JobProgress]]:
+        """What QueryExecutor.candidates hands routing: each own job's expected length, time generating and tokens
+        streamed so far."""
+        def progress(agent: _Agent, job: _Job) -> JobProgress:
+            if job not in agent.running or now < job.first_token_s:
+                return JobProgress(job.expected_tokens)
+            generating = now - job.first_token_s
+            pace = (job.request.output_tokens - 1) / max(1e-9, job.finish_s - job.first_token_s)
+            return JobProgress(job.expected_tokens, generating, min(job.request.output_tokens, 1 + generating * pace))
+
+        return {agent_id: [progress(agent, job) for job in [*agent.running, *agent.queue]]
+                for agent_id, agent in self.agents.items()}
 
     def _admit(self, now: float) -> None:
         """QueryExecutor._admit for every waiting query, oldest first (all wake on the same notify)."""
         still_waiting: collections.deque[Request] = collections.deque()
+        legacy = self.policy == "auto_legacy"
+        waiting_for: dict[str, int] = {}  # QueryExecutor._waiting_for: older queries still waiting, per agent
         while self.waiting:
             request = self.waiting.popleft()
-            candidates = route_candidates(self.state, self.catalog, model=None, own_inflight=self.own,
-                                          external=self.external, cooling={}, prompt_tokens=request.prompt_tokens)
+            candidates = route_candidates(
+                self.state, self.catalog, model=None, own_inflight=self.own, external=self.external, cooling={},
+                prompt_tokens=request.prompt_tokens, jobs=None if legacy else self._jobs(now),
+                expected_tokens=None if legacy else (lambda model, r=request: self._expected_tokens(r, model)),
+                waiting=None if legacy else waiting_for)
             room = [c for c in candidates if c.outstanding < c.slots + AGENT_QUEUE_LIMIT]
             if not room:
                 still_waiting.append(request)
                 continue
-            route = self.router.choose(room, self._expected_tokens(request))
-            self._dispatch(request, route.candidate.agent_id, now)
+            if self.policy == "auto":  # every candidate; a full best one is waited for
+                route = self.router.choose(candidates, self._expected_tokens(request))
+                if route.candidate not in room:
+                    waiting_for[route.candidate.agent_id] = waiting_for.get(route.candidate.agent_id, 0) + 1
+                    still_waiting.append(request)
+                    continue
+            else:
+                route = self.router.choose(room, self._expected_tokens(request))
+            self._dispatch(request, route.candidate.agent_id, now,
+                           route.candidate.expected_tokens or self._expected_tokens(request))
         self.waiting = still_waiting
 
-    def _dispatch(self, request: Request, agent_id: str, now: float) -> None:
+    def _dispatch(self, request: Request, agent_id: str, now: float, expected_tokens: float = 0.0) -> None:
         self.own[agent_id] = self.own.get(agent_id, 0) + 1
         agent = self.agents[agent_id]
-        job = _Job(request, now)
+        job = _Job(request, now, expected_tokens)
         if len(agent.running) < agent.spec.slots:
             self._start(agent, job, now)
         else:
@@ -348,6 +416,7 @@ class Simulation:
         # QueryExecutor._end_attempt: measured speed, answer-length average, then wake waiting queries.
         self.state = apply(self.state, AnswerMeasured(agent_id, agent.model, stats), now)
         self.output_tokens += OUTPUT_TOKENS_SMOOTHING * (tokens - self.output_tokens)
+        self.lengths.observe(agent.model, self._shape(job.request), tokens)
         self._admit(now)
 
     def _telemetry(self, agent_id: str, now: float) -> None:

@@ -7,4 +7,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 "$PY" -m ruff check . || { echo "ruff found problems (above)" >&2; exit 1; }
-exec "$PY" -m pytest "$@"
+# Two workers, one test file each at a time: most tests wait on real processes (brokers, agents, runtimes, a
+# browser), so two files in parallel take ~60 % of the serial time on 2 cores. SLB_TEST_WORKERS=0 runs serially.
+workers="${SLB_TEST_WORKERS:-2}"
+if [ "$workers" = "0" ]; then
+    exec "$PY" -m pytest "$@"
+fi
+exec "$PY" -m pytest -n "$workers" --dist loadfile "$@"

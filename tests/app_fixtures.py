@@ -54,6 +54,9 @@ def app_cluster(mosquitto: RunningBroker, tmp_path_factory: pytest.TempPathFacto
             )
 
         wait_for_app(both_ready, 60, "both agents online with a ready model", running)
+        # The embedding model loads in the background (~100 MB): tests that measure the app's memory, and tests in
+        # any order (the suite runs on several workers), start from an app that has finished warming up.
+        wait_for_app(lambda: "document search ready" in running.app.log(None), 120, "document search warm", running)
         yield running
     finally:
         running.stop()

@@ -33,15 +33,31 @@ Like real Ollama (what a CPU box cannot show with the real thing)
       its running answers end. A negative ``keep_alive`` keeps it loaded for good. Deleting a model does not
       unload it (neither does Ollama's ``/api/delete``).
 
+    * ``prefill_tokens_per_s`` (0: free): reading the prompt costs one token's time per prompt token that is not
+      already in the slot's cache. Each slot keeps the last prompt it read plus the answer it generated (as
+      llama.cpp's slots and Ollama's runner do); a request takes the free slot whose cache shares the longest
+      prefix with its prompt, so the next turn of a conversation on the same machine reads only the new part.
+      Prompt tokens are the words of ``role: content`` of every message.
+
 What it answers
     The reply to a conversation is ``reply_text(prompt)``: "Echo:" followed by
     the words of the last user message (``prompt`` for /api/generate), cycled to
-    ``reply_tokens`` tokens when that is set. One word = one token = one
+    ``reply_tokens`` tokens when that is set — or to N tokens when the last user
+    message holds the marker ``[[reply:N]]`` (a benchmark's way to set a length
+    the router cannot see). One word = one token = one
     streamed piece (" word", the first without the space). ``num_predict``
     (Ollama options) or ``max_tokens`` (OpenAI) cut it short (done_reason
     "length"). When the last message is an assistant message, the double
     continues it: if it is a prefix of the full reply, only the rest is
     streamed, otherwise the full reply is.
+
+Tools (Ollama's format on /api/chat, Ollama's /v1 format on /v1)
+    With ``tools`` the double calls a tool when the last message is the user's and names it (or ``tool_choice``
+    names one; ``none`` never calls): :func:`tool_calls_for`. Ollama: ``message.tool_calls`` with arguments as
+    an object, in a chunk of its own before the final one; /v1: one delta ``tool_calls`` chunk (ids
+    ``call_N``, compact JSON arguments) and ``finish_reason: "tool_calls"``. After a ``tool`` message the reply
+    echoes the tool's result. Models in ``no_tools`` refuse tools with Ollama's 400
+    ``registry.ollama.ai/library/<model> does not support tools``.
 
 Speed and faults (fields of :class:`DoubleConfig`, changeable while running)
     tokens_per_s, ttft_s, load_s (first use of a model), pull_total_bytes,
@@ -51,8 +67,9 @@ Speed and faults (fields of :class:`DoubleConfig`, changeable while running)
     this HTTP status), malformed_after_tokens (a line that is not JSON in the middle
     of a stream), interrupt_after_tokens (/v1 only: end the stream cleanly with
     ``data: [DONE]`` and no finish reason, as llama-cpp-python does to a running answer
-    when another request arrives). ``refuse_connections()`` closes the listening socket and
-    every open connection (clients see "connection refused");
+    when another request arrives), invalid_json (a request with ``format`` / ``response_format``
+    gets text that is not JSON; without the fault it gets ``{"answer": …}`` or the schema's properties).
+    ``refuse_connections()`` closes the listening socket and every open connection (clients see "connection refused");
     ``accept_connections()`` listens again on the same port.
 
 Example::
@@ -78,6 +95,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -100,6 +118,8 @@ DEFAULT_PULLABLE = frozenset({
 """Models the double can "pull" unless the config says otherwise."""
 
 _TOKEN_RE = re.compile(r"\s*\S+")
+REPLY_MARKER = re.compile(r"\[\[reply:(\d{1,6})\]\]")
+"""In the last user message: answer this many tokens (overrides ``reply_tokens``)."""
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 DEFAULT_KEEP_ALIVE_S = 300.0
@@ -125,8 +145,87 @@ def reply_text(prompt: str, count: int | None = None) -> str:
     return "".join(reply_tokens(prompt, count))
 
 
+def tool_calls_for(messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any = None,
+                   ) -> list[dict[str, Any]]:
+    """The calls the double makes, in Ollama's shape (arguments as an object): when the last message is the user's
+    and names a tool (or ``tool_choice`` names one), that tool is called; each of its string parameters gets the
+    word after the tool's name in the message (``"call get_weather Paris"`` → ``{"city": "Paris"}``), numbers 1,
+    booleans true. ``tool_choice: none`` and a last message that is a tool result never call."""
+    if not tools or tool_choice == "none" or not messages or messages[-1].get("role") != "user":
+        return []
+    text = str(messages[-1].get("content") or "")
+    words = text.replace("?", " ").replace(".", " ").replace(",", " ").split()
+    forced = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    for tool in tools:
+        function = tool.get("function") or {}
+        name = function.get("name")
+        if not name or (forced and name != forced) or (not forced and name not in words):
+            continue
+        after = words[words.index(name) + 1] if name in words and words.index(name) + 1 < len(words) else ""
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        arguments: dict[str, Any] = {}
+        for key, schema in properties.items():
+            kind = schema.get("type") if isinstance(schema, dict) else None
+            arguments[key] = 1 if kind in ("number", "integer") else True if kind == "boolean" else after
+        return [{"function": {"name": name, "arguments": arguments}}]
+    return []
+
+
+def openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Calls as Ollama's ``/v1`` writes them: an id each, arguments as compact JSON text."""
+    return [{"id": f"call_{index}", "type": "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": json.dumps(call["function"]["arguments"], separators=(",", ":"))}}
+            for index, call in enumerate(calls)]
+
+
+def requested_format(body: dict[str, Any], api: str) -> str | dict[str, Any] | None:
+    """Ollama's ``format`` ("json" or a schema) or OpenAI's ``response_format`` (json_object, json_schema, and
+    llama-cpp-python's ``{"type": "json_object", "schema": …}``), as "json" or the schema; ``None``: plain text."""
+    if api != "openai":
+        wanted = body.get("format")
+        return wanted if wanted == "json" or isinstance(wanted, dict) else None
+    wanted = body.get("response_format")
+    if not isinstance(wanted, dict) or wanted.get("type") not in ("json_object", "json_schema"):
+        return None
+    schema = wanted.get("schema") or (wanted.get("json_schema") or {}).get("schema")
+    return schema if isinstance(schema, dict) else "json"
+
+
+def format_reply(wanted: str | dict[str, Any], text: str) -> str:
+    """The JSON answer to a structured request: ``{"answer": text}`` for "json"; for a schema, each property
+    of the top-level object gets the smallest value of its type (strings get ``text``)."""
+    if not isinstance(wanted, dict):
+        return json.dumps({"answer": text})
+    samples = {"string": text, "integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {},
+               "null": None}
+    properties = wanted.get("properties") or {}
+    value = {name: (spec.get("enum") or [samples.get(spec.get("type", "string"), text)])[0]
+             for name, spec in properties.items() if isinstance(spec, dict)}
+    return json.dumps(value)
+
+
 def split_tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
+
+
+def prompt_tokens(messages: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    """The prompt as the double's prefill reads it: the words of ``role: content`` of every message."""
+    words: list[str] = []
+    for message in messages:
+        words.append(f"{message.get('role')}:")
+        words.extend(str(message.get("content") or "").split())
+    return tuple(words)
+
+
+def common_prefix(first: tuple[str, ...], second: tuple[str, ...]) -> int:
+    """How many leading tokens two prompts share."""
+    count = 0
+    for left, right in zip(first, second, strict=False):
+        if left != right:
+            break
+        count += 1
+    return count
 
 
 class InvalidDuration(ValueError):
@@ -174,9 +273,17 @@ class DoubleConfig:
     fail_chat_status: int | None = None
     malformed_after_tokens: int | None = None
     interrupt_after_tokens: int | None = None
+    invalid_json: bool = False  # with format / response_format: answer text that is not JSON (a broken runtime)
+    prefill_tokens_per_s: float = 0.0  # > 0: reading each prompt token not in the slot's cache costs time
     num_parallel: int = 1  # OLLAMA_NUM_PARALLEL: generations at once; the rest wait in order
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # a request's keep_alive overrides it
     version: str = "0.6.5-double"
+    no_tools: set[str] = field(default_factory=set)  # models that refuse tools ("... does not support tools")
+    vision_models: set[str] = field(default_factory=set)  # models that take images; others refuse them (T3)
+    embedding_dims: int = 768  # numbers per vector of /api/embed and /api/embeddings (T3)
+    # model -> texts -> vectors: that model's /api/embed and /api/embeddings answer with these (e.g. the real
+    # local MiniLM for all-minilm) instead of hash numbers (T5, RAG uploads on the cluster)
+    embed_functions: dict[str, Callable[[list[str]], list[list[float]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,6 +305,8 @@ class DoubleStats:
     slot_order: list[str] = field(default_factory=list)  # ... and as they got a slot
     unloaded: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    prompt_tokens_read: int = 0  # prompt tokens prefilled (not found in a slot's cache)
+    prompt_tokens_cached: int = 0  # prompt tokens a slot's cache already held (shared prefix)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -370,6 +479,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("DELETE", "/api/delete"): lambda: self._delete(body),
             ("POST", "/api/chat"): lambda: self._generate(body, api="chat"),
             ("POST", "/api/generate"): lambda: self._generate(body, api="generate"),
+            ("POST", "/api/embed"): lambda: self._embed(body, legacy=False),
+            ("POST", "/api/embeddings"): lambda: self._embed(body, legacy=True),
             ("GET", "/v1/models"): self._openai_models,
             ("POST", "/v1/chat/completions"): lambda: self._generate(body, api="openai"),
             ("POST", "/_double/config"): lambda: self._configure(body),
@@ -405,7 +516,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": f"unknown config fields: {unknown}"})
             return
         for name, value in body.items():
-            if name in {"models", "pullable"} and value is not None:
+            if name in {"models", "pullable", "no_tools"} and value is not None:
                 value = {normalize_model(item) for item in value}
             setattr(config, name, value)
         self.server.double._slots.wake()
@@ -568,6 +679,11 @@ class _Handler(BaseHTTPRequestHandler):
         if config.fail_chat_status:
             self._error(api, config.fail_chat_status, "injected failure", error_type="server_error")
             return
+        images = body.get("images") if api == "generate" else [
+            image for m in body.get("messages") or [] if isinstance(m, dict) for image in m.get("images") or []]
+        if images and model_has_no_vision(name, config):
+            self._error(api, 400, f"{name} does not support vision")  # Ollama's capability check (images)
+            return
         options = body.get("options") or {}
         if api == "generate":
             prompt = str(body.get("prompt") or "")
@@ -589,10 +705,24 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(api, 400, f"input length ({prompt_words} tokens) exceeds the context length "
                                       f"({config.context_limit} tokens)")
             return
+        tools = [tool for tool in body.get("tools") or [] if isinstance(tool, dict)]
+        if tools and model in {normalize_model(name) for name in config.no_tools}:
+            message = f"registry.ollama.ai/library/{model} does not support tools"
+            if api == "openai":
+                self._error(api, 400, message, error_type="api_error")
+            else:
+                self._error(api, 400, message)
+            return
         tokens = self._reply_for(messages, config.reply_tokens)
+        wanted = requested_format(body, api)
+        if wanted is not None:  # structured output: JSON (or, with the fault, text that is not JSON)
+            tokens = split_tokens("{\"answer\": " if config.invalid_json else format_reply(wanted, "".join(tokens)))
+        calls = tool_calls_for(messages, tools, body.get("tool_choice"))
+        if calls:
+            tokens = []
         limit = options.get("num_predict") if api != "openai" else body.get("max_completion_tokens",
                                                                             body.get("max_tokens"))
-        reason = "stop"
+        reason = "tool_calls" if calls and api == "openai" else "stop"
         if isinstance(limit, int) and 0 <= limit < len(tokens):
             tokens, reason = tokens[:limit], "length"
         label = next((str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"), "")
@@ -603,21 +733,51 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with double._lock:
             double.stats.slot_order.append(label)
+        prompt = prompt_tokens(messages)
+        cache_slot, cached = double._take_cache(prompt)
         try:
             load_s = double._use(model, keep_alive)
+            prefill_s = (len(prompt) - cached) / config.prefill_tokens_per_s if config.prefill_tokens_per_s else 0.0
             if not stream:
                 started = time.monotonic()
-                double._stopping.wait(load_s + config.ttft_s + config.stall_before_first_token_s)
+                double._stopping.wait(load_s + config.ttft_s + prefill_s + config.stall_before_first_token_s)
                 if config.tokens_per_s:
                     double._stopping.wait(len(tokens) / config.tokens_per_s)
                 eval_s = time.monotonic() - started
                 self._json(200, self._final(api, name, "".join(tokens), reason, prompt_words, len(tokens),
-                                            config.ttft_s, eval_s, load_s))
+                                            config.ttft_s, eval_s, load_s, calls))
                 return
-            self._stream(api, name, tokens, reason, prompt_words, load_s, body)
+            self._stream(api, name, tokens, reason, prompt_words, load_s + prefill_s, body, calls)
         finally:
+            double._put_cache(cache_slot, (*prompt, "assistant:", *"".join(tokens).split()))
             double._release(model)
             double._slots.release()
+
+    def _embed(self, body: dict[str, Any], *, legacy: bool) -> None:
+        """Ollama's ``/api/embed`` (``input``: a string or a list; normalised vectors in ``embeddings``) and the
+        legacy ``/api/embeddings`` (``prompt``; one raw vector in ``embedding``): the same text always gives the
+        same numbers, so a test can compare what came through the cluster with what the double says directly."""
+        config = self.server.double.config
+        raw_name = str(body.get("model") or "")
+        if normalize_model(raw_name) not in config.models:
+            self._error("embed", 404, f'model "{raw_name}" not found, try pulling it first')
+            return
+        function = {normalize_model(name): run for name, run in config.embed_functions.items()}.get(
+            normalize_model(raw_name))
+        if legacy:
+            prompt = str(body.get("prompt") or "")
+            self._json(200, {"embedding": function([prompt])[0] if function is not None else
+                             embedding_vector(prompt, config.embedding_dims, normalised=False)})
+            return
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts:
+            self._error("embed", 400, "invalid input type")
+            return
+        vectors = function([str(text) for text in texts]) if function is not None else [
+            embedding_vector(str(text), config.embedding_dims, normalised=True) for text in texts]
+        self._json(200, {"model": raw_name, "embeddings": vectors, "total_duration": 1000, "load_duration": 0,
+                         "prompt_eval_count": sum(len(str(text).split()) for text in texts)})
 
     def _load_or_unload(self, api: str, name: str, model: str, keep_alive: float | None) -> None:
         """An empty prompt / no messages: load the model (``done_reason: "load"``), or unload it for keep_alive 0."""
@@ -634,8 +794,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, self._final(api, name, "", "load", 0, 0, 0.0, 0.0, load_s))
 
     def _reply_for(self, messages: list[dict[str, Any]], count: int | None) -> list[str]:
-        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+        # after a tool result the reply echoes that result (the round trip's final answer)
+        last_user = messages[-1] if messages[-1].get("role") == "tool" else next(
+            (m for m in reversed(messages) if m.get("role") == "user"), None)
         prompt = str(last_user.get("content") or "") if last_user else ""
+        marker = REPLY_MARKER.search(prompt)
+        if marker is not None and int(marker.group(1)) > 0:
+            count = int(marker.group(1))
         tokens = reply_tokens(prompt, count)
         last = messages[-1]
         if last.get("role") == "assistant":
@@ -646,7 +811,7 @@ class _Handler(BaseHTTPRequestHandler):
         return tokens
 
     def _stream(self, api: str, name: str, tokens: list[str], reason: str, prompt_words: int, load_s: float,
-                body: dict[str, Any]) -> None:
+                body: dict[str, Any], calls: list[dict[str, Any]] | None = None) -> None:
         double = self.server.double
         config = double.config
         with double._lock:
@@ -681,6 +846,12 @@ class _Handler(BaseHTTPRequestHandler):
                                 "message": {"role": "assistant", "content": token}, "done": False})
                 else:
                     self._line({"model": name, "created_at": _now_iso(), "response": token, "done": False})
+            if calls and api == "openai":  # Ollama's /v1: the calls whole, in one delta
+                self._sse(self._openai_chunk(name, {"tool_calls": [
+                    {"index": index, **call} for index, call in enumerate(openai_calls(calls))]}, None))
+            elif calls:  # Ollama: the calls in a chunk of their own, before the final one
+                self._line({"model": name, "created_at": _now_iso(),
+                            "message": {"role": "assistant", "content": "", "tool_calls": calls}, "done": False})
             eval_s = time.monotonic() - first_at
             ttft_s = first_at - started
             if api == "openai":
@@ -710,15 +881,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _final(api: str, name: str, text: str, reason: str, prompt_tokens: int, output_tokens: int,
-               ttft_s: float, eval_s: float, load_s: float) -> dict[str, Any]:
+               ttft_s: float, eval_s: float, load_s: float, calls: list[dict[str, Any]] | None = None,
+               ) -> dict[str, Any]:
         if api == "openai":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = openai_calls(calls)
             return {"id": "chatcmpl-double", "object": "chat.completion", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": reason}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason}],
                     "usage": _usage(prompt_tokens, output_tokens)}
         final: dict[str, Any] = {"model": name, "created_at": _now_iso()}
         if api == "chat":
             final["message"] = {"role": "assistant", "content": text}
+            if calls:
+                final["message"]["tool_calls"] = calls
         else:
             final["response"] = text
         final.update({"done": True, "done_reason": reason})
@@ -738,6 +914,25 @@ class _Handler(BaseHTTPRequestHandler):
             if api == "generate":
                 final["context"] = list(range(1, prompt_tokens + output_tokens + 1))[:64]
         return final
+
+
+def model_has_no_vision(name: str, config: DoubleConfig) -> bool:
+    return normalize_model(name) not in {normalize_model(model) for model in config.vision_models}
+
+
+def embedding_vector(text: str, dims: int, *, normalised: bool) -> list[float]:
+    """Numbers derived from the text's hash (the same text, the same vector); /api/embed's have length 1."""
+    numbers: list[float] = []
+    counter = 0
+    while len(numbers) < dims:
+        digest = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        numbers.extend((byte - 127.5) / 37.0 for byte in digest)
+        counter += 1
+    numbers = numbers[:dims]
+    if normalised:
+        norm = math.sqrt(sum(value * value for value in numbers)) or 1.0
+        numbers = [value / norm for value in numbers]
+    return numbers
 
 
 def _usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
@@ -775,6 +970,36 @@ class OllamaDouble:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        self._caches: list[tuple[str, ...]] = []  # per slot: the last prompt it read plus its answer
+        self._caches_in_use: set[int] = set()
+        self._cache_used: list[float] = []  # per slot: when its cache was last written
+
+    def _take_cache(self, prompt: tuple[str, ...]) -> tuple[int, int]:
+        """A generation starts: the free slot cache sharing the longest prefix with ``prompt`` (llama.cpp's choice);
+        returns its index and how many prompt tokens it already holds."""
+        with self._lock:
+            while len(self._caches) < max(1, self.config.num_parallel, len(self._caches_in_use) + 1):
+                self._caches.append(())
+                self._cache_used.append(0.0)
+            free = [index for index in range(len(self._caches)) if index not in self._caches_in_use]
+            # The longest shared prefix; on a tie (nothing shared) the slot used longest ago, as llama.cpp does.
+            index = max(free, key=lambda slot: (common_prefix(self._caches[slot], prompt), -self._cache_used[slot]))
+            cached = min(common_prefix(self._caches[index], prompt), max(0, len(prompt) - 1))
+            self._caches_in_use.add(index)
+            self.stats.prompt_tokens_cached += cached
+            self.stats.prompt_tokens_read += len(prompt) - cached
+            return index, cached
+
+    def _put_cache(self, index: int, tokens: tuple[str, ...]) -> None:
+        with self._lock:
+            self._caches[index] = tokens
+            self._cache_used[index] = time.monotonic()
+            self._caches_in_use.discard(index)
+
+    def clear_caches(self) -> None:
+        """Forget every slot's prompt (as a restarted runtime would)."""
+        with self._lock:
+            self._caches = [() for _ in self._caches]
 
     @property
     def url(self) -> str:
@@ -868,6 +1093,7 @@ class OllamaDouble:
         config.fail_chat_status = None
         config.malformed_after_tokens = None
         config.interrupt_after_tokens = None
+        config.invalid_json = False
 
     def requests_to(self, path: str) -> list[dict[str, Any]]:
         """Bodies of the requests received on ``path``."""
@@ -906,6 +1132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reply-tokens", type=int, default=None, help="Length of every reply in tokens.")
     parser.add_argument("--pull-mb-per-s", type=float, default=20.0)
     parser.add_argument("--pull-total-mb", type=float, default=50.0)
+    parser.add_argument("--prefill-tokens-per-s", type=float, default=0.0,
+                        help="Prompt tokens read per second when not in a slot's cache (0: prefill is free).")
     parser.add_argument("--num-parallel", type=int, default=int(os.environ.get("OLLAMA_NUM_PARALLEL") or 1),
                         help="Generations at once, the rest wait in order (default: $OLLAMA_NUM_PARALLEL or 1).")
     args = parser.parse_args(argv)
@@ -914,7 +1142,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host, port=args.port, models=[m for m in args.models.split(",") if m],
         tokens_per_s=args.tokens_per_s, ttft_s=args.ttft_ms / 1000, reply_tokens=args.reply_tokens,
         pull_bytes_per_s=args.pull_mb_per_s * 1e6, pull_total_bytes=int(args.pull_total_mb * 1e6),
-        num_parallel=args.num_parallel,
+        num_parallel=args.num_parallel, prefill_tokens_per_s=args.prefill_tokens_per_s,
     ).start()
     sys.stdout.write(f"READY {double.url}\n")
     sys.stdout.flush()

@@ -15,6 +15,7 @@ from broker.mqtt.settings import MqttSettings
 from broker.protocol import (
     Assign,
     Cancel,
+    CoordinatorStatus,
     Hardware,
     ModelState,
     Result,
@@ -129,6 +130,25 @@ def test_presence_hardware_and_telemetry(fresh: Served) -> None:
     assert telemetry.backend_reachable and telemetry.max_parallel == 2 and telemetry.interval_s == 0.5
     assert telemetry.cpu_percent is not None and telemetry.ram_free_gb and telemetry.gpu_util_percent is None
     assert not telemetry.simulated
+
+
+def test_coordinator_birth_makes_it_republish_its_state(fresh: Served) -> None:
+    """State recovery (docs/protocol.md): a broker that replays nothing to a new coordinator's wildcard subscription
+    (RabbitMQ) still gets it the agent's status, hardware and model, a moment after the coordinator's birth."""
+    watcher, agent_id = fresh.watcher, fresh.agent_id
+    topic = watcher.topics.coordinator_status()
+    since = watcher.mark()
+    watcher.publish(topic, CoordinatorStatus(state="offline"), retain=True)  # a coordinator leaving asks nothing
+    time.sleep(1.0)
+    assert watcher.decoded(TopicKind.HARDWARE, agent_id, since) == []
+    since = watcher.mark()
+    watcher.publish(topic, CoordinatorStatus(state="online"), retain=True)
+    status = watcher.wait_for(TopicKind.STATUS, agent_id, lambda s: s.state == "online", since=since, timeout=3)
+    assert status.backend == "ollama"
+    assert watcher.wait_for(TopicKind.HARDWARE, agent_id, since=since, timeout=3).declared
+    model = watcher.wait_for(TopicKind.MODEL, agent_id, since=since, timeout=3)
+    assert (model.model, model.assignment_id, model.state) == (MODEL, "s1", "ready")
+    watcher.publish(topic, b"", retain=True)  # leave no retained coordinator behind for the next tests
 
 
 def test_streams_first_chunk_at_once_then_batches(fresh: Served) -> None:
@@ -261,7 +281,8 @@ def test_malformed_control_payloads_do_not_kill_it(fresh: Served) -> None:
     for topic in (topics.job(agent_id), topics.cancel(agent_id)):
         for payload in (b"", b"{", b"null", b"[]", b'{"v": 1, "request_id": "x/y"}', "ünï".encode("latin-1")):
             watcher.publish(topic, payload)
-    watcher.publish(topics.job(agent_id), b'{"v": 1, "ts": 0, "request_id": "bad-1", "model": "m"}')
+    no_messages = b'{"v": 1, "ts": 0, "request_id": "bad-1", "model": "m", "deadline": 4102444800}'
+    watcher.publish(topics.job(agent_id), no_messages)
     final = watcher.wait_answer("bad-1", since=since)[-1]
     assert final.error_code == "bad_job" and "messages" in (final.error or "")
     watcher.send_job(agent_id, "after-bad", "fine")

@@ -368,8 +368,8 @@ def test_delete_and_ps_and_keep_alive_zero(served: ServedApp, coordinator: Scrip
         ("POST", "/api/push", 501, "ollama push"),
         ("HEAD", "/api/blobs/sha256:abc", 501, None),
         ("POST", "/api/blobs/sha256:abc", 501, "ollama create"),
-        ("POST", "/api/embed", 501, "embeddings"),
-        ("POST", "/api/embeddings", 501, "embeddings"),
+        ("POST", "/api/embed", 400, "input"),  # served now (app/embeddings_api.py): the input is missing
+        ("GET", "/api/embeddings", 405, "POST"),
         ("GET", "/api/whatever", 404, "/api/chat"),
         ("GET", "/api", 404, "/api/tags"),
         ("GET", "/api/chat", 405, "POST"),
@@ -398,7 +398,7 @@ def test_the_ollama_client_sees_the_advice(served: ServedApp) -> None:
     ("method", "path", "status", "needle"),
     [
         ("POST", "/v1/completions", 404, "/v1/chat/completions"),
-        ("POST", "/v1/embeddings", 404, "embeddings"),
+        ("GET", "/v1/embeddings", 405, "POST"),  # served (POST) since issue 17
         ("GET", "/v1/nothing", 404, "/v1/models"),
         ("GET", "/v1/chat/completions", 405, "POST"),
     ],

@@ -7,7 +7,10 @@ import json
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from datetime import datetime
 
+import gradio as gr
 import httpx
 import pytest
 from fastapi import FastAPI, Request
@@ -16,26 +19,38 @@ from pydantic import ValidationError
 from app import cluster_status
 from app.answer_stream import AnswerStream
 from app.answers import AnswerRecord, TokenCounts, finish_reason, stats_of, token_counts
+from app.api_parameters import ollama_options
 from app.errors import BadRequest
 from app.gradio_queue import UnreadResults
 from app.markup import markdown_html, markdown_literal
 from app.middleware import BodyLimitMiddleware, BodyLimits, route_label
 from app.model_list import find_listed, listed_models, valid_model_name
-from app.ollama_api import ollama_options
 from app.ollama_models import PullProgress, keep_alive_is_zero
 from app.openai_api import ChatCompletionRequest
+from app.sampler import ClusterSampler, generating_tokens_per_s
 from app.service import CachedBuild
 from app.settings import AppSettings
 from app.streaming import throttled
 from app.throttle import FailureThrottle
+from app.ui import ScriptBlocks
 from app.ui.chat import mode_choices
-from app.ui.cluster_render import agents_table_html, history_frames, placement_markdown, plan_html, scores_frame
+from app.ui.cluster_render import (
+    PLOT_COLORS,
+    agent_colors,
+    agents_table_html,
+    history_frames,
+    legend_html,
+    placement_markdown,
+    plan_html,
+    scores_frame,
+)
 from app.ui.live import LiveAnswer
 from app.ui.render import answer_messages, user_message
 from broker.coordinator.contract import (
     AgentAnswer,
     AgentDelta,
     AgentFinished,
+    AgentSwitched,
     AgentView,
     AnswerRestarted,
     ClusterSnapshot,
@@ -52,7 +67,11 @@ from broker.coordinator.contract import (
     QueryStarted,
     TextDelta,
 )
-from broker.protocol.messages import ResultStats
+from broker.coordinator.views import agent_view
+from broker.protocol.messages import Hardware, ModelState, ResultStats, Status, Telemetry
+from broker.scheduling.catalog import DEFAULT_CATALOG, load_catalog
+from broker.scheduling.placement import nothing_placed
+from broker.scheduling.registry import AgentRecord
 from tests.app_scripted import pull_events
 
 # ---------------------------------------------------------------------------- throttling
@@ -188,6 +207,51 @@ async def test_closing_an_answer_early_closes_its_query_and_marks_it_stopped() -
     assert failed.partial_text == "partial"
 
 
+async def test_an_answer_whose_event_stream_breaks_is_a_failure_not_a_stop() -> None:
+    async def source() -> AsyncGenerator[QueryEvent, None]:
+        yield TextDelta("r9", "partial", "desk", "m")
+        raise ConnectionError("broker gone")
+
+    closed: list[AnswerStream] = []
+    answer = _answer(source(), closed)
+    with pytest.raises(ConnectionError):
+        async for _ in answer:
+            pass
+    assert closed == [answer] and not answer.record.stopped
+    outcome = answer.record.outcome
+    assert outcome.status == "error" and "ConnectionError" in (outcome.error or "") and outcome.agents == []
+
+
+def test_an_answers_outcome_names_who_answered_and_who_was_tried() -> None:
+    """Issue 14.4: a failed answer claims no agent answered it; the agents it went to are in ``tried``."""
+    failed = AnswerRecord()
+    for event in (QueryStarted("r1", ["pi"], ["small"], "auto"), TextDelta("r1", "Hal", "pi", "small"),
+                  AgentSwitched("r1", "pi", "desk", "small", "pi: crashed"),
+                  QueryFailed("r1", "desk: timed out", "timeout", "Half")):
+        failed.apply(event)
+    outcome = failed.outcome
+    assert (outcome.status, outcome.error, outcome.agents, outcome.models) == (
+        "error", "desk: timed out", [], ["small"])
+    assert failed.tried == ["pi", "desk"] and failed.text == "Half"
+
+    finished = AnswerRecord()
+    for event in (QueryStarted("r2", ["pi"], ["small"], "auto"),
+                  AnswerRestarted("r2", "pi", "desk", "big", "pi: crashed", 3),
+                  QueryFinished("r2", "Done", ["desk"], ["big"], "auto")):
+        finished.apply(event)
+    assert (finished.outcome.status, finished.outcome.agents) == ("ok", ["desk"])
+    assert finished.tried == ["pi", "desk"] and finished.tried_models == ["small", "big"]
+
+    stopped = AnswerRecord()
+    stopped.apply(QueryStarted("r3", ["pi"], ["small"], "auto"))
+    stopped.stop("r3")
+    assert (stopped.outcome.status, stopped.outcome.agents) == ("stopped", [])  # nothing written: nobody wrote it
+    stopped_late = AnswerRecord()
+    stopped_late.apply(TextDelta("r4", "some", "pi", "small"))
+    stopped_late.stop("r4")
+    assert (stopped_late.outcome.status, stopped_late.outcome.agents) == ("stopped", ["pi"])
+
+
 # ---------------------------------------------------------------------------- rendering
 
 
@@ -273,7 +337,7 @@ def test_agents_table_escapes_and_marks_simulated_and_pulling() -> None:
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "simulated" in html
     assert 'style="width:42%"' in html and "unreachable" in html
-    assert list(scores_frame(snapshot).columns) == ["agent", "score", "kind"]
+    assert list(scores_frame(snapshot).columns) == ["agent", "part", "points"]
 
 
 def test_plan_html_and_empty_history_frames() -> None:
@@ -290,6 +354,88 @@ def test_plan_html_and_empty_history_frames() -> None:
     assert len(speed) == 1 and list(load.columns) == ["time", "agent", "jobs", "cpu_percent"]
 
 
+def test_counts_keep_online_ready_failed_and_offline_apart() -> None:
+    snapshot = ClusterSnapshot(
+        agents=[
+            _agent("desk"), _agent("laptop", backend_reachable=False),
+            _agent("ollama", model_state="failed", model_error="connection refused"),
+            _agent("new", model_state="pulling"), _agent("pi", online=False, model_state=None),
+        ],
+        ready_models=["llama3.2:1b"], connected=True, generated_at=time.time(),
+    )
+    assert [cluster_status.agent_condition(agent) for agent in snapshot.agents] == [
+        "ready", "unreachable", "failed", "starting", "offline"]
+    assert cluster_status.counts_line(snapshot) == (
+        "4 of 5 agents online · 1 ready · 1 starting · 1 failed · 1 unreachable · 1 offline")
+    html = agents_table_html(snapshot)
+    assert html.count("slb-dot slb-is-ready") == 1, "green only for the ready agent"
+    nobody_ready = ClusterSnapshot(agents=[_agent("ollama", model_state="failed")], ready_models=[],
+                                   connected=True, generated_at=time.time())
+    assert cluster_status.counts_line(nobody_ready) == "1 of 1 agent online · 0 ready · 1 failed"
+
+
+def test_offline_agent_row_is_greyed_with_since_when_and_no_jobs() -> None:
+    now = time.time()
+    snapshot = ClusterSnapshot(
+        agents=[_agent("pi", online=False, model_state=None, last_seen_s=185.0, jobs_running=0, slots=4),
+                _agent("desk", jobs_running=1, jobs_queued=2, slots=4, cpu_percent=31.0, ram_free_gb=22.46,
+                       vram_free_gb=9.8, score=72.8, score_breakdown={"cpu": 17.5, "ram": 24.0, "gpu": 8.0,
+                                                                      "speed": 23.3})],
+        ready_models=["llama3.2:1b"], connected=True, generated_at=now,
+    )
+    html = agents_table_html(snapshot)
+    offline_row = html[html.index('<tr class="slb-is-offline">'):]
+    since = datetime.fromtimestamp(now - 185.0).strftime("%H:%M:%S")
+    assert f"offline since {since} (3 min ago)" in offline_row
+    assert ">–</div></td>" in offline_row and "running" not in offline_row and "ready" not in offline_row
+    assert "1 of 4 running · 2 queued" in html and "CPU 31% · 22.5 GB RAM free · 9.8 GB VRAM free" in html
+    assert "72.8<div" in html and "cpu 17.5/20 · ram 24/25 · gpu 8/25 · speed 23.3/30" in html
+    frame = scores_frame(snapshot)
+    assert frame[frame["agent"] == "desk"]["points"].sum() == pytest.approx(72.8)
+
+
+def test_offline_view_clears_jobs_state_and_load_and_reasons_say_when_the_score_moved() -> None:
+    catalog = load_catalog(DEFAULT_CATALOG)
+    record = AgentRecord(
+        "pi", status=Status(state="offline"), model_state=ModelState(model="llama3.2:1b", state="ready"),
+        telemetry=Telemetry(jobs_running=1, jobs_queued=3, cpu_percent=80.0, ram_free_gb=2.0),
+        hardware=Hardware(cpu_physical_cores=4, cpu_max_ghz=2.4, ram_total_gb=8.0), alive_at=100.0)
+    view = agent_view(record, catalog, reason="offline", cooling_down=False, now=160.0)
+    assert (view.online, view.jobs_running, view.jobs_queued, view.model_state, view.cpu_percent) == (
+        False, 0, 0, None, None)
+    assert view.model == "llama3.2:1b" and view.last_seen_s == 60.0
+    online = replace(record, status=Status(state="online"))
+    live = agent_view(online, catalog, reason="score 40.0 → small", cooling_down=False, now=101.0, placed_score=40.0)
+    assert (live.jobs_running, live.model_state) == (1, "ready")
+    assert live.placement_reason == f"score 40.0 → small (score 40.0 when placed; {live.score:.1f} now)"
+    same = agent_view(online, catalog, reason="r", cooling_down=False, now=101.0, placed_score=live.score)
+    assert same.placement_reason == "r"
+
+
+def test_a_reason_never_says_nothing_fits_about_a_model_that_failed() -> None:
+    failed = "llama3.2:1b failed here 3 s ago (connection refused)"
+    assert nothing_placed([failed]) == f"{failed}; no other catalog model to try"
+    too_big = "llama3.2:3b needs 2 + 1 GB headroom, 1.5 GB RAM free"
+    assert nothing_placed([too_big, failed]) == f"{failed}; no other catalog model fits: {too_big}"
+    assert nothing_placed([too_big]) == f"no catalog model fits: {too_big}"
+
+
+def test_sampler_draws_generation_only_while_answers_run_and_ends_offline_lines() -> None:
+    agents = [_agent("desk", jobs_running=2, slots=4, tokens_per_s=30.0), _agent("idle", tokens_per_s=50.0),
+              _agent("new", jobs_running=1, hardware={"benchmark": {"tokens_per_s": 12.0}}),
+              _agent("pi", online=False, tokens_per_s=6.0, jobs_running=0)]
+    snapshot = ClusterSnapshot(agents=agents, ready_models=[], connected=True, generated_at=time.time())
+    sampler = ClusterSampler(lambda: snapshot, interval_s=1.0, window_s=60.0)
+    sampler.sample()
+    drawn = {sample.agent_id: sample.tokens_per_s for sample in sampler.history()}
+    assert drawn == {"desk": 60.0, "idle": 0.0, "new": 12.0}, "idle is 0, offline is not drawn"
+    assert generating_tokens_per_s(_agent("busy", jobs_running=9, slots=2, tokens_per_s=10.0)) == 20.0
+    speed, _ = history_frames(sampler.history())
+    assert set(speed["agent"]) == {"desk", "idle", "new"}
+    assert agent_colors(["b", "a"]) == {"a": PLOT_COLORS[0], "b": PLOT_COLORS[1]}
+    assert "&lt;x&gt;" in legend_html({"<x>": "#000"})
+
+
 # ---------------------------------------------------------------------------- settings and requests
 
 
@@ -303,7 +449,7 @@ def test_settings_refuse_wildcard_cors_and_half_a_login() -> None:
     assert settings.loopback_only and not AppSettings(host="0.0.0.0").loopback_only
 
 
-def test_openai_request_maps_options_and_refuses_images() -> None:
+def test_openai_request_maps_options_and_checks_image_parts() -> None:
     request = ChatCompletionRequest.model_validate(
         {"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
          "max_tokens": 50, "temperature": 0.2, "stop": "END", "unknown_field": True}
@@ -313,14 +459,17 @@ def test_openai_request_maps_options_and_refuses_images() -> None:
     image = ChatCompletionRequest.model_validate(
         {"model": "auto", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
     )
-    with pytest.raises(BadRequest, match="only text"):
-        image.messages[0].text()
+    assert image.messages[0].text() == ""  # the text of a message is its text parts; images are read apart
+    with pytest.raises(BadRequest, match="url"):
+        image.messages[0].images()
 
 
 def test_ollama_options_are_checked() -> None:
-    assert ollama_options({"temperature": 0.5, "num_ctx": 4096, "mystery": 1}) == {
-        "temperature": 0.5, "num_ctx": 4096
+    assert ollama_options({"temperature": 0.5, "num_ctx": 4096, "use_mmap": False}) == {
+        "temperature": 0.5, "num_ctx": 4096, "use_mmap": False
     }
+    with pytest.raises(BadRequest, match="options.mystery"):  # not an Ollama option: refused, never dropped
+        ollama_options({"mystery": 1})
     with pytest.raises(BadRequest, match="temperature"):
         ollama_options({"temperature": "warm"})
     with pytest.raises(BadRequest, match="stop"):
@@ -618,3 +767,21 @@ def test_unread_gradio_results_are_dropped_after_their_time_and_beyond_the_cap()
     assert sweeper.sweep() == 3
     assert set(queue.pending_messages_per_session) == {"s4", "reader"}
     assert set(queue.pending_event_ids_session) == {"s4"}
+
+
+# ---------------------------------------------------------------------------- script API arity
+
+
+def test_script_calls_may_leave_out_trailing_optional_arguments_but_not_required_ones() -> None:
+    async def add(files_value: list[str] | None, name_value: str, private_value: bool = False,
+                  request: gr.Request = None) -> dict:
+        return {}
+
+    with ScriptBlocks(analytics_enabled=False) as blocks:
+        gr.api(add, api_name="add")
+    function = next(iter(blocks.fns.values()))
+    older_script = [None, "notes.txt"]
+    blocks.validate_inputs(function, older_script)
+    assert older_script == [None, "notes.txt", False]
+    with pytest.raises(ValueError, match="enough input values"):
+        blocks.validate_inputs(function, [None])

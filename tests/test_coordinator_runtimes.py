@@ -91,6 +91,30 @@ async def test_failover_to_a_runtime_that_cannot_continue_restarts_the_answer() 
     assert coordinator.metrics.registry.get_sample_value("slb_answer_restarts_total") == 1
 
 
+async def test_failover_with_tools_restarts_the_call_even_where_the_next_runtime_could_continue() -> None:
+    """Runtimes parse tool calls from their whole output: a continued half call would be spliced, never parsed."""
+    coordinator, connection = await offline_coordinator(stall_first_token_s=5, stall_between_chunks_s=5)
+    ready_agent(coordinator, "a", 100, continues=True)
+    ready_agent(coordinator, "b", 90, continues=True)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    stream = coordinator.query(ask("weather in Paris?", tools=tools))
+    assert (await anext(stream)).agents == ["a"]  # type: ignore[union-attr]
+    first = connection.jobs()[0]
+    assert first.tools and first.tools[0]["function"]["name"] == "get_weather"
+    deliver(coordinator, coordinator.topics.result("a"), Result(request_id=first.request_id, seq=0,
+                                                                delta='{"name": "get_wea'))
+    assert isinstance(await anext(stream), TextDelta)
+    deliver(coordinator, coordinator.topics.status("a"), Status(state="offline"))
+    restarted = await anext(stream)
+    assert isinstance(restarted, AnswerRestarted) and restarted.to_agent == "b"
+    second = connection.jobs()[1]
+    assert second.assistant_prefix is None and second.attempt == 1 and second.tools == first.tools
+    answer(coordinator, "b", second.request_id, ["It is sunny."],
+           stats=ResultStats(output_tokens=4, finish_reason="stop"))
+    final = (await rest(stream))[-1]
+    assert isinstance(final, QueryFinished) and final.text == "It is sunny." and final.agents == ["a", "b"]
+
+
 async def test_a_partial_answer_prefers_an_agent_that_continues_it() -> None:
     coordinator, connection = await offline_coordinator(stall_first_token_s=5, stall_between_chunks_s=0.2)
     ready_agent(coordinator, "a", 100, continues=True)

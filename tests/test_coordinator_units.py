@@ -28,6 +28,7 @@ from broker.protocol import (
 )
 from broker.scheduling.aggregation import consensus, similarity, synthesis_messages
 from broker.scheduling.catalog import DEFAULT_CATALOG, CatalogError, load_catalog
+from broker.scheduling.routing import Router
 
 
 def chunk(seq: int, delta: str = "", done: bool = False, error: str | None = None) -> Result:
@@ -236,8 +237,13 @@ class RecordingConnection:
         return [decode(Job, payload) for topic, payload in self.published if topic.endswith("/job")]
 
 
-async def offline_coordinator(**overrides: object) -> tuple[Coordinator, RecordingConnection]:
+async def offline_coordinator(*, random_ties: bool = False,
+                              **overrides: object) -> tuple[Coordinator, RecordingConnection]:
     coordinator = Coordinator(CoordinatorSettings(**overrides))  # type: ignore[arg-type]
+    if not random_ties:
+        # Ties rotate from turn 0 here (a running coordinator starts at a random turn, for several front ends),
+        # so these tests route the same way every run.
+        coordinator._execution.router = Router(coordinator.settings.routing_policy)
     coordinator._loop = asyncio.get_running_loop()
     connection = RecordingConnection()
     coordinator._connection = connection  # type: ignore[assignment]

@@ -45,7 +45,7 @@ def test_every_model_round_trips_through_the_broker(mqtt_settings: MqttSettings,
     assert subscriber.protocol == "5"
     for message in EXAMPLES:
         kind = next(k for k in TopicKind if k.spec.model is type(message))
-        topic = topics.for_kind(kind, None if kind is TopicKind.COORDINATOR_STATUS else "desk-pc")
+        topic = topics.for_kind(kind, None if kind.spec.direction == "coordinator" else "desk-pc")
         publisher.publish_and_wait(topic, message, qos=1, retain=False)
         got = next_message(received, topic)
         parsed = topics.parse(got.topic)

@@ -233,3 +233,31 @@ def test_load_time_is_paid_once_per_load(double: OllamaDouble) -> None:
     warm_s = time.monotonic() - started
     assert 0.5 <= cold_s < 0.9 and warm_s < 0.4, (cold_s, warm_s)  # paid once, not twice, and not again
     assert first.load_duration is not None and first.load_duration >= 500_000_000
+
+
+def test_prefill_costs_time_per_uncached_token_and_a_slot_keeps_its_last_prompt() -> None:
+    """The next turn of a conversation on the same slot reads only its new part; another conversation evicts it."""
+    history = " ".join(f"w{index}" for index in range(300))
+    with OllamaDouble(models=[MODEL], tokens_per_s=0, prefill_tokens_per_s=1000, reply_tokens=5) as double:
+        client = ollama.Client(host=double.url)
+
+        def ask(messages: list[dict[str, str]]) -> tuple[float, str]:
+            started = time.monotonic()
+            reply = client.chat(MODEL, messages)
+            return time.monotonic() - started, reply.message.content or ""
+
+        first_turn = [{"role": "user", "content": history}]
+        cold, answer = ask(first_turn)
+        follow_up = [*first_turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "and?"}]
+        warm, _ = ask(follow_up)
+        assert cold >= 0.28 and warm < 0.15, (cold, warm)  # 301 tokens at 1,000/s vs ~10 new ones
+        assert double.stats.prompt_tokens_cached >= 301
+        ask([{"role": "user", "content": "another conversation " + history[:50]}])  # one slot: evicted
+        read_before = double.stats.prompt_tokens_read
+        evicted, _ = ask([*follow_up, {"role": "assistant", "content": "x"}, {"role": "user", "content": "more"}])
+        assert double.stats.prompt_tokens_read - read_before >= 300 and evicted >= 0.28
+
+
+def test_reply_length_marker_sets_the_answer_length(double: OllamaDouble) -> None:
+    reply = ollama.Client(host=double.url).chat(MODEL, [{"role": "user", "content": "tell me [[reply:7]] now"}])
+    assert len((reply.message.content or "").split()) == 7

@@ -18,6 +18,7 @@ from broker.protocol import (
     GpuInfo,
     Hardware,
     Job,
+    LeaderRecord,
     Manage,
     ModelState,
     Operation,
@@ -79,6 +80,7 @@ EXAMPLES = [
     Cancel(request_id="r1"),
     Manage(request_id="m1", action="unload", model="qwen2.5:0.5b"),
     CoordinatorStatus(state="online"),
+    LeaderRecord(state="leader", coordinator_id="coordinator.1a2b", epoch=1795680000000, since=1795680000.0),
 ]
 
 
@@ -91,7 +93,7 @@ def test_every_topic_kind_is_bound_to_a_model_with_qos_and_retain() -> None:
     topics = Topics("slb/v1")
     assert {kind.spec.model for kind in TopicKind} == {type(m) for m in EXAMPLES}
     for kind in TopicKind:
-        agent = None if kind is TopicKind.COORDINATOR_STATUS else "desk-pc"
+        agent = None if kind.spec.direction == "coordinator" else "desk-pc"
         topic = topics.for_kind(kind, agent)
         assert topics.parse(topic) == (kind, agent)
     assert TopicKind.TELEMETRY.spec.qos == 0 and not TopicKind.TELEMETRY.spec.retained

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from app.store import (
 from app.store.chunking import chunk_document
 from app.store.embedding import Embedder
 from app.store.extract import extract, extract_text, safe_filename
-from app.store.prompt import make_snippet
+from app.store.prompt import api_citations, make_snippet
+from app.store.rag import duration_words, embedding_progress
 
 # -- fixtures and file builders ------------------------------------------------------------
 
@@ -214,7 +216,9 @@ def test_snippets_and_prompt() -> None:
     snippet = make_snippet("why is the drain pump blocked", long_text)
     assert len(snippet) <= 200 and "drain pump is blocked" in snippet
 
-    def hit(number: int, text: str, page: int | None = None, section: str | None = None) -> SearchHit:
+    def hit(
+        number: int, text: str, page: int | None = None, section: str | None = None, match: str = "strong"
+    ) -> SearchHit:
         return SearchHit(
             chunk_id=f"doc{number}:0",
             document_id=f"doc{number}",
@@ -227,6 +231,8 @@ def test_snippets_and_prompt() -> None:
             char_start=0,
             char_end=len(text),
             mode="hybrid",
+            relevance=0.6 if match == "strong" else 0.1,
+            match=match,
         )
 
     chunks = [hit(1, "Alpha text.", page=3), hit(1, "Alpha text.", page=3), hit(2, "Beta " * 50, section="Intro")]
@@ -239,7 +245,42 @@ def test_snippets_and_prompt() -> None:
 
     small_system, small_citations = build_rag_prompt("q", chunks, max_context_chars=30)
     assert len(small_citations) == 1 and len(small_system) < len(system)
-    assert build_rag_prompt("q", []) == ("", [])
+    assert citations[0].relevance == 0.6 and citations[0].match == "strong"
+    assert api_citations(citations)[0]["match_label"] == "strong match"
+
+    # Nothing over the floor: the model is told no document covers the question, and nothing is cited.
+    for nothing in ([], [hit(3, "Gamma unrelated text.", match="weak")]):
+        note, none_cited = build_rag_prompt("q", nothing)
+        assert none_cited == [] and "no passage of those documents is relevant" in note and "Gamma" not in note
+    # A weak hit among good ones is left out, and numbering has no gap.
+    _, mixed = build_rag_prompt("alpha?", [hit(3, "Gamma.", match="weak"), hit(1, "Alpha text.", page=3)])
+    assert [(citation.number, citation.document_name) for citation in mixed] == [(1, "file1.pdf")]
+
+
+def test_relevance_is_shown_in_words_not_as_a_score() -> None:
+    from app.ui.documents_render import search_markdown
+    from app.ui.render import citations_html
+
+    def hit(match: str, relevance: float) -> SearchHit:
+        return SearchHit(chunk_id="d:0", document_id="d", document_name="guide.md", text="Pier 9 at 23:40.",
+                         score=0.0328, chunk_index=0, char_start=0, char_end=16, mode="hybrid",
+                         relevance=relevance, match=match)
+
+    found = search_markdown("ferry", [hit("strong", 0.6), hit("weak", 0.1)])
+    assert "●●● strong match" in found and "●○○ weak match (not used in answers)" in found
+    assert "0.03" not in found and "score" not in found
+    _, citations = build_rag_prompt("ferry", [hit("partial", 0.4)])
+    assert "partial match" in citations_html(citations) and "0.03" not in citations_html(citations)
+    older = citations_html([{"number": 1, "document_name": "old.md", "snippet": "x", "score": 0.03}])
+    assert "match" not in older and "0.03" not in older  # stored before relevance existed: no strength shown
+
+
+def test_time_left_is_estimated_from_the_measured_rate() -> None:
+    assert embedding_progress(16, 64, 2.0) == "embedded 16/64 chunks, about 6 s left"
+    assert embedding_progress(64, 64, 8.0) == "embedded 64/64 chunks"
+    assert embedding_progress(100, 1000, 26.0) == "embedded 100/1000 chunks, about 3 min 50 s left"
+    assert embedding_progress(100, 10_000, 10.0) == "embedded 100/10000 chunks, about 16 min left"
+    assert duration_words(0.2) == "1 s" and duration_words(7260) == "2 h 1 min" and duration_words(120) == "2 min"
 
 
 # -- ingestion and search --------------------------------------------------------------------
@@ -405,6 +446,73 @@ def test_progress_is_reported_and_can_cancel(store: RagStore) -> None:
     assert store.search("zqcancelword", mode="fts") == []
 
 
+def test_large_upload_reports_chunks_and_time_left(tmp_path: Path, embedder: Embedder) -> None:
+    store = RagStore(tmp_path / "data", embedder=embedder, batch_size=4)
+    messages: list[str] = []
+    text = "\n\n".join(f"# Part {index}\n\nThe walrus number {index} sleeps on the ice floe." for index in range(20))
+    store.add_text(text, "walrus.md", progress=lambda _f, message: messages.append(message))
+    embedded = [message for message in messages if message.startswith("embedded")]
+    assert embedded[0] == "embedded 4/20 chunks, about " + embedded[0].split("about ")[1]
+    assert all(re.fullmatch(r"embedded \d+/20 chunks, about \d+ s left", message) for message in embedded[:-1])
+    assert embedded[-1] == "embedded 20/20 chunks" and messages[-1] == "ready: 20 chunks"
+    store.close()
+
+
+def test_private_documents_are_listed_searched_and_deleted_only_for_their_owner(store: RagStore) -> None:
+    shared = store.add_text("The otter colony lives by the river bend.", "otters.txt", owner="alice")
+    secret = store.add_text("Alice's otter diary: the otters ate nine fish.", "diary.txt", owner="alice", private=True)
+    assert not shared.private and secret.private and secret.owner == "alice"
+    question = "how many fish did the otters eat"
+    assert "diary.txt" in names(store.search(question, k=5, user="alice"))
+    for other in ("bob", None):
+        assert names(store.search(question, k=5, user=other)) == ["otters.txt"]
+        assert names(store.search("otters", k=5, mode="fts", user=other)) == ["otters.txt"]
+        assert [document.name for document in store.list_documents(other)] == ["otters.txt"]
+        with pytest.raises(NotFoundError):
+            store.get_document(secret.id, other)
+        with pytest.raises(NotFoundError):
+            store.delete_document(secret.id, other)
+    assert {document.name for document in store.list_documents("alice")} == {"otters.txt", "diary.txt"}
+    # The same bytes uploaded by someone else are their own document, not a pointer to Alice's private one.
+    copy = store.add_text("Alice's otter diary: the otters ate nine fish.", "copy.txt", owner="bob")
+    assert not copy.duplicate and copy.id != secret.id and not copy.private
+    again = store.add_text("Alice's otter diary: the otters ate nine fish.", "again.txt", owner="alice", private=True)
+    assert again.duplicate and again.id == secret.id
+    with pytest.raises(BadInputError):
+        store.add_text("private must be a bool", "bad.txt", private="yes")  # type: ignore[arg-type]
+    reopened = RagStore(store.data_dir, embedder=store.embedder)
+    assert reopened.get_document(secret.id, "alice").private
+    assert [document.name for document in reopened.list_documents("bob")] == ["copy.txt", "otters.txt"]
+    reopened.delete_document(secret.id, "alice")
+    reopened.close()
+
+
+def test_tables_without_owner_columns_are_migrated(tmp_path: Path, embedder: Embedder) -> None:
+    """A documents table written before private documents existed gets the columns; its documents stay shared."""
+    import lancedb
+    import pyarrow as pa
+
+    store = RagStore(tmp_path / "data", embedder=embedder)
+    old = store.add_text("Puffins nest in burrows on the cliff top.", "puffins.txt")
+    store.close()
+    database = lancedb.connect(str(tmp_path / "data" / "lancedb"))
+    rows = database.open_table("documents").to_arrow().drop_columns(["owner", "private"])
+    assert "owner" not in rows.schema.names
+    database.create_table("documents", data=rows, mode="overwrite")
+    assert set(database.open_table("documents").schema.names) & {"owner", "private"} == set()
+
+    migrated = RagStore(tmp_path / "data", embedder=embedder)
+    table = lancedb.connect(str(tmp_path / "data" / "lancedb")).open_table("documents")
+    assert table.schema.field("owner").type == pa.string() and table.schema.field("private").type == pa.bool_()
+    document = migrated.get_document(old.id, "anyone")
+    assert document.owner == "" and not document.private
+    assert names(migrated.search("where do puffins nest", k=1, user="anyone")) == ["puffins.txt"]
+    added = migrated.add_text("Gannets dive for fish.", "gannets.txt", owner="carol", private=True)
+    assert [doc.name for doc in migrated.list_documents("carol")] == ["gannets.txt", "puffins.txt"]
+    migrated.close()
+    assert RagStore(tmp_path / "data", embedder=embedder).get_document(added.id, "carol").private
+
+
 def test_documents_being_ingested_are_not_searchable(store: RagStore) -> None:
     store.add_text("Background document about camels.", "camels.txt")
     during: list[list[str]] = []
@@ -498,6 +606,49 @@ def test_size_limit(tmp_path: Path, embedder: Embedder) -> None:
     with pytest.raises(TooLargeError):
         store.add_text("c " * 600, "big.txt")
     assert store.list_documents() == [] and store.chunk_count() == 0
+
+
+def test_documents_embedded_without_their_title_keep_working_until_reindexed(
+    tmp_path: Path, embedder: Embedder
+) -> None:
+    """A library written before titles were embedded (version 1) is searched as it is; reindex() brings it up."""
+    import lancedb
+    import numpy as np
+
+    from app.store.rag import EMBEDDING_TEXT_VERSION, _vector_array
+
+    store = RagStore(tmp_path / "data", embedder=embedder)
+    old = store.add_text("Puffins nest in burrows on the cliff top.", "seabird_notes.txt")
+    assert old.embedding_text_version == EMBEDDING_TEXT_VERSION == 2
+    store.close()
+    database = lancedb.connect(str(tmp_path / "data" / "lancedb"))  # rewrite it as the previous release left it
+    documents = database.open_table("documents").to_arrow().drop_columns(["embedding_text_version"])
+    database.create_table("documents", data=documents, mode="overwrite")
+    chunks = database.open_table("chunks").to_arrow()
+    before = embedder.encode(chunks["text"].to_pylist())  # version 1: no heading, so the chunk text alone
+    chunks = chunks.set_column(chunks.schema.get_field_index("vector"), "vector", _vector_array(before, 384))
+    database.create_table("chunks", data=chunks, mode="overwrite")
+
+    reopened = RagStore(tmp_path / "data", embedder=embedder)
+    assert reopened.get_document(old.id).embedding_text_version == 1
+    hit = reopened.search("where do puffins nest", k=1)[0]
+    assert hit.document_name == "seabird_notes.txt"
+    assert hit.relevance == pytest.approx(float(before[0] @ embedder.encode_query("where do puffins nest")), abs=1e-4)
+    added = reopened.add_text("Gannets dive for fish.", "gannets.txt")
+    assert added.embedding_text_version == 2
+    both = reopened.search("seabirds diving for fish", k=2, min_relevance=-1)  # old and new vectors side by side
+    assert names(both) == ["gannets.txt", "seabird_notes.txt"]
+
+    assert reopened.reindex() == 2
+    assert {doc.embedding_text_version for doc in reopened.list_documents()} == {2}
+    vectors = {
+        row["text"]: np.asarray(row["vector"])
+        for row in lancedb.connect(str(tmp_path / "data" / "lancedb")).open_table("chunks").to_arrow().to_pylist()
+    }
+    titled = embedder.encode(["seabird notes\n\nPuffins nest in burrows on the cliff top."])[0]
+    assert float(vectors["Puffins nest in burrows on the cliff top."] @ titled) == pytest.approx(1.0, abs=1e-5)
+    reopened.close()
+    assert RagStore(tmp_path / "data", embedder=embedder).get_document(old.id).embedding_text_version == 2
 
 
 def test_changing_the_model_requires_reindex(tmp_path: Path, embedder: Embedder) -> None:

@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 import run_all
-from tests.support.processes import REPO, child_env, free_port, stop_in_time
+from broker.mqtt.local_broker import RunningBroker
+from tests.support.processes import REPO, child_env, free_port, stop_in_time, wait_until
 
 DEMO_IDS = {agent_id for agent_id, *_ in run_all.DEMO_AGENTS}
 
@@ -127,22 +128,59 @@ def test_demo_without_ollama_runs_only_simulated_machines_and_a_killed_one_comes
     assert "Traceback" not in text(), text()[-5000:]
 
 
-def test_a_taken_mqtt_port_is_used_and_the_log_says_how_to_pick_another(tmp_path: Path) -> None:
-    mqtt_port = free_port()
-    with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", mqtt_port))
-        listener.listen()
+def run_all_for_a_moment(tmp_path: Path, *flags: str, until: str) -> str:
+    """run_all.py with only its broker (no app, no agent) until its log shows ``until``; then SIGTERM."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    log_path = tmp_path / "run_all.log"
+    with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "run_all.py", "--no-app", "--no-agent", "--mqtt-port", str(mqtt_port),
-             "--data-dir", str(tmp_path / "data")],
-            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, "run_all.py", "--no-app", "--no-agent", "--data-dir", str(tmp_path / "data"), *flags],
+            cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
         )
         try:
-            time.sleep(2)
+            wait_until(lambda: until in log_path.read_text(errors="replace") or process.poll() is not None, 30,
+                       f"run_all.py to log {until!r}", lambda: log_path.read_text(errors="replace")[-5000:])
+            output = log_path.read_text(errors="replace")
+            assert until in output, output
+            for port in re.findall(r"this cluster's own \w+ at mqtt://127\.0\.0\.1:(\d+)", output):
+                assert port_listens(int(port)), output  # the broker it says it started is there while it runs
         finally:
-            process.send_signal(signal.SIGTERM)
-            output = process.communicate(timeout=30)[0].decode(errors="replace")
-    assert process.returncode == 0, output
-    assert f"something already listens on 127.0.0.1:{mqtt_port}" in output
-    assert "using it as the broker" in output and "--mqtt-port" in output
+            code = stop_in_time(process, 30, lambda: log_path.read_text(errors="replace")[-5000:])
+    output = log_path.read_text(errors="replace")
+    assert code == 0, output
+    return output
+
+
+def port_listens(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_taken_mqtt_port_gets_our_own_broker_on_a_free_port_said_in_one_line(
+    tmp_path: Path, own_mosquitto: RunningBroker
+) -> None:
+    """A Mosquitto run_all.py did not start holds the port (as Debian's system service holds :1883)."""
+    taken = own_mosquitto.port
+    output = run_all_for_a_moment(tmp_path, "--mqtt-port", str(taken), until="broker: this cluster's own")
+    moved = [line for line in output.splitlines() if f"127.0.0.1:{taken} is taken" in line]
+    assert len(moved) == 1, output
+    assert "did not start" in moved[0] and f"--broker-url mqtt://127.0.0.1:{taken}" in moved[0]
+    ours = int(re.findall(r"runs its own broker on 127\.0\.0\.1:(\d+) instead", moved[0])[0])
+    assert ours != taken
+    assert f"this cluster's own mosquitto at mqtt://127.0.0.1:{ours}" in output
+    assert not port_listens(ours), "run_all.py left its broker running"
+    assert own_mosquitto.alive() and port_listens(taken), "run_all.py disturbed the broker it did not start"
+
+
+def test_a_free_port_gets_our_own_broker_and_a_given_url_starts_none(tmp_path: Path, mosquitto: RunningBroker) -> None:
+    port = free_port()
+    output = run_all_for_a_moment(tmp_path / "own", "--mqtt-port", str(port), until="broker: this cluster's own")
+    assert f"this cluster's own mosquitto at mqtt://127.0.0.1:{port} (started by run_all.py" in output
+    assert "is taken" not in output
+
+    output = run_all_for_a_moment(tmp_path / "given", "--broker-url", mosquitto.url, until="run_all.py starts none")
+    assert f"broker: the one at {mosquitto.url}, given by --broker-url" in output
+    assert "this cluster's own" not in output and mosquitto.alive()

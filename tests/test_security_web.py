@@ -216,7 +216,7 @@ def test_cross_site_simple_posts_are_refused(app_cluster: RunningApp) -> None:
 BAD_REQUESTS = [
     ("/api/generate", {"model": "auto", "prompt": "x" * 100_001}, "limit"),
     ("/api/generate", {"model": "auto", "prompt": "x" * 60_000, "system": "y" * 60_000}, "limit"),
-    ("/api/generate", {"model": "auto", "prompt": "hi", "images": ["aGk="]}, "images"),
+    ("/api/generate", {"model": "auto", "prompt": "hi", "images": ["aGk="]}, "image"),  # base64 of "hi": no image
     ("/api/generate", {"model": "auto", "prompt": 42}, "prompt"),
     ("/api/generate", {"model": "", "prompt": "hi"}, "model"),
     ("/api/chat", {"model": "auto", "messages": "hello"}, "messages"),
@@ -233,7 +233,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 9},
      "stop"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "text"),
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "allow-remote-images"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "x"}] * 501},
      "too many messages"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "x" * 100_001}]}, "limit"),

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from app.store.errors import BadInputError, NotFoundError, StoreError, TooLargeError
-from app.store.sessions import DEFAULT_TITLE, SessionStore, estimate_tokens, make_title
+from app.store.sessions import (
+    DEFAULT_TITLE,
+    SHARED_USER,
+    ChatSettings,
+    SessionStore,
+    estimate_tokens,
+    make_title,
+)
 
 
 @pytest.fixture
@@ -210,3 +217,162 @@ def test_reopen_keeps_data(tmp_path: Path) -> None:
     assert second.get_history(session.id)[0].content == "persist me"
     assert second.get_session(session.id).title == "persist me"
     second.close()
+
+
+# ---------------------------------------------------------------------------- issue 14: settings, outcomes, users
+
+OLD_SCHEMA = """
+CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT NOT NULL, title_is_custom INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')), content TEXT NOT NULL,
+    created_at REAL NOT NULL, agents TEXT NOT NULL DEFAULT '[]', models TEXT NOT NULL DEFAULT '[]', mode TEXT,
+    citations TEXT NOT NULL DEFAULT '[]', stats TEXT NOT NULL DEFAULT '{}');
+CREATE INDEX messages_by_session ON messages(session_id, id);
+CREATE INDEX sessions_by_activity ON sessions(updated_at DESC);
+INSERT INTO sessions VALUES ('old1', 'Before users', 1, 1700000000.0, 1700000100.0);
+INSERT INTO messages (session_id, role, content, created_at, agents, models, mode)
+    VALUES ('old1', 'user', 'What is MQTT?', 1700000000.0, '[]', '[]', NULL),
+           ('old1', 'assistant', 'A protocol.', 1700000050.0, '["desk"]', '["llama3.2:1b"]', 'auto');
+"""
+
+
+def test_a_database_of_the_previous_version_opens_and_keeps_its_chats(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(OLD_SCHEMA)
+    store = SessionStore(path)
+    try:
+        [info] = store.list_sessions()
+        assert (info.id, info.title, info.message_count, info.owner) == ("old1", "Before users", 2, SHARED_USER)
+        assert info.settings == ChatSettings()
+        question, answer = store.get_history("old1")
+        assert answer.status == "ok" and answer.error is None and answer.tried == [] and answer.agents == ["desk"]
+        # The migrated file takes the new columns: settings, outcomes, a new message.
+        store.update_settings("old1", {"system_prompt": "Be brief.", "temperature": 0.2})
+        store.add_message("old1", "assistant", "", status="error", error="no agent", tried=["desk"])
+        assert store.get_session("old1").settings.system_prompt == "Be brief."
+    finally:
+        store.close()
+    again = SessionStore(path)  # opening a migrated file again changes nothing
+    try:
+        assert [message.status for message in again.get_history("old1")] == ["ok", "ok", "error"]
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        again.close()
+
+
+def test_chat_settings_round_trip_and_bad_values_change_nothing(store: SessionStore) -> None:
+    chosen = ChatSettings(system_prompt="You answer in French.", temperature=0.7, max_tokens=256, mode="quality",
+                          agent="gpu-desktop", use_rag=True, aggregation="synthesize")
+    session = store.create_session("Réglages", settings=chosen)
+    assert session.settings == chosen == store.get_session(session.id).settings
+    assert store.list_sessions()[0].settings == chosen
+
+    updated = store.update_settings(session.id, {"mode": "  llama3.2:1b ", "agent": "  "})
+    assert updated.settings.mode == "llama3.2:1b" and updated.settings.agent is None
+    assert updated.settings.system_prompt == ""  # a dict replaces the settings; missing keys take the defaults
+
+    for bad, word in (({"temperature": 3}, "temperature"), ({"max_tokens": 0}, "max_tokens"),
+                      ({"aggregation": "vote"}, "aggregation"), ({"mode": " "}, "mode"),
+                      ({"system_prompt": "x" * 20_001}, "system_prompt"), ({"colour": "red"}, "colour"),
+                      ({"system_prompt": "\ud800"}, "surrogate")):
+        with pytest.raises(BadInputError, match=word):
+            store.update_settings(session.id, bad)
+    assert store.get_session(session.id).settings == updated.settings
+    with pytest.raises(BadInputError):
+        store.create_session(settings={"temperature": -1})
+    assert len(store.list_sessions()) == 1
+
+    with sqlite3.connect(store.db_path) as raw:  # settings a newer version wrote: this chat gets the defaults
+        raw.execute("UPDATE sessions SET settings = ? WHERE id = ?", ('{"future": 1}', session.id))
+    assert store.get_session(session.id).settings == ChatSettings()
+
+
+def test_a_failed_answer_is_kept_with_its_error_and_left_out_of_later_prompts(store: SessionStore) -> None:
+    session = store.create_session()
+    store.add_message(session.id, "user", "first question")
+    store.add_message(session.id, "assistant", "first answer", agents=["desk"])
+    store.add_message(session.id, "user", "question that failed")
+    failed = store.add_message(session.id, "assistant", "half an ans", status="error",
+                               error="pi-sim: runtime crashed", tried=["pi-sim", "desk"], models=["llama3.2:1b"])
+    store.add_message(session.id, "user", "question that was stopped at once")
+    store.add_message(session.id, "assistant", "", status="stopped", error="stopped")
+    store.add_message(session.id, "user", "question stopped halfway")
+    store.add_message(session.id, "assistant", "partial", status="stopped", error="stopped", agents=["desk"])
+    store.add_message(session.id, "user", "new question")
+
+    stored = store.get_history(session.id)[3]
+    assert stored == failed
+    assert (stored.status, stored.error, stored.tried, stored.agents) == (
+        "error", "pi-sim: runtime crashed", ["pi-sim", "desk"], [])
+    prompt = [message.content for message in store.history_for_prompt(session.id, 10_000)]
+    assert prompt == ["first question", "first answer", "question stopped halfway", "partial", "new question"]
+
+    # The newest question stays even when its own answer failed (it is asked again by regenerate).
+    store.add_message(session.id, "assistant", "", status="error", error="timeout")
+    assert store.history_for_prompt(session.id, 10_000)[-1].content == "new question"
+    with pytest.raises(BadInputError, match="status"):
+        store.add_message(session.id, "assistant", "x", status="maybe")  # type: ignore[arg-type]
+    with pytest.raises(BadInputError, match="answer"):
+        store.add_message(session.id, "user", "x", status="error")
+
+
+def test_truncate_from_removes_a_message_and_everything_after(store: SessionStore) -> None:
+    session = store.create_session()
+    ids = [store.add_message(session.id, role, f"{role} {index}").id
+           for index in range(3) for role in ("user", "assistant")]
+    other = store.create_session()
+    kept_elsewhere = store.add_message(other.id, "user", "another chat")
+
+    assert store.truncate_from(session.id, ids[4]) == 2
+    assert [message.id for message in store.get_history(session.id)] == ids[:4]
+    with pytest.raises(NotFoundError, match="message"):
+        store.truncate_from(session.id, ids[5])  # already gone
+    with pytest.raises(NotFoundError):
+        store.truncate_from(session.id, kept_elsewhere.id)  # a message of another chat
+    with pytest.raises(BadInputError):
+        store.truncate_from(session.id, "3")  # type: ignore[arg-type]
+    assert store.get_history(other.id) == [kept_elsewhere]
+
+    assert store.truncate_from(session.id, ids[0]) == 4  # the whole chat: the next first question retitles it
+    store.add_message(session.id, "user", "a different start")
+    assert store.get_session(session.id).title == "a different start"
+
+
+def test_users_see_only_their_own_chats(store: SessionStore) -> None:
+    alice = store.create_session("alice's", owner="alice")
+    store.add_message(alice.id, "user", "secret plan", owner="alice")
+    bob = store.create_session("bob's", owner="bob")
+    shared = store.create_session("no login")
+
+    assert [info.id for info in store.list_sessions(owner="alice")] == [alice.id]
+    assert [info.id for info in store.list_sessions(owner="bob")] == [bob.id]
+    assert [info.id for info in store.list_sessions()] == [shared.id]
+    assert store.get_session(alice.id, owner="alice").owner == "alice"
+
+    # bob gets exactly what an unknown id gets, for every call: nothing says the chat exists.
+    calls = {
+        "get_session": lambda sid: store.get_session(sid, owner="bob"),
+        "get_history": lambda sid: store.get_history(sid, owner="bob"),
+        "history_for_prompt": lambda sid: store.history_for_prompt(sid, 100, owner="bob"),
+        "rename_session": lambda sid: store.rename_session(sid, "mine now", owner="bob"),
+        "update_settings": lambda sid: store.update_settings(sid, {"mode": "all"}, owner="bob"),
+        "add_message": lambda sid: store.add_message(sid, "user", "hi", owner="bob"),
+        "truncate_from": lambda sid: store.truncate_from(sid, 1, owner="bob"),
+        "delete_session": lambda sid: store.delete_session(sid, owner="bob"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(NotFoundError) as theirs:
+            call(alice.id)
+        with pytest.raises(NotFoundError) as unknown:
+            call("0" * 32)
+        assert str(theirs.value) == str(unknown.value).replace("0" * 32, alice.id), name
+    with pytest.raises(NotFoundError):
+        store.get_history(alice.id)  # the shared user (no login) is not alice either
+    after = store.get_session(alice.id, owner="alice")
+    assert (after.title, after.message_count, after.settings) == ("alice's", 1, ChatSettings())
+    with pytest.raises(BadInputError, match="owner"):
+        store.list_sessions(owner="")

@@ -67,7 +67,14 @@ def _ollama_model(app: RunningApp) -> str:
 def _open(page: Page, app: RunningApp) -> None:
     page.goto(app.url)
     expect(page.locator("#slb-message textarea")).to_be_visible()
-    expect(page.locator("#slb-chat-notice")).to_contain_text("agents online")
+    expect(page.locator("#slb-chat-notice")).to_contain_text("machines ready")
+
+
+def _open_settings(page: Page) -> None:
+    """The chat settings (mode, machine, RAG, ...) live in a folded accordion."""
+    if not page.locator("#slb-mode").is_visible():
+        page.locator("#slb-settings").get_by_text(re.compile("^Chat settings")).first.click()
+    expect(page.locator("#slb-mode")).to_be_visible()
 
 
 def _model_label(app: RunningApp, model: str) -> str:
@@ -78,6 +85,7 @@ def _model_label(app: RunningApp, model: str) -> str:
 
 
 def _choose_mode(page: Page, label: str) -> None:
+    _open_settings(page)
     page.locator("#slb-mode input").click()
     page.get_by_role("option", name=label, exact=True).click()
     expect(page.locator("#slb-mode input")).to_have_value(label)
@@ -127,12 +135,14 @@ def test_all_mode_shows_every_agent_side_by_side(page: Page, app_cluster: Runnin
     _choose_mode(page, "all (every agent)")
     expect(page.locator("#slb-aggregation")).to_be_visible()
     _ask(page, "what do all of you say")
-    panel = page.locator("#slb-agent-answers")
+    answer = page.locator('#slb-chatbot [data-testid="bot"]', has_text="combined by consensus").last
+    expect(answer).to_be_visible(timeout=30_000)
+    # Every agent's answer is right under the combined one, as cards side by side.
+    page.locator("#slb-chatbot").get_by_text("Every agent's answer (2)").click()
+    panel = page.locator("#slb-chatbot .slb-answers").last
     expect(panel).to_contain_text(OLLAMA_AGENT)
     expect(panel).to_contain_text(SIMULATED_AGENT)
     expect(panel.locator(".slb-sim")).to_have_count(1)
-    expect(panel).to_contain_text("agreement", timeout=30_000)
-    answer = page.locator('#slb-chatbot [data-testid="bot"]', has_text="combined by consensus").last
     expect(answer).to_contain_text("agreement")
     expect(answer).to_contain_text(f"{SIMULATED_AGENT} (")
     expect(answer).to_contain_text("simulated")
@@ -186,6 +196,7 @@ def test_documents_upload_list_search_and_cite(page: Page, app_cluster: RunningA
     _shot(page, "ui_documents", full=True)
     # RAG in the chat: the answer carries the citation.
     page.get_by_role("tab", name="Chat").click()
+    _open_settings(page)
     page.locator("#slb-rag input").check()
     _ask(page, "who feeds the seals in Port Quillon?")
     expect(page.locator("#slb-chatbot")).to_contain_text("Sources (", timeout=30_000)

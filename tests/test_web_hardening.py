@@ -129,11 +129,12 @@ def test_a_200_mb_body_to_the_gradio_api_is_refused_fast_without_the_app_growing
 
 
 def test_every_route_has_a_body_limit_and_uploads_a_larger_one(tmp_path: Path) -> None:
-    settings = {"max_prompt_chars": 1000, "max_upload_mb": 0.1}  # API ~68 KB; Gradio ~270 KB; uploads ~2.6 MB
+    # API ~970 KB (the prompt plus room for images); Gradio ~270 KB; uploads ~2.6 MB
+    settings = {"max_prompt_chars": 1000, "max_upload_mb": 0.1}
     with serve(ScriptedCoordinator(), tmp_path, **settings) as served:
         with httpx.Client(base_url=served.url, timeout=30) as client:
             for path, size in (("/login", 2 * MB), ("/gradio_api/queue/join", MB), ("/gradio_api/call/health", MB),
-                               ("/v1/chat/completions", 100_000), ("/api/chat", 100_000), ("/anything", 2 * MB)):
+                               ("/v1/chat/completions", 2 * MB), ("/api/chat", 2 * MB), ("/anything", 2 * MB)):
                 response = client.post(path, content=b"x" * size, headers={"Content-Type": "application/json"})
                 assert response.status_code == 413, (path, response.status_code, response.text[:200])
             upload = client.post("/gradio_api/upload", files=[("files", (f"doc{n}.txt", b"y" * 90_000, "text/plain"))

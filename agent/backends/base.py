@@ -7,12 +7,14 @@ protocol's ``error_code`` so the job runner can answer with the right one.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from broker.protocol import ChatMessage
+from broker.protocol.messages import ToolCall
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class ChatDone:
     generation_s: float | None = None  # time spent producing output tokens (Ollama's eval_duration)
     load_s: float | None = None
     counted: bool = False  # output_tokens counted by the agent (streamed pieces): the runtime sent no usage
+    tool_calls: tuple[ToolCall, ...] = ()  # complete function calls of the answer (docs/protocol.md "Tools")
 
 
 ChatEvent = ChatDelta | ChatDone
@@ -99,6 +102,20 @@ class Unsupported(BackendError):
     """The runtime cannot do this (an OpenAI-compatible server cannot pull or delete models)."""
 
     code = "bad_job"
+
+
+class ToolsUnsupported(BackendError):
+    """The runtime refuses tools for this model (Ollama: "<model> does not support tools"), in its own words.
+
+    ``bad_job``: the query fails at once with the runtime's answer instead of being retried elsewhere, as the
+    runtime itself would answer (docs/api.md "Tools").
+    """
+
+    code = "bad_job"
+
+
+TOOLS_REFUSAL = "does not support tools"
+"""How Ollama words its refusal of tools for a model without them."""
 
 
 class Truncated(BackendError):
@@ -181,8 +198,14 @@ class Backend(Protocol):
         options: dict[str, Any] | None = None,
         assistant_prefix: str | None = None,
         keep_alive: str | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: str | dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> AsyncIterator[ChatEvent]:
-        """Stream the answer (only the continuation when ``assistant_prefix`` is given), then one ChatDone."""
+        """Stream the answer (only the continuation when ``assistant_prefix`` is given), then one ChatDone
+        (with the answer's tool calls, when ``tools`` were given and the model called some)."""
         ...
 
     async def close(self) -> None:
@@ -199,9 +222,56 @@ def normalize_model_name(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
-def as_payload_messages(messages: list[ChatMessage], assistant_prefix: str | None) -> list[dict[str, str]]:
-    """Messages as JSON; a partial answer becomes a trailing assistant message the server continues."""
-    payload = [{"role": message.role, "content": message.content} for message in messages]
+def as_payload_messages(messages: list[ChatMessage], assistant_prefix: str | None,
+                        dialect: str = "openai") -> list[dict[str, Any]]:
+    """Messages as JSON in the runtime's ``dialect`` (``openai`` or ``ollama``: how tool calls and tool results
+    are spelled); a partial answer becomes a trailing assistant message the server continues."""
+    payload = [payload_message(message, dialect) for message in messages]
     if assistant_prefix:
         payload.append({"role": "assistant", "content": assistant_prefix})
     return payload
+
+
+def payload_message(message: ChatMessage, dialect: str) -> dict[str, Any]:
+    """One message; only plain ``role``/``content`` unless it carries tool calls or is a tool result."""
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.images:  # vision (agent/vision.py): Ollama's images list, OpenAI's content parts
+        from agent.vision import openai_content
+
+        if dialect == "ollama":
+            item["images"] = list(message.images)
+        else:
+            item["content"] = openai_content(message.content, message.images)
+    if message.tool_calls:
+        item["tool_calls"] = [call_payload(call, dialect) for call in message.tool_calls]
+    if message.role == "tool":
+        if message.tool_call_id is not None and dialect == "openai":
+            item["tool_call_id"] = message.tool_call_id
+        if message.name:
+            item["tool_name" if dialect == "ollama" else "name"] = message.name
+    return item
+
+
+def call_payload(call: ToolCall, dialect: str) -> dict[str, Any]:
+    """A tool call as the runtime spells it: OpenAI's arguments are JSON text, Ollama's an object."""
+    if dialect == "ollama":
+        return {"function": {"name": call.name, "arguments": arguments_object(call.arguments)}}
+    item: dict[str, Any] = {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    if call.id is not None:
+        item = {"id": call.id, **item}
+    return item
+
+
+def arguments_object(arguments: str) -> Any:
+    """The argument object of a call whose arguments are JSON text (text that is not JSON stays text)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def arguments_text(arguments: Any) -> str:
+    """Ollama's argument object as JSON text, compact as Ollama's own ``/v1`` writes it."""
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False, separators=(",", ":"))

@@ -1,13 +1,19 @@
-"""Ollama through the official ``ollama`` client (AsyncClient).
+"""Ollama: answers streamed with raw httpx, everything else through the official ``ollama`` client.
 
 Ollama continues a trailing assistant message, so a partial answer from a
 failed agent is sent as one and only the continuation comes back.
+
+``chat`` reads ``/api/chat``'s JSON lines with httpx and ``json.loads`` instead of
+the ``ollama`` client, which validates a pydantic object per token: the lean
+path is ~0.5 ms sooner to the first token and cheaper per token
+(docs/benchmarks.md, *Overhead*). Errors are mapped the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +22,7 @@ import httpx
 import ollama
 
 from agent.backends.base import (
+    TOOLS_REFUSAL,
     BackendError,
     BackendHealth,
     BackendUnreachable,
@@ -27,10 +34,13 @@ from agent.backends.base import (
     PullProgress,
     RuntimeFacts,
     StreamBroken,
+    ToolsUnsupported,
+    arguments_text,
     as_payload_messages,
     looks_like_context_error,
 )
 from broker.protocol import ChatMessage
+from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
 
 logger = logging.getLogger(__name__)
@@ -40,6 +50,31 @@ HEALTH_TIMEOUT_S = 5.0
 
 def _seconds(nanoseconds: int | None) -> float | None:
     return nanoseconds / 1e9 if nanoseconds else None
+
+
+def ollama_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The tools to offer Ollama, which has no ``tool_choice``: ``none`` offers none, a named function offers only
+    that one (as close to forcing it as Ollama gets), ``auto`` and ``required`` offer all (docs/api.md "Tools")."""
+    if not tools or tool_choice == "none":
+        return []
+    if isinstance(tool_choice, dict):
+        wanted = (tool_choice.get("function") or {}).get("name")
+        named = [tool for tool in tools if (tool.get("function") or {}).get("name") == wanted]
+        return named or list(tools)
+    return list(tools)
+
+
+def tool_calls_from_ollama(calls: Any) -> list[ToolCall]:
+    """Ollama's ``message.tool_calls`` (arguments as an object) as the protocol's calls."""
+    found: list[ToolCall] = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            continue
+        call_id = call.get("id")
+        found.append(ToolCall(id=str(call_id) if call_id else None, name=str(function["name"]),
+                              arguments=arguments_text(function.get("arguments"))))
+    return found
 
 
 class OllamaBackend:
@@ -56,6 +91,7 @@ class OllamaBackend:
         # No read timeout: a cold model load can take minutes; the job runner watches for stalls itself.
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
         self._client = ollama.AsyncClient(host=self._base_url, timeout=timeout, auth=self._auth)
+        self._stream_client = httpx.AsyncClient(base_url=self._base_url, timeout=timeout, auth=self._auth)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         """Map client and transport errors to the protocol's error codes, keeping Ollama's own message."""
@@ -69,6 +105,8 @@ class OllamaBackend:
                 return ModelNotFound(message)
             if looks_like_context_error(message):
                 return ContextTooLong(message)
+            if TOOLS_REFUSAL in message:
+                return ToolsUnsupported(message)
             suffix = f" (HTTP {error.status_code})" if error.status_code and error.status_code > 0 else ""
             return BackendError(f"{message}{suffix}")
         if isinstance(error, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
@@ -156,30 +194,62 @@ class OllamaBackend:
         options: dict[str, Any] | None = None,
         assistant_prefix: str | None = None,
         keep_alive: str | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: str | dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> AsyncIterator[ChatEvent]:
-        payload = as_payload_messages(messages, assistant_prefix)
+        body: dict[str, Any] = {"model": model,
+                                "messages": as_payload_messages(messages, assistant_prefix, "ollama"),
+                                "stream": True}
+        if options:
+            body["options"] = options
+        offered = ollama_tools(tools, tool_choice)
+        if offered:
+            body["tools"] = offered
+        calls: list[ToolCall] = []
+        if response_format is not None:  # "json" or a JSON schema, Ollama's own format field
+            body["format"] = response_format
+        if think is not None:
+            body["think"] = think
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
         started = finished = False
         try:
-            stream = await self._client.chat(
-                model=model, messages=payload, options=options or None, stream=True, keep_alive=keep_alive
-            )
-            async with contextlib.aclosing(stream):
-                async for part in stream:
-                    if finished:  # read the body to its end: a response left unread costs its connection
+            async with self._stream_client.stream("POST", "/api/chat", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._status_error(response.status_code, response.text)
+                async for line in response.aiter_lines():
+                    if finished or not line:  # read the body to its end: a response left unread costs its connection
                         continue
-                    text = part.message.content if part.message is not None else None
+                    part = json.loads(line)
+                    error = part.get("error")
+                    if error:
+                        raise self._translate(ollama.ResponseError(str(error)), mid_stream=started)
+                    message = part.get("message") or {}
+                    text = message.get("content")
                     if text:
                         started = True
                         yield ChatDelta(text)
-                    if part.done:
+                    if message.get("tool_calls"):
+                        started = True
+                        calls.extend(tool_calls_from_ollama(message["tool_calls"]))
+                    if part.get("done"):
                         finished = True
                         yield ChatDone(
-                            done_reason=part.done_reason,
-                            prompt_tokens=part.prompt_eval_count,
-                            output_tokens=part.eval_count,
-                            generation_s=_seconds(part.eval_duration),
-                            load_s=_seconds(part.load_duration),
+                            done_reason=part.get("done_reason"),
+                            prompt_tokens=part.get("prompt_eval_count"),
+                            output_tokens=part.get("eval_count"),
+                            generation_s=_seconds(part.get("eval_duration")),
+                            load_s=_seconds(part.get("load_duration")),
+                            tool_calls=tuple(calls),
                         )
+        except json.JSONDecodeError as error:
+            if finished:
+                return
+            raise BackendError(f"unreadable stream from {self.url}: {error}") from None
         except Exception as error:  # noqa: BLE001 - translated
             if finished:  # the answer is complete; only the end of the body went wrong
                 return
@@ -187,6 +257,24 @@ class OllamaBackend:
         if not finished:
             raise StreamBroken(f"backend at {self.url} ended the answer without a final message")
 
+    async def embed(self, model: str, inputs: list[str], keep_alive: str | None = None, *,
+                    legacy: bool = False) -> Any:
+        """Vectors from Ollama's ``/api/embed`` (agent/embeddings.py), errors mapped like chat's."""
+        from agent.embeddings import ollama_embed  # here: agent.embeddings imports this package
+
+        try:
+            return await ollama_embed(self._stream_client, self._status_error, model, inputs, keep_alive, legacy)
+        except BackendError:
+            raise
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
+
+    def _status_error(self, status: int, text: str) -> BackendError:
+        """An HTTP error answer, mapped as the ``ollama`` client's ``ResponseError`` would be."""
+        return self._translate(ollama.ResponseError(text or f"HTTP {status}", status))
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._client.close()
+        with contextlib.suppress(Exception):
+            await self._stream_client.aclose()

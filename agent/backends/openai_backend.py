@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from agent.backends.base import (
+    TOOLS_REFUSAL,
     BackendError,
     BackendHealth,
     BackendUnreachable,
@@ -32,12 +33,14 @@ from agent.backends.base import (
     PullProgress,
     RuntimeFacts,
     StreamBroken,
+    ToolsUnsupported,
     Truncated,
     Unsupported,
     as_payload_messages,
     looks_like_context_error,
 )
 from broker.protocol import ChatMessage
+from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,17 @@ OPTION_NAMES = {
     "repeat_penalty": "repeat_penalty",
 }
 """Ollama-style job options and their OpenAI request fields; others (num_ctx, ...) are dropped."""
+
+
+def openai_response_format(wanted: str | dict[str, Any], kind: str | None) -> dict[str, Any]:
+    """A job's ``format`` ("json" or a JSON schema) as the runtime's ``response_format``: OpenAI's
+    ``json_object`` / ``json_schema``, except llama-cpp-python, whose server takes a schema only as
+    ``{"type": "json_object", "schema": …}`` (it turns either into a grammar) and refuses ``json_schema``."""
+    if not isinstance(wanted, dict):
+        return {"type": "json_object"}
+    if kind == "llama-cpp-python":
+        return {"type": "json_object", "schema": wanted}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": wanted, "strict": True}}
 
 
 HEALTH_TIMEOUT_S = 5.0
@@ -86,6 +100,22 @@ def _error_message(response_text: str) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error or body)[:500]
+
+
+def gather_tool_calls(calls: dict[int, dict[str, str]], pieces: Any) -> None:
+    """Add one chunk's ``delta.tool_calls`` to the calls so far (by ``index``; ``arguments`` arrive in pieces)."""
+    for piece in pieces if isinstance(pieces, list) else []:
+        if not isinstance(piece, dict):
+            continue
+        index = piece.get("index") if isinstance(piece.get("index"), int) else len(calls)
+        call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        function = piece.get("function") or {}
+        if piece.get("id"):
+            call["id"] = str(piece["id"])
+        if function.get("name") and not call["name"]:  # sent once; a server that repeats it is not doubled
+            call["name"] = str(function["name"])
+        if function.get("arguments"):
+            call["arguments"] += str(function["arguments"])
 
 
 class OpenAIBackend:
@@ -123,6 +153,8 @@ class OpenAIBackend:
         message = _error_message(text)
         if looks_like_context_error(message):
             return ContextTooLong(message)
+        if TOOLS_REFUSAL in message or ("tools" in message and "--jinja" in message):  # llama.cpp without --jinja
+            return ToolsUnsupported(f"{message} ({self.label})")
         if status == 404 or "does not exist" in message or "not found" in message.lower():
             return ModelNotFound(message if model is None else f"{message} (model {model!r}, {self.label})")
         return BackendError(f"HTTP {status} from {self.label}: {message}")
@@ -251,6 +283,11 @@ class OpenAIBackend:
         options: dict[str, Any] | None = None,
         assistant_prefix: str | None = None,
         keep_alive: str | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: str | dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> AsyncIterator[ChatEvent]:
         body: dict[str, Any] = {
             "model": model,
@@ -264,39 +301,57 @@ class OpenAIBackend:
         if assistant_prefix:
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+        if response_format is not None:
+            body["response_format"] = openai_response_format(response_format, self.kind)
+        if think is False:  # vLLM's and llama.cpp's switch for thinking models' chat templates
+            body["chat_template_kwargs"] = {"enable_thinking": False}
+        if tools:
+            body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
+        calls: dict[int, dict[str, str]] = {}  # OpenAI streams a call in pieces: id and name first, then arguments
         started = False
         finish_reason: str | None = None
         usage: dict[str, Any] = {}
         pieces = 0
+        done = False
         try:
             async with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise self._status_error(response.status_code, response.text, model)
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                    if done or not line.startswith("data:"):  # after [DONE]: read to the end, keep the connection
                         continue
                     data = line[len("data:"):].strip()
                     if data == "[DONE]":
-                        break
+                        done = True
+                        continue
                     chunk = json.loads(data)
                     if chunk.get("error"):
                         raise BackendError(_error_message(data))
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
                         if text:
                             started = True
                             pieces += 1
                             yield ChatDelta(text)
+                        if delta.get("tool_calls"):
+                            started = True
+                            pieces += 1
+                            gather_tool_calls(calls, delta["tool_calls"])
                         finish_reason = choice.get("finish_reason") or finish_reason
-                else:
-                    if finish_reason is None:  # no [DONE] is fine after a finish reason (some servers omit it)
-                        raise StreamBroken(f"{self.label} ended the stream without [DONE] after {pieces} piece(s)")
+                if not done and finish_reason is None:  # no [DONE] is fine after a finish reason (some omit it)
+                    raise StreamBroken(f"{self.label} ended the stream without [DONE] after {pieces} piece(s)")
         except json.JSONDecodeError as error:
             raise BackendError(f"unreadable stream from {self.label}: {error}") from None
         except Exception as error:  # noqa: BLE001 - translated
-            raise self._translate(error, mid_stream=started) from None
+            if done:  # the answer is complete; only the end of the body went wrong
+                pass
+            else:
+                raise self._translate(error, mid_stream=started) from None
         if finish_reason is None:
             raise Truncated(
                 f"{self.label} ended the answer after {pieces} piece(s) without a finish reason: it "
@@ -308,7 +363,22 @@ class OpenAIBackend:
             prompt_tokens=usage.get("prompt_tokens"),
             output_tokens=pieces if counted else usage.get("completion_tokens"),
             counted=counted,
+            tool_calls=tuple(ToolCall(id=call["id"] or None, name=call["name"], arguments=call["arguments"])
+                             for _, call in sorted(calls.items()) if call["name"]),
         )
+
+    async def embed(self, model: str, inputs: list[str], keep_alive: str | None = None, *,
+                    legacy: bool = False) -> Any:
+        """Vectors from ``/v1/embeddings`` (agent/embeddings.py); llama-cpp-python serves it with ``--embedding``."""
+        from agent.embeddings import openai_embed  # here: agent.embeddings imports this package
+
+        try:
+            return await openai_embed(self._client, lambda status, text: self._status_error(status, text, model),
+                                      model, inputs, self.label)
+        except BackendError:
+            raise
+        except Exception as error:  # noqa: BLE001 - translated
+            raise self._translate(error) from None
 
     async def close(self) -> None:
         await self._client.aclose()

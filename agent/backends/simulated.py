@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,7 @@ from agent.backends.base import (
     normalize_model_name,
 )
 from broker.protocol import ChatMessage
+from broker.protocol.messages import ToolCall
 
 FILLER = (
     "the cluster routes each question to the machine that can answer it best while the others keep "
@@ -46,6 +48,39 @@ def simulated_text(model: str, messages: list[ChatMessage], max_tokens: int = 48
     body = [FILLER[(seed + index) % len(FILLER)] for index in range(max(0, max_tokens - len(head)))]
     pieces = (head + body)[: max(1, max_tokens)]
     return [pieces[0], *(" " + piece for piece in pieces[1:])]
+
+
+def simulated_json(wanted: str | dict[str, Any], text: str) -> str:
+    """A structured answer (``format``: "json" or a JSON schema): ``{"answer": text}``, or the smallest value that
+    fits the schema's common keywords (type, properties, required, items, enum, const, minimum, anyOf), so
+    demos of JSON mode get JSON as a grammar-constrained runtime would give it."""
+
+    def value(schema: Any, depth: int = 0) -> Any:
+        if not isinstance(schema, dict) or depth > 8:
+            return text
+        if "const" in schema:
+            return schema["const"]
+        if schema.get("enum"):
+            return schema["enum"][0]
+        for key in ("anyOf", "oneOf", "allOf"):
+            if schema.get(key):
+                return value(schema[key][0], depth + 1)
+        kind = schema.get("type", "object" if "properties" in schema else "string")
+        kind = kind[0] if isinstance(kind, list) and kind else kind
+        if kind == "object":
+            properties = schema.get("properties") or {}
+            return {name: value(properties[name], depth + 1) for name in properties}
+        if kind == "array":
+            return [value(schema.get("items"), depth + 1) for _ in range(int(schema.get("minItems") or 1))]
+        if kind in ("integer", "number"):
+            return schema.get("minimum", 0)
+        if kind == "boolean":
+            return True
+        if kind == "null":
+            return None
+        return text
+
+    return json.dumps({"answer": text} if not isinstance(wanted, dict) else value(wanted), ensure_ascii=False)
 
 
 def guess_model_bytes(model: str) -> int:
@@ -117,17 +152,27 @@ class SimulatedBackend:
         options: dict[str, Any] | None = None,
         assistant_prefix: str | None = None,
         keep_alive: str | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: str | dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> AsyncIterator[ChatEvent]:
         self._require(model)
         self._loaded.add(normalize_model_name(model))
         options = options or {}
         limit = options.get("num_predict", options.get("max_tokens", 48))
         pieces = simulated_text(model, messages, limit if isinstance(limit, int) and limit > 0 else 48)
+        if response_format is not None:  # structured output: JSON, not prose
+            pieces = re.findall(r"\s*\S+", simulated_json(response_format, "".join(pieces).strip()))
         if assistant_prefix:
             full = "".join(pieces)
             if full.startswith(assistant_prefix):
                 rest = full[len(assistant_prefix):]
                 pieces = re.findall(r"\s*\S+", rest)
+        forced = forced_tool(tools, tool_choice)
+        if forced:
+            pieces = []  # a forced call is the whole answer
         await asyncio.sleep(self.ttft_s)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -140,7 +185,33 @@ class SimulatedBackend:
             yield ChatDelta(piece)
         generation_s = max(loop.time() - started, 1e-6)
         prompt_tokens = sum(len(message.content.split()) for message in messages) or 1
-        yield ChatDone("stop", prompt_tokens, len(pieces), generation_s, 0.0)
+        calls = (ToolCall(id=f"call_{len(messages)}", name=forced, arguments="{}"),) if forced else ()
+        yield ChatDone("tool_calls" if calls else "stop", prompt_tokens, len(pieces), generation_s, 0.0,
+                       tool_calls=calls)
+
+
+def forced_tool(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> str | None:
+    """The simulated model calls a tool only when told to (a named function, or ``required``: the first tool)."""
+    if not tools:
+        return None
+    if isinstance(tool_choice, dict):
+        return (tool_choice.get("function") or {}).get("name") or None
+    if tool_choice == "required":
+        return (tools[0].get("function") or {}).get("name") or None
+    return None
+
+    async def embed(self, model: str, inputs: list[str], keep_alive: str | None = None, *,
+                    legacy: bool = False) -> Any:
+        """Eight numbers per text, the same for the same text (demos and tests of the embeddings path)."""
+        from agent.embeddings import EmbedAnswer  # here: agent.embeddings imports this package
+
+        self._require(model)
+        await asyncio.sleep(min(0.05, self.ttft_s))
+        vectors: list[list[float]] = []
+        for text in inputs:
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            vectors.append([round(byte / 255 * 2 - 1, 6) for byte in digest[:8]])
+        return EmbedAnswer(vectors, sum(len(text.split()) for text in inputs))
 
     async def close(self) -> None:
         return None

@@ -15,14 +15,25 @@ from app.store.errors import (
 )
 from app.store.prompt import Citation, build_rag_prompt
 from app.store.rag import Document, RagStore, SearchHit, SearchMode
-from app.store.sessions import ChatMessage, SessionInfo, SessionStore, estimate_tokens
+from app.store.sessions import (
+    SHARED_USER,
+    ChatMessage,
+    ChatSettings,
+    MessageStatus,
+    SessionInfo,
+    SessionStore,
+    estimate_tokens,
+)
 
 __all__ = [
     "BadInputError",
+    "SHARED_USER",
     "ChatMessage",
+    "ChatSettings",
     "Citation",
     "Document",
     "EncryptedDocumentError",
+    "MessageStatus",
     "NotFoundError",
     "RagStore",
     "SearchHit",

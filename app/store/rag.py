@@ -16,10 +16,18 @@ reads run concurrently.
 
 One process owns a data folder at a time: the document list is cached in
 memory, so a second process writing the same folder would not be seen.
+
+Relevance: every hit of a vector or hybrid search carries ``relevance``, the
+cosine similarity of the query and the chunk. Unlike a fused rank score it
+means the same across queries, so a fixed floor (``relevance_floor``,
+calibrated on tests/support/rag_corpus.py, see docs/rag.md) can drop passages
+that are merely the least unrelated ones. A document can be private to its
+uploader (``owner``); it is then listed, searched and deleted only for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -47,12 +55,29 @@ from app.store.chunking import (
 from app.store.embedding import DEFAULT_EMBEDDING_MODEL, Embedder
 from app.store.errors import BadInputError, NotFoundError, StoreError, TooLargeError
 from app.store.extract import ExtractedDocument, detect_format, extract, extract_text, safe_filename
+from app.store.sessions import SHARED_USER
 
 logger = logging.getLogger(__name__)
 
 SearchMode = Literal["hybrid", "vector", "fts"]
 SEARCH_MODES: tuple[str, ...] = ("hybrid", "vector", "fts")
 ProgressCallback = Callable[[float, str], None]
+Match = Literal["strong", "partial", "keyword", "weak"]
+
+EMBEDDING_TEXT_VERSION = 2
+"""What a chunk's embedded text is made of. 1: heading path + chunk; 2: the document's title stands in for the
+heading when the chunk has none (plain text, PDF pages). Documents record theirs; see docs/rag.md, Chunking."""
+RELEVANCE_FLOOR = 0.32
+"""Cosine similarity below which a passage is not cited (all-MiniLM-L6-v2; calibration in docs/rag.md)."""
+STRONG_MATCH = 0.5
+"""Cosine similarity from which a passage is called a strong match."""
+MATCH_LABELS: dict[str, str] = {
+    "strong": "strong match",
+    "partial": "partial match",
+    "keyword": "exact term match",
+    "weak": "weak match",
+}
+"""How each :data:`Match` is said to a user (UI, citations)."""
 
 DOCUMENTS_TABLE = "documents"
 CHUNKS_TABLE = "chunks"
@@ -75,8 +100,14 @@ _DOCUMENTS_SCHEMA = pa.schema(
         pa.field("chunk_count", pa.int32(), nullable=False),
         pa.field("added_at", pa.float64(), nullable=False),
         pa.field("embedding_model", pa.string(), nullable=False),
+        pa.field("owner", pa.string(), nullable=False),
+        pa.field("private", pa.bool_(), nullable=False),
+        pa.field("embedding_text_version", pa.int32(), nullable=False),
     ]
 )
+_ADDED_DOCUMENT_COLUMNS = {"owner": "''", "private": "false", "embedding_text_version": "CAST(1 AS INT)"}
+"""Columns added after the first release, with the SQL default that existing rows get (shared, no owner)."""
+_IDENTIFIER_CHARS = re.compile(r"\w+", re.UNICODE)
 
 
 def _chunks_schema(dimension: int) -> pa.Schema:
@@ -112,12 +143,21 @@ class Document(BaseModel):
     sha256: str
     embedding_model: str
     duplicate: bool = False
+    owner: str = ""
+    private: bool = False
+    embedding_text_version: int = 1
+
+    def visible_to(self, user: str | None) -> bool:
+        """Shared documents are everybody's; a private one only its owner's (None: the shared user, i.e. no login)."""
+        return not self.private or self.owner == (user or SHARED_USER)
 
 
 class SearchHit(BaseModel):
     """One retrieved chunk. ``score`` is higher-is-better; its scale depends on ``mode``.
 
-    vector: cosine similarity (-1..1); fts: BM25; hybrid: reciprocal-rank-fusion sum.
+    vector: cosine similarity (-1..1); fts: BM25; hybrid: reciprocal-rank-fusion sum. ``relevance`` is the
+    cosine similarity in every mode but fts (None there: keyword search does not load the model), and
+    ``match`` says it in words: strong, partial, weak (below the floor), or keyword (an exact term or fts).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -133,6 +173,12 @@ class SearchHit(BaseModel):
     char_start: int
     char_end: int
     mode: SearchMode
+    relevance: float | None = None
+    match: Match = "partial"
+
+    @property
+    def match_label(self) -> str:
+        return MATCH_LABELS[self.match]
 
     @property
     def location(self) -> str | None:
@@ -165,6 +211,7 @@ class RagStore:
         device: str | None = None,
         embedding_threads: int | None = 1,
         embedder: Embedder | None = None,
+        relevance_floor: float = RELEVANCE_FLOOR,
     ) -> None:
         """See docs/rag.md for every setting.
 
@@ -187,6 +234,9 @@ class RagStore:
         self.max_chars = max_upload_bytes * 4  # text from compressed formats (DOCX, PDF streams) can outgrow the upload
         self.default_mode: SearchMode = default_mode
         self.rrf_k = rrf_k
+        if not -1.0 <= relevance_floor <= 1.0:
+            raise BadInputError("relevance_floor is a cosine similarity, from -1 to 1")
+        self.relevance_floor = relevance_floor
         self.batch_size = batch_size
         self._chunking = {"max_words": max_words, "min_words": min_words, "overlap_words": overlap_words}
         self.embedder = embedder or Embedder(embedding_model, device=device, threads=embedding_threads)
@@ -194,31 +244,48 @@ class RagStore:
         self._write_lock = threading.RLock()
         self._state_lock = threading.Lock()
         self._documents: dict[str, Document] = {}
-        self._by_sha: dict[str, str] = {}
         self._pending: set[str] = set()
         self._inflight: dict[str, threading.Event] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rag-search")
+        self._vectors: _VectorSnapshot | None = None
+        self._vectors_lock = threading.Lock()
 
         self._db = lancedb.connect(str(self.db_dir))
         names = set(self._table_names())
         if DOCUMENTS_TABLE in names:
             self._documents_table = self._db.open_table(DOCUMENTS_TABLE)
+            self._add_missing_document_columns()
         else:
             self._documents_table = self._db.create_table(DOCUMENTS_TABLE, schema=_DOCUMENTS_SCHEMA)
         self._chunks_table: Any = self._db.open_table(CHUNKS_TABLE) if CHUNKS_TABLE in names else None
         for row in self._documents_table.to_arrow().to_pylist():
             document = self._document_from_row(row)
             self._documents[document.id] = document
-            self._by_sha[document.sha256] = document.id
         self._remove_orphan_chunks()
         logger.info("RAG store at %s: %d documents", self.db_dir, len(self._documents))
+        outdated = sum(doc.embedding_text_version < EMBEDDING_TEXT_VERSION for doc in self._documents.values())
+        if outdated:
+            logger.info(
+                "%d documents were embedded before document titles were (version %d); they are searched as they are, "
+                "reindex() re-embeds them",
+                outdated, EMBEDDING_TEXT_VERSION,
+            )  # fmt: skip
 
     # -- public API: documents ---------------------------------------------------
 
     def add_file(
-        self, path: Path | str, *, name: str | None = None, progress: ProgressCallback | None = None
+        self,
+        path: Path | str,
+        *,
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+        owner: str | None = None,
+        private: bool = False,
     ) -> Document:
-        """Ingest a file from disk; ``name`` (default: the file's base name) decides the format and is shown."""
+        """Ingest a file from disk; ``name`` (default: the file's base name) decides the format and is shown.
+
+        ``owner`` is the uploader (None: no login); ``private`` keeps the document to them.
+        """
         path = Path(path)
         display_name = safe_filename(name if name is not None else path.name)
         detect_format(display_name)
@@ -229,9 +296,17 @@ class RagStore:
         if not path.is_file():
             raise BadInputError(f"{display_name!r} is not a regular file")
         self._check_size(size, display_name)
-        return self.add_bytes(path.read_bytes(), display_name, progress=progress)
+        return self.add_bytes(path.read_bytes(), display_name, progress=progress, owner=owner, private=private)
 
-    def add_bytes(self, data: bytes, filename: str, *, progress: ProgressCallback | None = None) -> Document:
+    def add_bytes(
+        self,
+        data: bytes,
+        filename: str,
+        *,
+        progress: ProgressCallback | None = None,
+        owner: str | None = None,
+        private: bool = False,
+    ) -> Document:
         """Ingest uploaded bytes; only the base name of ``filename`` is kept."""
         name = safe_filename(filename)
         detect_format(name)
@@ -242,11 +317,18 @@ class RagStore:
         if not data:
             raise BadInputError(f"{name!r} is empty")
         return self._ingest(
-            data, name, lambda: extract(data, name, max_chars=self.max_chars), len(data), progress or _progress_noop
+            data, name, lambda: extract(data, name, max_chars=self.max_chars), len(data), progress or _progress_noop,
+            owner=owner or SHARED_USER, private=private,
         )
 
     def add_text(
-        self, text: str, name: str = "pasted text.txt", *, progress: ProgressCallback | None = None
+        self,
+        text: str,
+        name: str = "pasted text.txt",
+        *,
+        progress: ProgressCallback | None = None,
+        owner: str | None = None,
+        private: bool = False,
     ) -> Document:
         """Ingest raw text; a name ending in .md is split by markdown headings."""
         if not isinstance(text, str):
@@ -258,31 +340,35 @@ class RagStore:
             raise BadInputError(f"{clean_name!r} is empty")
         fmt = "markdown" if clean_name.lower().endswith((".md", ".markdown")) else "text"
         return self._ingest(
-            encoded, clean_name, lambda: extract_text(text, fmt), len(encoded), progress or _progress_noop
+            encoded, clean_name, lambda: extract_text(text, fmt), len(encoded), progress or _progress_noop,
+            owner=owner or SHARED_USER, private=private,
         )
 
-    def list_documents(self) -> list[Document]:
-        """Every ready document, newest first."""
+    def list_documents(self, user: str | None = None) -> list[Document]:
+        """Every ready document ``user`` may see (shared ones and their own private ones), newest first."""
         with self._state_lock:
-            documents = list(self._documents.values())
+            documents = [document for document in self._documents.values() if document.visible_to(user)]
         return sorted(documents, key=lambda document: document.added_at, reverse=True)
 
-    def get_document(self, document_id: str) -> Document:
+    def get_document(self, document_id: str, user: str | None = None) -> Document:
         with self._state_lock:
             document = self._documents.get(document_id) if isinstance(document_id, str) else None
-        if document is None:
+        if document is None or not document.visible_to(user):
             raise NotFoundError(f"document {document_id!r} does not exist")
         return document
 
-    def delete_document(self, document_id: str) -> None:
-        """Delete a document and every chunk of it; it disappears from search at once."""
+    def delete_document(self, document_id: str, user: str | None = None) -> None:
+        """Delete a document and every chunk of it; it disappears from search at once.
+
+        Anyone may delete a shared document; a private one only its owner (to others it does not exist).
+        """
         if not isinstance(document_id, str) or not _DOCUMENT_ID.match(document_id):
             raise NotFoundError(f"document {document_id!r} does not exist")
         with self._state_lock:
-            document = self._documents.pop(document_id, None)
-            if document is None:
+            document = self._documents.get(document_id)
+            if document is None or not document.visible_to(user):
                 raise NotFoundError(f"document {document_id!r} does not exist")
-            self._by_sha.pop(document.sha256, None)
+            del self._documents[document_id]
         with self._write_lock:
             # The row goes first: if the chunk delete fails, the chunks are orphans (hidden, removed at next start).
             try:
@@ -290,11 +376,11 @@ class RagStore:
             except Exception as error:  # noqa: BLE001 - put the document back: it is still stored
                 with self._state_lock:
                     self._documents[document_id] = document
-                    self._by_sha[document.sha256] = document_id
                 raise StoreError(f"deleting document {document.name!r} failed: {error}") from error
             try:
                 if self._chunks_table is not None:
                     self._chunks_table.delete(f"doc_id = '{document_id}'")
+                self._refresh_vectors()
                 self._maintain_locked()
             except Exception:  # noqa: BLE001 - the document is gone; leftover chunks are hidden and removed at restart
                 logger.error("removing the chunks of deleted document %s failed", document_id, exc_info=True)
@@ -315,8 +401,22 @@ class RagStore:
 
     # -- public API: search --------------------------------------------------------
 
-    def search(self, query: str, k: int = 5, mode: SearchMode | None = None) -> list[SearchHit]:
-        """The ``k`` best chunks for ``query``, best first (hybrid by default)."""
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        mode: SearchMode | None = None,
+        *,
+        min_relevance: float | None = None,
+        user: str | None = None,
+    ) -> list[SearchHit]:
+        """The ``k`` best chunks for ``query`` that ``user`` may see, best first (hybrid by default).
+
+        In vector and hybrid mode a chunk is kept only when its cosine similarity to the query reaches
+        ``min_relevance`` (default: the store's ``relevance_floor``) or it contains a code-like query term
+        verbatim (``E1074``, ``max_queued_messages``), which embeddings blur; so fewer than ``k`` may come back,
+        or none when nothing is related. fts mode is keyword search: no floor.
+        """
         mode = mode or self.default_mode
         if mode not in SEARCH_MODES:
             raise BadInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
@@ -326,32 +426,45 @@ class RagStore:
             raise TooLargeError(f"search query has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
         if not isinstance(k, int) or not 1 <= k <= MAX_K:
             raise BadInputError(f"k must be an integer from 1 to {MAX_K}")
+        floor = self.relevance_floor if min_relevance is None else float(min_relevance)
         self._check_model()
         table = self._chunks_table
         with self._state_lock:
             if table is None or not self._documents:
                 return []
-            excluded = sorted(self._pending)
+            names = {doc_id: doc.name for doc_id, doc in self._documents.items() if doc.visible_to(user)}
+            hidden = [doc_id for doc_id in self._documents if doc_id not in names]
+            excluded = sorted(self._pending.union(hidden))
+        if not names:
+            return []
         where = "doc_id NOT IN ({})".format(", ".join(f"'{doc_id}'" for doc_id in excluded)) if excluded else None
         candidates = k if mode != "hybrid" else max(20, 3 * k)
         candidates += 5  # slack for hits dropped below (documents deleted a moment ago)
         fts_rows: list[dict[str, Any]] = []
         vector_rows: list[dict[str, Any]] = []
         # Hybrid: the keyword search runs in a worker while this thread embeds the query (torch releases the GIL).
-        fts_future = self._executor.submit(_fts_rows, table, query, where, candidates) if mode == "hybrid" else None
+        fts_future = (
+            self._executor.submit(_fts_rows, table, query, where, candidates, True) if mode == "hybrid" else None
+        )
         if mode == "fts":
             fts_rows = _fts_rows(table, query, where, candidates)
-        if mode in ("vector", "hybrid"):
-            vector_rows = _vector_rows(table, self.embedder.encode([query])[0], where, candidates)
+        query_vector = self.embedder.encode_query(query) if mode != "fts" else None
+        if query_vector is not None:
+            vector_rows = self._vector_snapshot(table).search(query_vector, names, candidates)
         if fts_future is not None:
             fts_rows = fts_future.result()
+            for row in fts_rows:  # a keyword hit's meaning is measured too, so the floor treats both lists alike
+                row["relevance"] = float(np.dot(np.asarray(row.pop("vector"), dtype=np.float32), query_vector))
         rows = _rrf([vector_rows, fts_rows], self.rrf_k) if mode == "hybrid" else vector_rows or fts_rows
+        terms = _identifier_terms(query)
         hits: list[SearchHit] = []
-        with self._state_lock:
-            names = {doc_id: document.name for doc_id, document in self._documents.items()}
         for row in rows:
             name = names.get(row["doc_id"])
             if name is None:
+                continue
+            relevance = row.get("relevance")
+            exact = bool(terms & _words(f"{row['heading'] or ''} {row['text']}")) if terms else False
+            if relevance is not None and relevance < floor and not exact:
                 continue
             hits.append(
                 SearchHit(
@@ -366,11 +479,34 @@ class RagStore:
                     char_start=row["char_start"],
                     char_end=row["char_end"],
                     mode=mode,
+                    relevance=relevance,
+                    match=match_of(relevance, exact, self.relevance_floor),
                 )
             )
             if len(hits) == k:
                 break
         return hits
+
+
+    def _vector_snapshot(self, table: Any) -> _VectorSnapshot:
+        snapshot = self._vectors
+        if snapshot is None or snapshot.table is not table:
+            with self._write_lock:  # a writer may be replacing it; read the table once, not once per waiting search
+                snapshot = self._vectors
+                if snapshot is None or snapshot.table is not table:
+                    snapshot = self._refresh_vectors()
+        return snapshot
+
+    def _refresh_vectors(self) -> _VectorSnapshot:
+        """Read every chunk's vector and result columns into memory (under the write lock: after each write).
+
+        Why in memory: LanceDB's exact (flat) search over 20,000 rows took 40-65 ms here, mostly reading and
+        converting; a matrix product over the same vectors takes ~2 ms (docs/rag.md, Search speed).
+        """
+        with self._write_lock:
+            snapshot = _VectorSnapshot.load(self._chunks_table)
+            self._vectors = snapshot
+        return snapshot
 
     # -- model changes ---------------------------------------------------------------
 
@@ -388,8 +524,10 @@ class RagStore:
             columns = [name for name in _chunks_schema(1).names if name != "vector"]
             rows = self._chunks_table.to_arrow().select(columns)
             texts = [
-                _embedding_text(heading, text)
-                for heading, text in zip(rows["heading"].to_pylist(), rows["text"].to_pylist(), strict=True)
+                _embedding_text(heading, text, name)
+                for heading, text, name in zip(
+                    rows["heading"].to_pylist(), rows["text"].to_pylist(), rows["doc_name"].to_pylist(), strict=True
+                )
             ]
             vectors: list[np.ndarray] = []
             for start in range(0, len(texts), self.batch_size):
@@ -400,11 +538,13 @@ class RagStore:
             table = rows.append_column("vector", _vector_array(matrix, dimension)).cast(_chunks_schema(dimension))
             self._chunks_table = self._db.create_table(CHUNKS_TABLE, data=table, mode="overwrite")
             self._create_fts_index(self._chunks_table)
+            self._refresh_vectors()
+            current = {"embedding_model": self.embedding_model, "embedding_text_version": EMBEDDING_TEXT_VERSION}
             if self._documents_table.count_rows():
-                self._documents_table.update(values={"embedding_model": self.embedding_model})
+                self._documents_table.update(values=current)
             with self._state_lock:
                 for doc_id, document in list(self._documents.items()):
-                    self._documents[doc_id] = document.model_copy(update={"embedding_model": self.embedding_model})
+                    self._documents[doc_id] = document.model_copy(update=current)
             self._maintain_locked()
         report(1.0, f"re-embedded {len(texts)} chunks with {self.embedding_model}")
         logger.info("re-embedded %d chunks with %s", len(texts), self.embedding_model)
@@ -419,15 +559,19 @@ class RagStore:
         read: Callable[[], ExtractedDocument],
         size_bytes: int,
         report: ProgressCallback,
+        *,
+        owner: str,
+        private: bool,
     ) -> Document:
         """Extract, chunk, embed and store one document, or leave nothing behind."""
+        if not isinstance(owner, str) or not isinstance(private, bool):
+            raise BadInputError("owner must be a user name and private true or false")
         self._check_model()
         sha256 = hashlib.sha256(raw).hexdigest()
         while True:
             with self._state_lock:
-                existing_id = self._by_sha.get(sha256)
-                if existing_id is not None:
-                    existing = self._documents[existing_id]
+                existing = self._same_upload(sha256, owner, private)
+                if existing is not None:
                     logger.info("upload %s has the same content as document %s (%s)", name, existing.id, existing.name)
                     report(1.0, f"already uploaded as {existing.name}")
                     return existing.model_copy(update={"duplicate": True})
@@ -451,17 +595,21 @@ class RagStore:
             with self._state_lock:
                 self._pending.add(document_id)
             table = self._ensure_chunks_table()
+            embedding_started = time.perf_counter()
             for start in range(0, len(chunks), self.batch_size):
                 batch = chunks[start : start + self.batch_size]
                 vectors = self.embedder.encode(
-                    [_embedding_text(chunk.heading, chunk.text) for chunk in batch], batch_size=self.batch_size
+                    [_embedding_text(chunk.heading, chunk.text, name) for chunk in batch], batch_size=self.batch_size
                 )
                 rows = _chunk_rows(document_id, name, batch, vectors, self.embedder.dimension)
                 with self._write_lock:
                     wrote_chunks = True
                     table.add(rows)
                 done_count = start + len(batch)
-                report(0.1 + 0.85 * done_count / len(chunks), f"embedded {done_count}/{len(chunks)} chunks")
+                report(
+                    0.1 + 0.85 * done_count / len(chunks),
+                    embedding_progress(done_count, len(chunks), time.perf_counter() - embedding_started),
+                )
             document = Document(
                 id=document_id,
                 name=name,
@@ -472,13 +620,16 @@ class RagStore:
                 added_at=datetime.now(tz=timezone.utc),
                 sha256=sha256,
                 embedding_model=self.embedding_model,
+                embedding_text_version=EMBEDDING_TEXT_VERSION,
+                owner=owner,
+                private=private,
             )
             report(0.97, "indexing")
             with self._write_lock:
                 self._documents_table.add(pa.Table.from_pylist([_document_row(document)], schema=_DOCUMENTS_SCHEMA))
+                self._refresh_vectors()  # before the document is visible, so vector search finds it at once
                 with self._state_lock:
                     self._documents[document_id] = document
-                    self._by_sha[sha256] = document_id
                     self._pending.discard(document_id)
                 try:
                     self._maintain_locked()
@@ -501,6 +652,14 @@ class RagStore:
         )  # fmt: skip
         report(1.0, f"ready: {len(chunks)} chunks")
         return document
+
+    def _same_upload(self, sha256: str, owner: str, private: bool) -> Document | None:
+        """An earlier upload of the same bytes that this one would duplicate: shared with shared, or the same
+        owner's private one (a private copy someone else holds must not answer for, or leak into, this one)."""
+        for document in self._documents.values():
+            if document.sha256 == sha256 and document.private == private and (not private or document.owner == owner):
+                return document
+        return None
 
     def _discard(self, document_id: str, wrote_chunks: bool) -> None:
         """Remove every trace of a failed ingestion; never raises over the original error."""
@@ -548,6 +707,15 @@ class RagStore:
             if table is not None:
                 table.optimize(cleanup_older_than=VERSION_RETENTION)
 
+    def _add_missing_document_columns(self) -> None:
+        """Tables written before private documents existed get ``owner`` and ``private`` (shared) in place."""
+        present = set(self._documents_table.schema.names)
+        missing = {name: default for name, default in _ADDED_DOCUMENT_COLUMNS.items() if name not in present}
+        if missing:
+            with self._write_lock:
+                self._documents_table.add_columns(missing)
+            logger.info("documents table: added columns %s (existing documents stay shared)", ", ".join(missing))
+
     def _remove_orphan_chunks(self) -> None:
         """Delete chunks whose document row was never written (a crash mid-ingestion)."""
         if self._chunks_table is None:
@@ -561,6 +729,7 @@ class RagStore:
                 ids = ", ".join(f"'{doc_id}'" for doc_id in orphans[start : start + 100] if _DOCUMENT_ID.match(doc_id))
                 if ids:
                     self._chunks_table.delete(f"doc_id IN ({ids})")
+            self._refresh_vectors()
             self._maintain_locked()
         logger.warning("removed chunks of %d unfinished documents (interrupted uploads)", len(orphans))
 
@@ -601,36 +770,171 @@ class RagStore:
             added_at=datetime.fromtimestamp(row["added_at"], tz=timezone.utc),
             sha256=row["sha256"],
             embedding_model=row["embedding_model"],
+            owner=row.get("owner") or "",
+            private=bool(row.get("private")),
+            embedding_text_version=row.get("embedding_text_version") or 1,
         )
 
 
 # -- helpers -------------------------------------------------------------------------
 
 
-def _vector_rows(table: Any, vector: np.ndarray, where: str | None, limit: int) -> list[dict[str, Any]]:
-    # Vectors are unit length, so dot product equals cosine similarity and is cheaper ("dot" distance = 1 - dot).
-    builder = table.search(vector, vector_column_name="vector").distance_type("dot")
-    if where:
-        builder = builder.where(where, prefilter=True)
-    rows = builder.select([*_RESULT_COLUMNS, "_distance"]).limit(limit).to_list()
-    for row in rows:
-        row["score"] = 1.0 - float(row.pop("_distance"))
-    return rows
+_blas_controller: Any = None
+_blas_controller_lock = threading.Lock()
 
 
-def _fts_rows(table: Any, query: str, where: str | None, limit: int) -> list[dict[str, Any]]:
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """Run the similarity product on one BLAS thread (threadpoolctl; a no-op without it).
+
+    Why: OpenBLAS splits even a 20,000 x 384 product over every core; on a busy 2-core host a preempted
+    helper thread stalls the rest, as with torch (docs/rag.md, CPU threads): p95 49 ms against 7 ms on one thread.
+    """
+    global _blas_controller
+    if _blas_controller is None:
+        with _blas_controller_lock:
+            if _blas_controller is None:
+                try:
+                    from threadpoolctl import ThreadpoolController
+
+                    _blas_controller = ThreadpoolController()
+                except ImportError:
+                    _blas_controller = False
+    if _blas_controller is False:
+        return contextlib.nullcontext()
+    return _blas_controller.limit(limits=1, user_api="blas")
+
+
+class _VectorSnapshot:
+    """Every chunk's unit vector as one float32 matrix, and its result columns, as of one table version.
+
+    Immutable once built; a write builds a new one and swaps the reference, so searches never lock. Rows of
+    documents that are pending, deleted a moment ago or not visible to the asker are masked by document id.
+    """
+
+    def __init__(self, table: Any, rows: pa.Table, matrix: np.ndarray) -> None:
+        self.table = table
+        self.rows = rows
+        self.matrix = matrix
+        doc_ids = rows.column("doc_id").combine_chunks().dictionary_encode() if rows.num_rows else None
+        self.doc_ids: list[str] = doc_ids.dictionary.to_pylist() if doc_ids is not None else []
+        self.doc_codes = (
+            doc_ids.indices.to_numpy(zero_copy_only=False) if doc_ids is not None else np.zeros(0, dtype=np.int32)
+        )
+
+    @classmethod
+    def load(cls, table: Any) -> _VectorSnapshot:
+        if table is None:
+            return cls(None, pa.table({name: [] for name in _RESULT_COLUMNS}), np.zeros((0, 0), dtype=np.float32))
+        arrow = table.to_arrow()
+        vectors = arrow.column("vector").combine_chunks()
+        dimension = vectors.type.list_size
+        matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
+        return cls(table, arrow.select(_RESULT_COLUMNS).combine_chunks(), np.ascontiguousarray(matrix))
+
+    def search(self, vector: np.ndarray, visible: dict[str, str], limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most similar chunks of ``visible`` documents, best first, as result rows.
+
+        Vectors are unit length, so the dot product is the cosine similarity; ties go to the earlier row.
+        """
+        if not len(self.doc_codes):
+            return []
+        with _one_blas_thread():
+            scores = self.matrix @ vector.astype(np.float32, copy=False)
+        allowed = np.fromiter((doc_id in visible for doc_id in self.doc_ids), dtype=bool, count=len(self.doc_ids))
+        if not allowed.all():
+            scores[~allowed[self.doc_codes]] = -np.inf
+        limit = min(limit, int(np.count_nonzero(scores > -np.inf)))
+        if limit <= 0:
+            return []
+        top = np.argpartition(-scores, limit - 1)[:limit] if limit < len(scores) else np.arange(len(scores))
+        top = top[np.lexsort((top, -scores[top]))]
+        rows = self.rows.take(pa.array(top)).to_pylist()
+        for row, index in zip(rows, top, strict=True):
+            row["score"] = row["relevance"] = float(scores[index])
+        return rows
+
+
+def _fts_rows(
+    table: Any, query: str, where: str | None, limit: int, with_vectors: bool = False
+) -> list[dict[str, Any]]:
     builder = table.search(query, query_type="fts", fts_columns="search_text")
     if where:
         builder = builder.where(where, prefilter=True)
-    rows = builder.select([*_RESULT_COLUMNS, "_score"]).limit(limit).to_list()
+    columns = [*_RESULT_COLUMNS, "_score", *(["vector"] if with_vectors else [])]
+    rows = builder.select(columns).limit(limit).to_list()
     for row in rows:
         row["score"] = float(row.pop("_score"))
     return rows
 
 
-def _embedding_text(heading: str | None, text: str) -> str:
-    """What the model embeds: the heading path gives a short chunk its topic."""
-    return f"{heading}\n\n{text}" if heading else text
+def match_of(relevance: float | None, exact: bool, floor: float = RELEVANCE_FLOOR) -> Match:
+    """Strong, partial or weak by cosine similarity; keyword for fts (no similarity) or an exact code below."""
+    if relevance is None:
+        return "keyword"
+    if relevance >= STRONG_MATCH:
+        return "strong"
+    if relevance >= floor:
+        return "partial"
+    return "keyword" if exact else "weak"
+
+
+def embedding_progress(done: int, total: int, elapsed_s: float) -> str:
+    """``embedded 48/210 chunks, about 20 s left``: the time left from the rate measured so far."""
+    text = f"embedded {done}/{total} chunks"
+    if done <= 0 or done >= total or elapsed_s <= 0:
+        return text
+    seconds_left = (total - done) * elapsed_s / done
+    return f"{text}, about {duration_words(seconds_left)} left"
+
+
+def duration_words(seconds: float) -> str:
+    """``8 s``, ``3 min 20 s``, ``1 h 5 min``: rounded so the estimate does not claim more precision than it has."""
+    seconds = max(1, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 600:
+        minutes, rest = divmod(round(seconds / 10) * 10, 60)
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(word.lower() for word in _IDENTIFIER_CHARS.findall(text))
+
+
+def _identifier_terms(query: str) -> frozenset[str]:
+    """The query's code-like words: letters with digits (``E1074``, ``WPA3``) or joined by ``_``.
+
+    Embeddings place neighbouring codes close together and a code's own chunk may score under the floor,
+    while the exact word in the chunk is strong evidence; plain numbers (``17``, ``1998``) are not codes.
+    """
+    terms = set()
+    for word in _IDENTIFIER_CHARS.findall(query):
+        has_letter = any(character.isalpha() for character in word)
+        has_digit = any(character.isdigit() for character in word)
+        if len(word) >= 2 and has_letter and (has_digit or "_" in word.strip("_")):
+            terms.add(word.lower())
+    return frozenset(terms)
+
+
+def document_title(name: str) -> str:
+    """A document's name as words: ``timeout.1.txt`` → ``timeout.1``, ``error_codes.md`` → ``error codes``."""
+    stem = name.rsplit(".", 1)[0] if "." in name.strip(".") else name
+    return re.sub(r"[_\s]+", " ", stem).strip() or name
+
+
+def _embedding_text(heading: str | None, text: str, document_name: str | None = None) -> str:
+    """What the model embeds: the heading path gives a short chunk its topic; without one, the document's title.
+
+    Why the title only when there is no heading: with it, plain-text and PDF chunks know what they are about
+    (held-out passage recall up in hybrid mode); put in front of a markdown heading path as well, it cost the
+    labelled corpus a rank-1 answer (docs/rag.md, Held-out recall).
+    """
+    header = heading or (document_title(document_name) if document_name else None)
+    return f"{header}\n\n{text}" if header else text
 
 
 def _vector_array(matrix: np.ndarray, dimension: int) -> pa.FixedSizeListArray:
@@ -668,6 +972,9 @@ def _document_row(document: Document) -> dict[str, Any]:
         "chunk_count": document.chunk_count,
         "added_at": document.added_at.timestamp(),
         "embedding_model": document.embedding_model,
+        "owner": document.owner,
+        "private": document.private,
+        "embedding_text_version": document.embedding_text_version,
     }
 
 
@@ -696,7 +1003,12 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[str]], rrf_k: int = 60) -
 
 
 __all__ = [
+    "MATCH_LABELS",
+    "RELEVANCE_FLOOR",
+    "STRONG_MATCH",
     "Document",
+    "Match",
+    "match_of",
     "ProgressCallback",
     "RagStore",
     "SearchHit",

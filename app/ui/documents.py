@@ -3,7 +3,12 @@
 Uploads are embedded on the CPU, so they have a concurrency limit of their
 own (``upload_concurrency``), apart from chat; Gradio refuses files over
 ``max_file_size`` before they reach us, and the RAG store checks again and
-keeps only the base name of every file.
+keeps only the base name of every file. While a file is embedded the progress
+line says how many chunks are done and about how long is left.
+
+Documents are shared unless the uploader ticks *Private*; every call names the
+user (``user_of(request)``), so a private document is listed, searched, cited
+and deleted only for its owner (without a login everybody is the same user).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from app.service import AppService
 from app.store.extract import SUPPORTED_EXTENSIONS
 from app.ui.documents_render import documents_frame, search_markdown
 from app.ui.errors import warn
+from app.ui.users import user_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,12 @@ def _uploaded_paths(files: Any) -> list[str]:
 
 
 async def add_files(
-    service: AppService, files: Any, progress: gr.Progress | None = None
+    service: AppService,
+    files: Any,
+    progress: gr.Progress | None = None,
+    *,
+    owner: str | None = None,
+    private: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Ingest uploaded files one after another; one bad file does not stop the others."""
     paths = _uploaded_paths(files)
@@ -47,7 +58,9 @@ async def add_files(
 
         report(0.0, "reading")
         try:
-            document = await service.documents.add_file(path, name=name, progress=report)
+            document = await service.documents.add_file(
+                path, name=name, progress=report, owner=owner, private=bool(private)
+            )
         except AppError as error:
             errors.append(f"{name}: {error}")
             continue
@@ -71,11 +84,17 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
                 elem_id="slb-upload",
                 height=140,
             )
+            private = gr.Checkbox(
+                label="Private: only I can search it",
+                value=False,
+                elem_id="slb-doc-private",
+                info="Shared documents are searched for everyone who logs in; without a login all are shared.",
+            )
             add_button = gr.Button("Add to library", variant="primary", elem_id="slb-add-docs")
             with gr.Accordion("…or paste text", open=False):
-                paste_name = gr.Textbox(label="Name", value="notes.md", max_lines=1)
-                paste_text = gr.Textbox(label="Text", lines=6)
-                paste_button = gr.Button("Add text")
+                paste_name = gr.Textbox(label="Name", value="notes.md", max_lines=1, elem_id="slb-paste-name")
+                paste_text = gr.Textbox(label="Text", lines=6, elem_id="slb-paste-text")
+                paste_button = gr.Button("Add text", elem_id="slb-paste-add")
             result = gr.Markdown(elem_id="slb-upload-result", min_height=60)
         with gr.Column(scale=3):
             table = gr.Dataframe(
@@ -94,66 +113,79 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
         search_button = gr.Button("Search", scale=1, elem_id="slb-search-button")
     hits = gr.Markdown(elem_id="slb-search-results")
 
-    async def library() -> tuple[Any, Any]:
+    async def library(request: gr.Request) -> tuple[Any, Any]:
         try:
-            documents = await service.documents.list_documents()
+            documents = await service.documents.list_documents(user_of(request))
         except AppError as error:
             warn(error)
             documents = []
         except Exception:  # noqa: BLE001 - opening LanceDB or the model fails in many ways; the log says why
             logger.warning("listing documents failed", exc_info=True)
             documents = []
-        choices = [(f"{document.name} ({document.id[:8]})", document.id) for document in documents]
+        choices = [
+            (f"{document.name} ({document.id[:8]}{', private' if document.private else ''})", document.id)
+            for document in documents
+        ]
         return documents_frame(documents), gr.update(choices=choices, value=None)
 
-    async def upload(files_value: Any, progress: gr.Progress = gr.Progress()):  # noqa: B008 - Gradio's idiom
+    async def upload(
+        files_value: Any, private_value: bool, request: gr.Request, progress: gr.Progress = gr.Progress()  # noqa: B008
+    ):
         if not files_value:
             gr.Warning("Choose one or more files first.")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        added, errors = await add_files(service, files_value, progress)
+        added, errors = await add_files(
+            service, files_value, progress, owner=user_of(request), private=bool(private_value)
+        )
         lines = [
             f"Added **{markdown_literal(document['name'])}**: {document['chunk_count']} chunks"
             + (" (already in the library)" if document.get("duplicate") else "")
+            + (", private" if document.get("private") else "")
             for document in added
         ]
         lines += [f"Failed: {markdown_literal(error)}" for error in errors]
-        frame, choices = await library()
+        frame, choices = await library(request)
         return "\n\n".join(lines), frame, choices, None
 
-    async def paste(name: str, text: str, progress: gr.Progress = gr.Progress()):  # noqa: B008
+    async def paste(
+        name: str, text: str, private_value: bool, request: gr.Request, progress: gr.Progress = gr.Progress()  # noqa: B008
+    ):
         try:
             document = await service.documents.add_text(
-                text or "", name or "pasted text.txt", progress=lambda f, m: progress(f, desc=m)
+                text or "", name or "pasted text.txt", progress=lambda f, m: progress(f, desc=m),
+                owner=user_of(request), private=bool(private_value),
             )
         except AppError as error:
             return f"Failed: {markdown_literal(error)}", gr.skip(), gr.skip()
-        frame, choices = await library()
-        return f"Added **{markdown_literal(document.name)}**: {document.chunk_count} chunks", frame, choices
+        frame, choices = await library(request)
+        note = ", private" if document.private else ""
+        return f"Added **{markdown_literal(document.name)}**: {document.chunk_count} chunks{note}", frame, choices
 
-    async def delete(document_id: str | None):
+    async def delete(document_id: str | None, request: gr.Request):
         if not document_id:
             gr.Warning("Choose a document to delete.")
             return gr.skip(), gr.skip(), gr.skip()
         try:
-            await service.documents.delete_document(document_id)
+            await service.documents.delete_document(document_id, user_of(request))
         except AppError as error:
             return f"Failed: {markdown_literal(error)}", gr.skip(), gr.skip()
-        frame, choices = await library()
+        frame, choices = await library(request)
         return "Deleted.", frame, choices
 
-    async def search(text: str):
+    async def search(text: str, request: gr.Request):
         text = (text or "").strip()
         if not text:
             return "Type something to search for."
         try:
-            found = await service.documents.search(text, 5)
+            # Weak matches are shown too (marked as not used in answers), so a user sees why nothing was cited.
+            found = await service.documents.search(text, 5, min_relevance=0.0, user=user_of(request))
         except AppError as error:
             return f"Failed: {markdown_literal(error)}"
         return search_markdown(text, found)
 
-    add_button.click(upload, files, [result, table, to_delete, files], api_name="ui_upload",
+    add_button.click(upload, [files, private], [result, table, to_delete, files], api_name="ui_upload",
                      api_visibility="undocumented", show_progress_on=result, **uploads)
-    paste_button.click(paste, [paste_name, paste_text], [result, table, to_delete], api_name="ui_paste",
+    paste_button.click(paste, [paste_name, paste_text, private], [result, table, to_delete], api_name="ui_paste",
                        api_visibility="undocumented", show_progress_on=result, **uploads)
     delete_button.click(delete, to_delete, [result, table, to_delete], api_name="ui_delete_document",
                         api_visibility="undocumented", concurrency_limit=None)

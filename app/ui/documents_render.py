@@ -8,6 +8,7 @@ import pandas as pd
 
 from app.markup import markdown_literal
 from app.store import Document, SearchHit
+from app.store.prompt import relevance_words
 
 CSS = ""
 """Styles of the Documents tab (added to the page's CSS by app/ui/__init__.py)."""
@@ -21,11 +22,12 @@ def documents_frame(documents: Sequence[Document]) -> pd.DataFrame:
             "Size": _size(document.size_bytes),
             "Chunks": document.chunk_count,
             "Added": document.added_at.astimezone().strftime("%Y-%m-%d %H:%M"),
+            "Access": "private" if document.private else "shared",
             "Id": document.id[:8],
         }
         for document in documents
     ]
-    return pd.DataFrame(rows, columns=["Name", "Format", "Size", "Chunks", "Added", "Id"])
+    return pd.DataFrame(rows, columns=["Name", "Format", "Size", "Chunks", "Added", "Access", "Id"])
 
 
 def _size(size: int) -> str:
@@ -38,7 +40,11 @@ def _size(size: int) -> str:
 
 
 def search_markdown(query: str, hits: Sequence[SearchHit]) -> str:
-    """Search results for a ``gr.Markdown``: the documents' text is literal (a passage may hold markup)."""
+    """Search results for a ``gr.Markdown``: the documents' text is literal (a passage may hold markup).
+
+    Relevance is said in words (strong / partial / weak match), never as the raw score: a fused rank score
+    like 0.033 means nothing to a reader. Weak matches are marked as not used in answers.
+    """
     if not hits:
         return f"No passage matches *{markdown_literal(query)}*."
     blocks = []
@@ -47,6 +53,9 @@ def search_markdown(query: str, hits: Sequence[SearchHit]) -> str:
         text = " ".join(hit.text.split())
         if len(text) > 600:
             text = text[:600] + "…"
-        blocks.append(f"**{rank}. {markdown_literal(hit.document_name)}**{location} · score {hit.score:.3f}\n\n"
+        words = relevance_words(hit.match)
+        if hit.match == "weak":
+            words += " (not used in answers)"
+        blocks.append(f"**{rank}. {markdown_literal(hit.document_name)}**{location} · {words}\n\n"
                       f"> {markdown_literal(text)}")
     return "\n\n".join(blocks)

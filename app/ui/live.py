@@ -80,12 +80,16 @@ class LiveAnswer:
         return bool(self.record.agent_texts) or self.mode == RoutingMode.ALL
 
     def messages(self, *, done: bool = False) -> list[Message]:
+        """The answer's bubble (and its blocks); during a fan-out the bubble holds every agent's card, so each
+        answer streams right where the combined one will land."""
         record = self.record
         finished = done or record.ended
         text = record.text
         status = self.note if not finished else None
+        live_html = ""
         if not finished and self.fan_out and not text:
-            status = (self.note or "asking every agent…") + " — their answers appear below the chat"
+            status = self.note or "asking every agent…"
+            live_html = self.panel_html()
         return answer_messages(
             text,
             agents=record.agents,
@@ -96,7 +100,15 @@ class LiveAnswer:
             simulated=self.simulated,
             streaming=not finished,
             status=status,
+            live_html=live_html,
+            tried=record.tried if finished else None,
         )
+
+    @property
+    def failed(self) -> bool:
+        """The answer ended in a failure (not a stop): the chat offers Retry."""
+        failed = self.record.failed
+        return failed is not None and failed.code != "cancelled"
 
     def panel_html(self) -> str:
         """Side-by-side cards of every agent's answer (fan-out) with the combined result's agreement."""

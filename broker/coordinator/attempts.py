@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from broker.coordinator.contract import QueryEvent, QueryRequest
-from broker.protocol.messages import MAX_PROMPT_CHARS, Result, ResultStats
+from broker.protocol.messages import MAX_PROMPT_CHARS, Result, ResultStats, ToolCall
 
 MAX_PENDING_CHUNKS = 4096
 """Out-of-order chunks held at most; past that the gap is treated as a stall."""
@@ -138,7 +138,13 @@ class Attempt:
     """What the agent's telemetry or benchmark claimed for this model when the job was sent."""
     output_allowed: bool = True
     """The question lets the model say something (an empty answer is then no answer)."""
+    expected_tokens: float = 0.0
+    """The answer length routing expected when it sent the job (for the queue estimate of later jobs)."""
+    shape: tuple[object, ...] | None = None
+    """The question's shape for the answer-length predictor (:func:`broker.scheduling.estimates.prompt_shape`)."""
     text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """Function calls of the answer (docs/protocol.md "Tools"); a failover never continues an answer with tools."""
     first_chunk_at: float | None = None
     last_progress_at: float | None = None
     done_at: float | None = None
@@ -176,6 +182,8 @@ class Attempt:
                 new_text.append(piece)
             if chunk.error:
                 self.error, self.error_code = chunk.error, chunk.error_code
+            if chunk.tool_calls:
+                self.tool_calls.extend(chunk.tool_calls)
             if chunk.done or chunk.error:
                 self.done = True
                 self.done_at = now
@@ -367,6 +375,13 @@ class InFlight:
 
     def attempts_of(self, run: Run) -> list[Attempt]:
         return [attempt for owner, attempt in self._attempts.values() if owner is run]
+
+    def jobs_by_agent(self) -> dict[str, list[Attempt]]:
+        """Every live attempt per agent, oldest first (the order the agent queues them in)."""
+        found: dict[str, list[Attempt]] = {}
+        for _, attempt in self._attempts.values():
+            found.setdefault(attempt.agent_id, []).append(attempt)
+        return found
 
     def attempts_on(self, agent_id: str) -> list[tuple[Run, Attempt]]:
         return [(run, attempt) for run, attempt in self._attempts.values() if attempt.agent_id == agent_id]

@@ -9,11 +9,12 @@ between ``broker/`` and ``app/``.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
-from broker.protocol.messages import ChatMessage, ManageAction, Operation, ResultStats
+from broker.protocol.messages import ChatMessage, ManageAction, Operation, ResultStats, ToolCall
 from broker.scheduling.availability import LoadedModel as LoadedModel  # re-exported: part of the contract
 from broker.scheduling.availability import ModelAvailability as ModelAvailability
 from broker.scheduling.availability import ModelHolder as ModelHolder
@@ -68,6 +69,19 @@ class QueryRequest:
     conversation: str | None = None
     """Which conversation this turn continues (a chat session id), for routing follow-ups to the machine that
     holds the conversation's prompt cache; ``None``: the coordinator matches on the messages' prefix."""
+    tools: list[dict[str, Any]] | None = None
+    """Function definitions (OpenAI's shape) the model may call; routing prefers models with tools."""
+    tool_choice: str | dict[str, Any] | None = None
+    """OpenAI's ``tool_choice`` (none, auto, required, or a named function)."""
+    format: str | dict[str, Any] | None = None
+    """Structured output: ``"json"`` or a JSON schema, passed to the runtime (``Job.format``)."""
+    think: bool | None = None
+    """Ollama's ``think`` for the runtime (``Job.think``); ``None``: the runtime's default."""
+    keep_alive: str | float | None = None
+    """Ollama's ``keep_alive`` for the runtime (``Job.keep_alive``); ``None``: the agent's setting."""
+    check_answer: Callable[[str], str | None] | None = None
+    """The caller's test of a finished answer (e.g. "parses as JSON and fits the schema"): ``None`` when it passes,
+    else why not. An answer that fails it is a failure of that agent: another answers from the start."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class QueryStarted:
     models: list[str]
     mode: str
     reason: str = ""
+    affinity: bool = False
+    """The agent was chosen because it holds this conversation's previous turn in its prompt cache."""
+    pinned: bool = False
+    """The caller named the agent (``QueryRequest.agent``); routing did not choose."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +185,8 @@ class QueryFinished:
     failovers: int = 0
     latency_s: float | None = None
     combined_by: str | None = None  # fan-out: "agent / model (consensus|first|synthesis)" behind the combined text
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The function calls the answer makes (complete, in the runtime's order); ``text`` may be empty then."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +195,8 @@ class QueryFailed:
 
     request_id: str
     error: str
-    code: Literal["no_agent", "busy", "timeout", "failed", "truncated", "cancelled", "bad_request"] = "failed"
+    code: Literal["no_agent", "busy", "timeout", "failed", "truncated", "cancelled", "bad_request",
+                  "invalid_output"] = "failed"
     partial_text: str = ""
 
 

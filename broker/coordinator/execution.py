@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
@@ -42,22 +44,30 @@ from broker.protocol import (
     ChatMessage,
     Job,
     Message,
+    Result,
     ResultStats,
+    Telemetry,
     Topics,
     encode,
     is_valid_agent_id,
 )
+from broker.protocol.messages import ToolCall
+from broker.scheduling.affinity import ConversationMemory, lookup_keys, prompt_tokens, remember_keys
 from broker.scheduling.catalog import Catalog
+from broker.scheduling.estimates import AnswerLengths, prompt_shape
 from broker.scheduling.names import same_model
 from broker.scheduling.registry import AgentRecord, AnswerMeasured, ClusterState
 from broker.scheduling.routing import (
     CircuitBreaker,
+    JobProgress,
+    OthersLoad,
     Route,
     RouteCandidate,
     Router,
     coming_soon,
     largest_model,
     no_agent_reason,
+    prefer_tools,
     route_candidates,
 )
 from broker.scheduling.trust import Delivery, Trust, judge
@@ -65,8 +75,13 @@ from broker.scheduling.trust import Delivery, Trust, judge
 logger = logging.getLogger(__name__)
 
 OUTPUT_TOKENS_SMOOTHING = 0.1
+DEFAULT_CHARS_PER_TOKEN = 4.0
+"""Characters per token before an agent's first answer tells its own figure (English text, common tokenizers)."""
+CHARS_PER_TOKEN_SMOOTHING = 0.2
 """Weight of the newest answer in the moving average of answer length."""
 NOT_THE_AGENTS_FAULT = {"bad_job", "context_too_long"}
+TOOLS_REFUSAL = "does not support tools"
+"""Ollama's refusal of tools for a model without them (agent/backends/base.py): passed on in its own words."""
 """Error codes that another agent would hit too: the query fails at once."""
 FIRST_TOKEN_QUEUE_FACTOR = 2.0
 """The first-token allowance grows by this many times the expected wait behind queued jobs (and a model load):
@@ -87,6 +102,7 @@ class _Answer:
     models: list[str]
     stats: ResultStats | None
     failovers: int
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class QueryExecutor:
@@ -112,7 +128,10 @@ class QueryExecutor:
         self.catalog = catalog
         self.topics = topics
         self.metrics = metrics
-        self.router = Router(settings.routing_policy)
+        # Front ends sharing the agents start their tie rotation apart (see Router).
+        self.router = Router(settings.routing_policy, first_turn=random.randrange(1 << 16))
+        self.others = OthersLoad()
+        """Jobs on each agent that this process did not send (other front ends'), for routing."""
         self._state = state
         self._publish = publish
         self._ledger = ledger
@@ -122,6 +141,12 @@ class QueryExecutor:
         self._answer_measured = answer_measured
         self._assignment_pending = assignment_pending
         self._output_tokens = float(settings.expected_output_tokens)
+        self._lengths = AnswerLengths(settings.expected_output_tokens)
+        self._conversations = ConversationMemory()
+        self._waiting_for: dict[str, tuple[float, str]] = {}
+        """Queries waiting in admission for a full agent: request id → (since when, which agent)."""
+        self._chars_per_token: dict[str, float] = {}
+        """Characters per answer token, per agent (from finished answers): turns streamed text into tokens."""
         self._fan_out = FanOut(self)
 
     # ------------------------------------------------------------------ one query
@@ -141,12 +166,18 @@ class QueryExecutor:
         self._ledger.open_run(run)
         try:
             if mode == RoutingMode.ALL:
-                emit(await self._fan_out.run(run))
+                combined = await self._fan_out.run(run)
+                invalid = request.check_answer(combined.text) if request.check_answer is not None else None
+                if invalid is not None and not combined.tool_calls:
+                    raise QueryError("invalid_output", f"the combined answer ({request.aggregation}) is not what "
+                                     f"was asked for: {invalid}")
+                emit(combined)
             else:
                 answer = await self._answer(run, list(request.messages), mode, announce=True)
                 latency = time.monotonic() - run.started_at
                 emit(QueryFinished(request.request_id, answer.text, answer.agents, answer.models, mode,
-                                   stats=answer.stats, failovers=answer.failovers, latency_s=round(latency, 3)))
+                                   stats=answer.stats, failovers=answer.failovers, latency_s=round(latency, 3),
+                                   tool_calls=answer.tool_calls))
             self._finish_metrics(run, label)
         except QueryError as error:
             self._fail_metrics(label, error.code)
@@ -175,7 +206,14 @@ class QueryExecutor:
         if request.aggregation not in AGGREGATIONS:
             return (f"unknown aggregation {request.aggregation!r} "
                     f"({', '.join(AGGREGATIONS[:-1])} or {AGGREGATIONS[-1]})")
-        size = sum(len(message.content) for message in request.messages)
+        if request.tools and request.mode == RoutingMode.ALL:
+            return ("tools cannot be combined across agents (model 'all'): name a model, or use 'auto' or "
+                    "'quality' (docs/api.md, Tools)")
+        if any(message.images for message in request.messages) and request.mode not in ROUTING_MODES \
+                and not self.catalog.has_vision(request.mode):
+            return f"{request.mode} does not support vision"  # Ollama's words for images sent to such a model
+        size = sum(len(message.content) + sum(len(image) for image in message.images)
+                   for message in request.messages)
         if size > MAX_PAYLOAD_BYTES * 0.9:
             return f"the conversation is too large ({size} characters; the limit is about {MAX_PAYLOAD_BYTES:,} bytes)"
         return None
@@ -193,21 +231,95 @@ class QueryExecutor:
 
     # ------------------------------------------------------------------ admission
 
-    def _expected_output_tokens(self, request: QueryRequest) -> float:
-        limit = request.options.get("num_predict") or request.options.get("max_tokens")
-        if isinstance(limit, (int, float)) and limit > 0:
-            return min(float(limit), self._output_tokens)
-        return self._output_tokens
+    @staticmethod
+    def _limit(request: QueryRequest) -> float | None:
+        for key in ("num_predict", "max_tokens", "max_completion_tokens"):
+            limit = request.options.get(key)
+            if isinstance(limit, int | float) and not isinstance(limit, bool) and limit > 0:
+                return float(limit)
+        return None
+
+    def _shape(self, request: QueryRequest) -> tuple[object, ...]:
+        """The question's shape for the length predictor, with the size class of its ``max_tokens`` (answers under
+        a limit of 256 and of 4,096 differ)."""
+        messages = request.messages
+        question = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        opening = " ".join(word for word in question.split()[:6] if word.isalpha())
+        limit = self._limit(request)
+        return (*prompt_shape(prompt_tokens(messages), sum(1 for m in messages if m.role == "user"),
+                              any(m.role == "system" for m in messages), opening),
+                int(limit).bit_length() if limit else 0)
+
+    def _expected_output_tokens(self, request: QueryRequest, model: str | None = None) -> float:
+        """The predicted answer length (:class:`AnswerLengths`, per model and question shape), capped by the
+        question's own limit."""
+        predicted = self._lengths.predict(model, self._shape(request))
+        limit = self._limit(request)
+        return min(limit, predicted) if limit is not None else predicted
 
     def candidates(self, model: str | None, exclude: frozenset[str], request: QueryRequest) -> list[RouteCandidate]:
-        """Agents that could take ``request`` now (``model`` or any ready model), with their load and speed."""
-        prompt_tokens = sum(len(message.content) for message in request.messages) // 4
+        """Agents that could take ``request`` now (``model`` or any ready model), with their load, their queue of
+        this coordinator's jobs, speed, the predicted answer length on their model, and a warm prompt cache."""
+        tokens = prompt_tokens(request.messages)
         now = time.monotonic()
-        return route_candidates(
-            self._state(), self.catalog, model=model, own_inflight=self._ledger.own_jobs,
-            external=self._ledger.external_jobs, cooling=self._breaker.cooling(now), exclude=exclude,
-            prompt_tokens=prompt_tokens, quarantined=self._trust.quarantined(now),
+        state = self._state()
+        jobs = {agent: [self._progress(a, now) for a in attempts]
+                for agent, attempts in self._ledger.jobs_by_agent().items()}
+        mine = self._waiting_for.get(request.request_id)
+        waiting = Counter(agent_id for request_id, (since, agent_id) in self._waiting_for.items()
+                          if request_id != request.request_id and (mine is None or since < mine[0]))
+        cached = self._conversations.cached(lookup_keys(request.messages, request.conversation),
+                                            {agent_id: record.slots for agent_id, record in state.agents.items()},
+                                            now) if self.settings.conversation_affinity else {}
+        found = route_candidates(
+            state, self.catalog, model=model, own_inflight=self._ledger.own_jobs,
+            external=self.others.jobs(now), cooling=self._breaker.cooling(now), exclude=exclude,
+            prompt_tokens=tokens, quarantined=self._trust.quarantined(now), jobs=jobs,
+            expected_tokens=lambda name: self._expected_output_tokens(request, name), cached=cached,
+            waiting=waiting,
         )
+        if any(message.images for message in request.messages):  # images go only to models with vision
+            found = [candidate for candidate in found if self.catalog.has_vision(candidate.model)]
+        return found
+
+    def report_load(self, agent_id: str, telemetry: Telemetry) -> None:
+        """The agent's telemetry counts all its jobs; what exceeds ours came from another front end."""
+        self.others.report(agent_id, telemetry.jobs_running + telemetry.jobs_queued,
+                           self._ledger.own_jobs.get(agent_id, 0), telemetry.interval_s, time.monotonic())
+
+    def saw_other_chunk(self, agent_id: str, result: Result) -> None:
+        """A result chunk of no attempt of ours: another front end's job streams on that agent."""
+        self.others.chunk(agent_id, result.request_id, result.done, time.monotonic())
+
+    def _progress(self, attempt: Attempt, now: float) -> JobProgress:
+        """A live job as the queue estimate sees it: expected length, seconds since its first token and tokens
+        streamed so far (its text ÷ the agent's characters per token) — how fast the agent runs now."""
+        if attempt.first_chunk_at is None:
+            return JobProgress(attempt.expected_tokens)
+        tokens = len(attempt.text) / self._chars_per_token.get(attempt.agent_id, DEFAULT_CHARS_PER_TOKEN)
+        return JobProgress(attempt.expected_tokens, now - attempt.first_chunk_at, max(1.0, tokens))
+
+    def _pinned_problem(self, agent_id: str, wanted: str | None) -> str:
+        """Why the agent the caller named cannot take this query now, in words the caller can act on."""
+        state = self._state()
+        record = state.agents.get(agent_id)
+        quarantined = self._trust.quarantined(time.monotonic())
+        if record is None or not record.online:
+            online = ", ".join(sorted(r.agent_id for r in state.online_agents())[:10]) or "none"
+            what = "is not part of this cluster" if record is None else "is offline"
+            return f"agent {agent_id!r} {what} (agents online: {online}); it was named, so no other agent answers"
+        if agent_id in quarantined:
+            return f"agent {agent_id!r} is in quarantine ({quarantined[agent_id]}); no other agent answers for it"
+        if not record.reachable:
+            return f"agent {agent_id!r} cannot reach its runtime; no other agent answers for it"
+        models = ", ".join(offer.name for offer in record.offers()[:10]) or "none"
+        if wanted is not None:
+            return f"agent {agent_id!r} does not have model {wanted!r} (it has: {models})"
+        state_note = record.model_state.state if record.model_state is not None else "no model"
+        return f"agent {agent_id!r} has no model it can answer with now ({state_note}; models: {models})"
+
+    def _others(self, agent_id: str) -> frozenset[str]:
+        return frozenset(other for other in self._state().agents if other != agent_id)
 
     def _has_room(self, candidate: RouteCandidate) -> bool:
         return candidate.outstanding < candidate.slots + self.settings.agent_queue_limit
@@ -227,22 +339,45 @@ class QueryExecutor:
         """
         wanted = None if mode in ROUTING_MODES else mode
         give_up = min(run.deadline, time.monotonic() + self.settings.admission_wait_s)
+        try:
+            return await self._admit_loop(run, mode, wanted, exclude, prefer_model, prefer_continuing, give_up)
+        finally:
+            self._waiting_for.pop(run.request_id, None)
+
+    async def _admit_loop(self, run: Run, mode: str, wanted: str | None, exclude: frozenset[str],
+                          prefer_model: str | None, prefer_continuing: bool, give_up: float) -> Route:
+        pinned = run.request.agent
         while True:
             if run.cancel_reason:
                 raise QueryError("cancelled", run.cancel_reason)
             candidates = self.candidates(wanted, exclude, run.request)
+            if pinned is not None:
+                candidates = [c for c in candidates if c.agent_id == pinned]
+                if not candidates and self._coming(wanted, exclude | self._others(pinned)) is None:
+                    raise QueryError("no_agent", self._pinned_problem(pinned, wanted))
+            if run.request.tools and wanted is None:
+                candidates = prefer_tools(candidates, self.catalog)
             if prefer_model is not None and any(same_model(c.model, prefer_model) for c in candidates):
                 candidates = [c for c in candidates if same_model(c.model, prefer_model)]
             elif mode == RoutingMode.QUALITY and candidates:
                 biggest = largest_model(candidates, self.catalog)
                 candidates = [c for c in candidates if same_model(c.model, biggest)]
+            if prefer_continuing and any(c.continues_prefill for c in candidates):
+                candidates = [c for c in candidates if c.continues_prefill]
             open_ = [c for c in candidates if self._has_room(c)]
-            if prefer_continuing and any(c.continues_prefill for c in open_):
-                open_ = [c for c in open_ if c.continues_prefill]
-            if open_:
+            now = time.monotonic()
+            if open_ and self.router.policy == "expected_completion" and now < give_up:
+                # Choose among every candidate, full ones too: when the best agent's queue is full, waiting for
+                # it beats a slow agent with room (its estimate already counts the whole queue).
+                route = self.router.choose(candidates, self._expected_output_tokens(run.request))
+                if self._has_room(route.candidate):
+                    return route
+                # Queries that arrive later count this one in that agent's queue (it goes first).
+                since = self._waiting_for.get(run.request_id, (now, ""))[0]
+                self._waiting_for[run.request_id] = (since, route.candidate.agent_id)
+            elif open_:
                 return self.router.choose(open_, self._expected_output_tokens(run.request))
             waiting_for = None if candidates else self._coming(wanted, exclude)
-            now = time.monotonic()
             if not candidates and waiting_for is None:
                 raise QueryError("no_agent" if not exclude else "failed", self._no_agent_reason(wanted, exclude),
                                  partial_text="")
@@ -272,7 +407,9 @@ class QueryExecutor:
         try:
             job = Job(request_id=wire_id, model=candidate.model, messages=messages, options=dict(run.request.options),
                       deadline=time.time() + (run.deadline - now), assistant_prefix=prefix or None,
-                      attempt=run.counter - 1)
+                      attempt=run.counter - 1, tools=run.request.tools or None,
+                      tool_choice=run.request.tool_choice if run.request.tools else None,
+                      format=run.request.format, think=run.request.think, keep_alive=run.request.keep_alive)
         except ValidationError as error:
             if prefix:
                 raise PrefixDoesNotFit(f"{len(prefix):,} characters of answer") from None
@@ -287,7 +424,10 @@ class QueryExecutor:
                           first_chunk_s=allowance, first_chunk_note=note, max_chars=self.settings.max_answer_chars,
                           solo=candidate.outstanding == 0, output_allowed=output_allowed(run.request),
                           claimed_tokens_per_s=claimed_speed(self._state().agents.get(candidate.agent_id),
-                                                             candidate.model))
+                                                             candidate.model),
+                          expected_tokens=self._expected_output_tokens(run.request, candidate.model),
+                          shape=None if prefix else self._shape(run.request))
+        self._conversations.job_sent(candidate.agent_id)
         self._ledger.add_attempt(run, attempt)
         self.metrics.jobs_in_flight.inc()
         self._publish(self.topics.job(candidate.agent_id), payload)
@@ -329,8 +469,9 @@ class QueryExecutor:
         """Check a finished answer against what we saw of it: learn our own measurement of a good one; reject
         (``attempt.rejected``) and strike an empty or lying one (:func:`broker.scheduling.trust.judge`)."""
         now = time.monotonic()
-        verdict = judge(Delivery(
-            text=attempt.text, continued=bool(attempt.prefix), output_allowed=attempt.output_allowed,
+        verdict = judge(Delivery(  # a call is an answer: its name and arguments count as what was delivered
+            text=attempt.text or "".join(call.name + call.arguments for call in attempt.tool_calls),
+            continued=bool(attempt.prefix), output_allowed=attempt.output_allowed,
             sent_at=attempt.started_at, first_at=attempt.first_chunk_at, done_at=attempt.done_at or now,
             stats=attempt.stats, solo=attempt.solo, claimed_tokens_per_s=attempt.claimed_tokens_per_s))
         if verdict.strike is not None:
@@ -345,8 +486,14 @@ class QueryExecutor:
         queue_s = attempt.stats.queue_s if attempt.stats is not None else None
         self._answer_measured(AnswerMeasured(attempt.agent_id, attempt.model, measurement.as_stats(queue_s)))
         if measurement.tokens:
+            if attempt.text and measurement.tokens >= 8:
+                ratio = len(attempt.text) / measurement.tokens
+                known = self._chars_per_token.get(attempt.agent_id, ratio)
+                self._chars_per_token[attempt.agent_id] = known + CHARS_PER_TOKEN_SMOOTHING * (ratio - known)
             self.metrics.output_tokens.labels(self._model_label(attempt.model)).inc(measurement.tokens)
             self._output_tokens += OUTPUT_TOKENS_SMOOTHING * (measurement.tokens - self._output_tokens)
+            if attempt.shape is not None:  # a whole answer (a continuation's length says little about questions)
+                self._lengths.observe(attempt.model, attempt.shape, measurement.tokens)
 
     def _answered_by(self, answered: Attempt, attempts: list[Attempt]) -> None:
         """Another agent answered the question ``attempts`` gave empty answers to: those were the agents' doing."""
@@ -419,16 +566,19 @@ class QueryExecutor:
             previous = attempts[-1] if attempts else None
             shown = "".join(a.text for a in segment)
             partial = "" if void else shown
+            # With tools the partial output may be the start of a call (runtimes parse calls from whole output):
+            # the answer restarts rather than splicing a call together from two runtimes.
+            tools = bool(run.request.tools)
             try:
                 route = await self._admit(run, mode, frozenset(exclude), previous.model if previous else None,
-                                          prefer_continuing=bool(partial))
+                                          prefer_continuing=bool(partial) and not tools)
             except QueryError as error:
                 if previous is not None and error.code in ("no_agent", "failed", "busy"):
                     raise QueryError(failure_code(attempts), f"{'; '.join(reasons)}; and {error.message}",
                                      partial_text=partial) from None
                 error.partial_text = partial
                 raise
-            restart = void or (bool(partial) and not route.candidate.continues_prefill)
+            restart = void or (bool(partial) and (tools or not route.candidate.continues_prefill))
             try:
                 attempt = self._send(run, route.candidate, messages, "" if restart else partial)
             except PrefixDoesNotFit as error:
@@ -450,8 +600,10 @@ class QueryExecutor:
                 run.emit(AgentSwitched(run.request_id, previous.agent_id, attempt.agent_id, attempt.model,
                                        reasons[-1]))
             elif announce:
+                pinned = run.request.agent is not None
+                reason = f"pinned to {attempt.agent_id} by the caller" if pinned else route.reason
                 run.emit(QueryStarted(run.request_id, [attempt.agent_id], [attempt.model], run.request.mode,
-                                      route.reason))
+                                      reason, affinity=route.affinity, pinned=pinned))
             problem = await self._follow(run, attempt, lambda text, a=attempt: run.emit(
                 TextDelta(run.request_id, text, a.agent_id, a.model)))
             if attempt.rejected is not None:
@@ -461,17 +613,35 @@ class QueryExecutor:
                 else:
                     segment.remove(attempt)  # nothing shown: the answer so far stands
             partial = "" if void else "".join(a.text for a in segment)
+            if problem is None and attempt.error is None and run.request.check_answer is not None \
+                    and not any(a.tool_calls for a in segment):
+                invalid = run.request.check_answer(partial)
+                if invalid is not None and attempt.stats is not None and attempt.stats.finish_reason == "length":
+                    # the token limit cut the answer short: another agent would be cut at the same place
+                    raise QueryError("invalid_output", f"{attempt.agent_id}: {invalid}; the answer reached the token "
+                                     "limit (max_tokens / num_predict) before it was complete: raise the limit")
+                if invalid is not None:  # the runtime ignored the format (or broke it): another answers afresh
+                    problem, attempt.error_code = f"invalid output: {invalid}", "invalid_output"
+                    void, partial = bool(partial), ""
             if problem is None and attempt.error is None:
+                calls = [call for a in segment for call in a.tool_calls]
                 if partial.strip():
                     self._answered_by(attempt, attempts)
+                    self._conversations.remember(
+                        remember_keys(messages, partial, run.request.conversation), attempt.agent_id,
+                        prompt_tokens(messages, partial), self._ledger.own_jobs.get(attempt.agent_id, 0),
+                        time.monotonic())
                 return _Answer(partial, [a.agent_id for a in attempts], [a.model for a in attempts],
-                               combined_stats(run, segment, attempts), len(attempts) - 1)
+                               combined_stats(run, segment, attempts), len(attempts) - 1, calls)
             if (expired := run.deadline_passed(time.monotonic())) is not None:
                 earlier = f" (earlier: {'; '.join(reasons)})" if reasons else ""
                 got = f" after {len(partial):,} characters from {attempt.agent_id}" if partial else \
                     f" while waiting for {attempt.agent_id}'s first token"
                 raise QueryError("timeout", f"{expired}{got}{earlier}", partial_text=partial)
             reason = problem or f"{attempt.error_code or 'error'}: {attempt.error}"
+            if attempt.error_code == "bad_job" and TOOLS_REFUSAL in (attempt.error or ""):
+                # the runtime's own refusal, word for word, as the runtime would answer (docs/api.md "Tools")
+                raise QueryError("bad_request", attempt.error or "", partial_text=partial)
             if attempt.error_code in NOT_THE_AGENTS_FAULT:
                 raise QueryError("bad_request" if attempt.error_code == "bad_job" else "failed",
                                  f"{attempt.agent_id} refused the job: {attempt.error}", partial_text=partial)
@@ -479,10 +649,12 @@ class QueryExecutor:
                 earlier = f" (earlier: {'; '.join(reasons)})" if reasons else ""
                 raise QueryError("failed", f"{attempt.agent_id}: {attempt.error}; ask for a shorter answer{earlier}",
                                  partial_text=partial)
-            if attempt.error_code != "busy" and self._breaker.record_failure(attempt.agent_id, time.monotonic()):
+            if attempt.error_code not in ("busy", "invalid_output") \
+                    and self._breaker.record_failure(attempt.agent_id, time.monotonic()):
                 logger.warning("agent %s cools down for %g s after %d failures in a row", attempt.agent_id,
                                self.settings.cooldown_s, self.settings.breaker_failures)
-            exclude.add(attempt.agent_id)
+            if run.request.agent is None:  # a named agent gets its own retries, never another agent
+                exclude.add(attempt.agent_id)
             reasons.append(f"{attempt.agent_id}: {reason}")
             logger.warning("query %s: %s failed (%s) after %d chars", run.request_id, attempt.agent_id, reason,
                            len(attempt.text))
@@ -494,9 +666,12 @@ class QueryExecutor:
 
 def failure_code(attempts: list[Attempt]) -> str:
     """``truncated`` when every runtime tried cut its answer short (the caller may want to retry alone or ask
-    the runtime's operator); ``failed`` for any other mix of failures."""
+    the runtime's operator); ``invalid_output`` when the last answer did not fit the requested format; ``failed``
+    for any other mix of failures."""
     if attempts and all(attempt.error_code == "truncated" for attempt in attempts):
         return "truncated"
+    if attempts and attempts[-1].error_code == "invalid_output":  # the last answer did not fit the format asked for
+        return "invalid_output"
     return "failed"
 
 

@@ -41,11 +41,15 @@ class FanOut:
     async def _targets(self, run: Run) -> list[RouteCandidate]:
         """Every agent with a ready model, waiting (bounded) while models are still on their way."""
         give_up = min(run.deadline, time.monotonic() + self.executor.settings.admission_wait_s)
+        pinned = run.request.agent
+        others = self.executor._others(pinned) if pinned is not None else frozenset()
         while True:
-            candidates = one_per_agent(self.executor.candidates(None, frozenset(), run.request))
+            candidates = one_per_agent(self.executor.candidates(None, others, run.request))
             if candidates:
                 return candidates
-            coming = self.executor._coming(None, frozenset())
+            coming = self.executor._coming(None, others)
+            if coming is None and pinned is not None:
+                raise QueryError("no_agent", self.executor._pinned_problem(pinned, None))
             if coming is None:
                 raise QueryError("no_agent", self.executor._no_agent_reason(None, frozenset()))
             now = time.monotonic()

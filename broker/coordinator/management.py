@@ -50,7 +50,7 @@ class ModelOperations:
 
     def __init__(self, topics: Topics, metrics: CoordinatorMetrics, *, publish: Publish,
                  state: Callable[[], ClusterState], catalog: Catalog, plan: Callable[[], Plan | None],
-                 quarantined: Callable[[], Collection[str]] = frozenset) -> None:
+                 quarantined: Callable[[], Collection[str]] = frozenset, epoch: Callable[[], int] = lambda: 0) -> None:
         self.topics = topics
         self.metrics = metrics
         self._publish = publish
@@ -58,6 +58,7 @@ class ModelOperations:
         self._catalog = catalog
         self._plan = plan
         self._quarantined = quarantined
+        self._epoch = epoch  # the leadership epoch we know: agents refuse operations from a deposed leader
         self._pending: dict[str, tuple[str, asyncio.Queue[Operation | _Gone]]] = {}  # wire id → (agent, inbox)
 
     # ------------------------------------------------------------------ inbound (event loop)
@@ -153,7 +154,8 @@ class ModelOperations:
                 wire_ids[agent_id] = wire_id
                 self._pending[wire_id] = (agent_id, inbox)
                 self._publish(self.topics.manage(agent_id), Manage(request_id=wire_id, action=action,  # type: ignore[arg-type]
-                                                                   model=self._spelling(record, action, model)))
+                                                                   model=self._spelling(record, action, model),
+                                                                   epoch=self._epoch()))
                 logger.info("%s %s → %s (%s)", action, model, agent_id, wire_id)
             yield ManageStarted(request_id, action, model, targets, reason)  # type: ignore[arg-type]
             last_heard = {agent_id: time.monotonic() for agent_id in wire_ids}

@@ -42,7 +42,9 @@ from broker.coordinator.contract import (
     QueryRequest,
     new_request_id,
 )
+from broker.coordinator.embedding import EmbeddingAnswer, EmbeddingRunner
 from broker.coordinator.execution import QueryExecutor
+from broker.coordinator.leadership import Leadership, instance_id_for
 from broker.coordinator.management import ModelOperations
 from broker.coordinator.metrics import CoordinatorMetrics
 from broker.coordinator.settings import CoordinatorSettings
@@ -66,9 +68,11 @@ from broker.protocol import (
 )
 from broker.scheduling import availability
 from broker.scheduling.catalog import Catalog, load_catalog
+from broker.scheduling.estimates import agent_score
 from broker.scheduling.placement import PlacementSettings, Plan, plan_placement
 from broker.scheduling.registry import (
     AgentExpired,
+    AgentRecord,
     AssignmentSeen,
     ClusterState,
     Event,
@@ -86,6 +90,8 @@ logger = logging.getLogger(__name__)
 
 COORDINATOR_VERSION = "0.1.0"
 HOUSEKEEPING_S = 0.5
+ASSIGNMENT_RESEND_S = 5.0
+"""An agent whose model state names no assignment gets ours again at most this often (see _recover_assignment)."""
 
 _RETAINED_EVENTS: Mapping[type, Callable[[str, Any], Event]] = {
     Status: StatusReceived,
@@ -109,6 +115,8 @@ class Coordinator:
 
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
+        self.instance_id = instance_id_for(settings.coordinator_id)  # unique per process: the leadership tie-break
+        self._leadership: Leadership | None = None
         self.catalog: Catalog = load_catalog(settings.catalog_path, settings.catalog)
         self.topics = Topics(settings.topic_prefix)
         self.metrics = CoordinatorMetrics()
@@ -120,6 +128,7 @@ class Coordinator:
             mix=settings.placement_mix,
             failed_retry_s=settings.failed_model_retry_s,
             extra_models=settings.placement_extra_models,
+            embedding_model=settings.placement_embedding_model or None,
         )
         self._state = ClusterState()
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.cooldown_s)
@@ -140,7 +149,12 @@ class Coordinator:
         )
         self._operations = ModelOperations(
             self.topics, self.metrics, publish=self._publish, state=lambda: self._state, catalog=self.catalog,
-            plan=lambda: self._last_plan, quarantined=lambda: self._trust.quarantined(time.monotonic()))
+            plan=lambda: self._last_plan, quarantined=lambda: self._trust.quarantined(time.monotonic()),
+            epoch=lambda: self.leader_epoch)
+        self._embeddings = EmbeddingRunner(
+            state=lambda: self._state, publish=self._publish, topics=self.topics,
+            quarantined=lambda: self._trust.quarantined(time.monotonic()),
+            batch_inputs=settings.embed_batch_inputs, timeout_s=settings.embed_timeout_s)
         self._last_plan: Plan | None = None
         self._connection: MqttConnection | None = None
         self._scheduler: AsyncIOScheduler | None = None
@@ -151,6 +165,7 @@ class Coordinator:
         self._listening_since: float | None = None  # monotonic time of the last (re)connect; None while offline
         self._heard: dict[str, float] = {}  # when each agent last delivered a result chunk (a sign of life)
         self._quarantined: frozenset[str] = frozenset()  # as the last housekeeping round saw them
+        self._resent: dict[str, float] = {}  # when each agent last got its assignment again (state recovery)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,11 +175,16 @@ class Coordinator:
             raise RuntimeError("coordinator already started")
         self._loop = asyncio.get_running_loop()
         status_topic = self.topics.coordinator_status()
+        self._leadership = Leadership(
+            self.settings, self.topics, self.instance_id, self.settings.leader_claim_window_s,
+            publish=lambda topic, record, retain: self._publish(topic, record, retain=retain), loop=self._loop,
+            on_elected=self._on_elected, on_deposed=self._on_deposed)
         self._connection = MqttConnection(
             self.settings,
             unique_client_id("coordinator", self.settings.coordinator_id),
             on_message=self._on_message,
-            subscriptions=[(self.topics.all_agents(), 1), (self.topics.all_controls_of(TopicKind.ASSIGN), 1)],
+            subscriptions=[(self.topics.all_agents(), 1), (self.topics.all_controls_of(TopicKind.ASSIGN), 1),
+                           (self.topics.coordinator_leader(), 1)],
             will=OutboundMessage.of(status_topic, CoordinatorStatus(state="offline",
                                                                     coordinator_version=COORDINATOR_VERSION)),
             birth=lambda: OutboundMessage.of(status_topic, CoordinatorStatus(state="online",
@@ -174,6 +194,7 @@ class Coordinator:
             loop=self._loop,
         )
         self._connection.start()
+        self._leadership.start()
         self._scheduler = AsyncIOScheduler(event_loop=self._loop)
         self._scheduler.add_job(self._scheduled_replan, "interval", seconds=self.settings.replan_interval_s,
                                 id="replan", coalesce=True, max_instances=1)
@@ -186,7 +207,10 @@ class Coordinator:
                     self.settings.replan_interval_s)
 
     async def stop(self) -> None:
-        """Cancel queries (and their jobs on the agents), stop the schedule, publish offline, disconnect."""
+        """Vacate the leadership, cancel queries (and their jobs on the agents), stop the schedule, publish offline,
+        disconnect."""
+        if self._leadership is not None:
+            await self._leadership.stop()  # first: a standby starts its claim while we wind down
         for run in self._ledger.runs():
             run.cancel("coordinator stopping")
         self._operations.stop("coordinator stopping")
@@ -242,6 +266,10 @@ class Coordinator:
         if parsed is None:
             return
         kind, agent_id = parsed
+        if kind is TopicKind.COORDINATOR_LEADER:
+            if self._leadership is not None:
+                self._leadership.on_message(message)
+            return
         if agent_id is None:
             return
         if not message.payload and kind.spec.retained:
@@ -262,8 +290,15 @@ class Coordinator:
             self._operations.deliver(agent_id, payload)
         elif isinstance(payload, Telemetry):
             self._on_telemetry(agent_id, payload)
+        elif isinstance(payload, Assign) and self._stale_assignment(agent_id, payload):
+            return
         elif (make_event := _RETAINED_EVENTS.get(type(payload))) is not None:
+            before = self._state.agents.get(agent_id)
+            if isinstance(payload, ModelState):
+                self._adopt_assignment(agent_id, payload, before)
             self._apply(make_event(agent_id, payload))
+            if not message.retain:  # a replayed retained message tells of the past, not of an agent starting now
+                self._recover_assignment(agent_id, payload, was_online=before is not None and before.online)
 
     def _on_connected(self) -> None:
         """After every (re)connect: silence is judged from now on, and the retained assignments go back.
@@ -273,9 +308,115 @@ class Coordinator:
         the one published before (same assignment id), so agents that still have it treat it as a no-op.
         """
         self._listening_since = time.monotonic()
+        if self._leadership is not None:
+            self._leadership.on_connected()
+        for record in list(self._state.agents.values()):
+            if record.assignment is not None and self._leads():
+                self._publish(self.topics.assign(record.agent_id), record.assignment, retain=True)
+
+    def _leads(self) -> bool:
+        """Whether this coordinator sends assignments: only the placement leader may, and only while connected
+        (what it sent while cut off would arrive late, fenced or not)."""
+        return self._leadership is not None and self._leadership.leading and self.connected
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leads()
+
+    @property
+    def leader_id(self) -> str | None:
+        """The instance id that leads placement as far as we know (ours when we lead)."""
+        return self._leadership.holder if self._leadership is not None else None
+
+    @property
+    def leader_epoch(self) -> int:
+        """Our epoch while we lead, else the highest leader epoch we know; stamped on Assign and Manage."""
+        return self._leadership.epoch if self._leadership is not None else 0
+
+    def _stale_assignment(self, agent_id: str, assign: Assign) -> bool:
+        """An assignment from a deposed leader (older epoch) read back from the broker: not the cluster's truth.
+
+        The registry keeps the current one; the leader writes it back over the stale retained copy, so an agent
+        that (re)starts later is not handed the deposed leader's plan.
+        """
+        if assign.epoch >= self.leader_epoch:
+            return False
+        logger.warning("ignored assignment %s for %s from a deposed leader (epoch %d < %d)", assign.assignment_id,
+                       agent_id, assign.epoch, self.leader_epoch)
+        record = self._state.agents.get(agent_id)
+        if self._leads() and record is not None and record.assignment is not None:
+            self._publish(self.topics.assign(agent_id), self._stamped(record.assignment), retain=True)
+        return True
+
+    def _stamped(self, assign: Assign) -> Assign:
+        """The same assignment (same id: a no-op for the agent) under our epoch."""
+        epoch = self.leader_epoch
+        return assign if assign.epoch == epoch else assign.model_copy(update={"epoch": epoch})
+
+    def _on_elected(self, epoch: int) -> None:
+        """We lead now: the registry was rebuilt from retained messages and live telemetry while we stood by.
+
+        Every agent's current assignment goes out again under our epoch — same id and model, so agents change
+        nothing, and a deposed leader's late assignments are fenced from now on — then we plan, which keeps every
+        model that still fits (placement's hysteresis) and changes only what must change.
+        """
         for record in list(self._state.agents.values()):
             if record.assignment is not None:
-                self._publish(self.topics.assign(record.agent_id), record.assignment, retain=True)
+                stamped = self._stamped(record.assignment)
+                self._publish(self.topics.assign(record.agent_id), stamped, retain=True)
+                self._apply(AssignmentSeen(record.agent_id, stamped))
+        self._schedule_replan("elected")
+
+    def _on_deposed(self, reason: str) -> None:
+        if self._replan_handle is not None:
+            self._replan_handle.cancel()
+            self._replan_handle = None
+
+    def _adopt_assignment(self, agent_id: str, state: ModelState, record: AgentRecord | None) -> None:
+        """Take over the assignment an agent reports when we hold none for it (state recovery, docs/protocol.md).
+
+        A coordinator (re)started on a broker that does not replay retained messages to wildcard subscriptions
+        (RabbitMQ) never reads its predecessor's assignments; without this it would see every agent unassigned
+        and hand out new assignment ids for the same models. The agent's model state names the assignment it
+        answers (model, id and ``also``), so the registry keeps it unchanged, and an agent restarted later gets
+        that same assignment back. A retained assignment read afterwards replaces it.
+        """
+        if state.assignment_id is None or not state.model or (record is not None and record.assignment is not None):
+            return
+        try:
+            adopted = Assign(model=state.model, assignment_id=state.assignment_id, also=list(state.also),
+                             reason="kept from before this coordinator started (as the agent reported it)",
+                             epoch=self.leader_epoch)
+        except ValueError as error:  # a name or id over the assignment's limits: nothing to adopt
+            logger.warning("did not adopt %s's reported assignment: %s", agent_id, error)
+            return
+        logger.info("adopted %s's assignment %s (%s) as the agent reported it", agent_id, adopted.assignment_id,
+                    adopted.model)
+        self._apply(AssignmentSeen(agent_id, adopted))
+
+    def _recover_assignment(self, agent_id: str, payload: Message, *, was_online: bool) -> None:
+        """Send an agent its assignment again when it shows it may not have it (state recovery, docs/protocol.md).
+
+        A broker may not hand a (re)starting agent its retained assignment: RabbitMQ's MQTT plugin replays
+        retained messages only to exact subscriptions and keeps them on the cluster node that received them. So
+        a live birth of an agent we held offline, or a live model state that names no assignment while we hold
+        one for it, gets the same payload again — same assignment id, a no-op for an agent that has it. The
+        model-state case is rate-limited, so an agent that keeps reporting none cannot make us flood it.
+        """
+        if isinstance(payload, Status):
+            lost = payload.state == "online" and not was_online
+        elif isinstance(payload, ModelState):
+            lost = payload.assignment_id is None \
+                and time.monotonic() - self._resent.get(agent_id, -ASSIGNMENT_RESEND_S) >= ASSIGNMENT_RESEND_S
+        else:
+            return
+        record = self._state.agents.get(agent_id)
+        if not lost or record is None or record.assignment is None or not record.online or not self._leads():
+            return
+        self._resent[agent_id] = time.monotonic()
+        self._publish(self.topics.assign(agent_id), self._stamped(record.assignment), retain=True)
+        logger.info("sent %s its assignment %s (%s) again", agent_id, record.assignment.assignment_id,
+                    record.assignment.model)
 
     def _on_disconnected(self) -> None:
         """While we cannot hear anyone, nobody's silence means anything (see :meth:`_housekeep`)."""
@@ -284,14 +425,17 @@ class Coordinator:
     def _on_telemetry(self, agent_id: str, telemetry: Telemetry) -> None:
         """The heartbeat; its job counts tell routing how busy the agent is beyond our own jobs."""
         self._apply(TelemetryReceived(agent_id, telemetry))
-        self._ledger.report_load(agent_id, telemetry.jobs_running + telemetry.jobs_queued)
+        self._execution.report_load(agent_id, telemetry)
         self._wakeup.notify()
 
     def _on_result(self, agent_id: str, result: Result) -> None:
         """Hand a result chunk to the query waiting for it; only the agent the job went to may answer."""
+        if self._embeddings.deliver(agent_id, result):
+            return
         entry = self._ledger.find(result.request_id)
         if entry is None:
             self.metrics.chunks.labels("late").inc()
+            self._execution.saw_other_chunk(agent_id, result)  # another front end's job: load for routing
             return
         run, attempt = entry
         if attempt.agent_id != agent_id:
@@ -326,6 +470,8 @@ class Coordinator:
             self._schedule_replan("local_models")  # a runtime that cannot pull is placed among what it has
         if isinstance(event, ModelStateReceived | StatusReceived):
             self._wakeup.notify()  # a model appeared on disk or in memory, or the runtime's slots changed
+        if after is not None and after.hardware is not None and _may_change_score(event, before, after):
+            agent_score(after, self.catalog)  # score on the event, so a plan finds every score memoised
         ready_before = before.ready_model if before is not None else None
         ready_after = after.ready_model if after is not None else None
         if ready_before != ready_after:
@@ -392,17 +538,21 @@ class Coordinator:
         return self._compute_plan().view(applied=False)
 
     async def reassign(self) -> PlanView:
-        """Re-plan now and publish the changes."""
-        return self._replan("on_demand").view(applied=True)
+        """Re-plan now and publish the changes (on a standby: what the leader's plan would do, not applied)."""
+        return self._replan("on_demand").view(applied=self._leads())
 
     def _replan(self, trigger: str) -> Plan:
         plan = self._compute_plan()
         self._last_plan = plan
         self.metrics.replans.labels(trigger).inc()
+        if not self._leads():
+            logger.debug("re-plan (%s) on a standby: %d change(s) left to the leader %s", trigger,
+                         len(plan.changes), self.leader_id)
+            return plan
         for entry in plan.changes:
             reason = entry.reason + (f"; also keeps {', '.join(entry.also)} (fits beside it)" if entry.also else "")
             assign = Assign(model=entry.target_model, assignment_id=uuid.uuid4().hex[:16], reason=reason[:2000],
-                            also=list(entry.also))
+                            also=list(entry.also), epoch=self.leader_epoch)
             self._publish(self.topics.assign(entry.agent_id), assign, retain=True)
             self._apply(AssignmentSeen(entry.agent_id, assign))
             self.metrics.assignments.inc()
@@ -417,6 +567,8 @@ class Coordinator:
         return plan
 
     async def _scheduled_replan(self) -> None:
+        if not self._leads():
+            return  # placement runs on the leader only
         try:
             self._replan("schedule")
         except Exception:  # noqa: BLE001 - the schedule must keep running
@@ -504,6 +656,12 @@ class Coordinator:
                 task.cancel()
                 await asyncio.wait([task])
 
+    async def embed(self, model: str, inputs: list[str], timeout_s: float | None = None,
+                    options: dict[str, Any] | None = None) -> EmbeddingAnswer:
+        """Vectors for ``inputs`` from the agents that have ``model`` (broker/coordinator/embedding.py);
+        raises :class:`~broker.coordinator.embedding.EmbeddingFailed` with a code and a reason."""
+        return await self._embeddings.embed(model, inputs, timeout_s, options)
+
     async def cancel(self, request_id: str) -> bool:
         """Cancel a running query; its stream ends with QueryFailed(code="cancelled")."""
         run = self._ledger.run(request_id)
@@ -512,3 +670,12 @@ class Coordinator:
         run.cancel("cancelled by the caller")
         self._wakeup.notify()
         return True
+
+
+def _may_change_score(event: Event, before: AgentRecord | None, after: AgentRecord) -> bool:
+    """Whether ``event`` may change the agent's score (hardware or measured speed); telemetry at 1 Hz rarely does."""
+    if isinstance(event, TelemetryReceived):
+        old = before.telemetry.tokens_per_s if before is not None and before.telemetry is not None else None
+        new = after.telemetry.tokens_per_s if after.telemetry is not None else None
+        return old != new
+    return not isinstance(event, StatusReceived | AgentExpired)

@@ -38,6 +38,11 @@ class CoordinatorSettings(MqttSettings):
     replan_debounce_s: float = Field(
         default=2.0, ge=0, description="Re-plan this long after an agent joins or leaves (several changes, one plan)."
     )
+    leader_claim_window_s: float = Field(
+        default=0.5, gt=0, le=30,
+        description="How long a coordinator listens for a leader record, and then for rival bids, before it leads "
+                    "placement; takeover after a leader dies takes about this long (docs/protocol.md).",
+    )
     placement_hysteresis: float = Field(
         default=5.0, ge=0,
         description="Score points an agent must cross beyond a tier boundary before its model changes.",
@@ -59,6 +64,18 @@ class CoordinatorSettings(MqttSettings):
     failed_model_retry_s: float = Field(
         default=600.0, ge=0, description="Seconds before a model that failed on an agent is offered to it again."
     )
+    placement_embedding_model: str = Field(
+        default="", max_length=200,
+        description="An embedding model (e.g. nomic-embed-text) every agent that can pull keeps beside its chat "
+                    "model where memory allows, so /v1/embeddings and /api/embed have agents (empty: none placed; "
+                    "agents that already have one still serve it). See docs/api.md \"Embeddings\".",
+    )
+    embed_batch_inputs: int = Field(
+        default=32, ge=1, le=256, description="Texts per embed job: a larger request is split into batches."
+    )
+    embed_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest wait for the vectors of one embeddings request."
+    )
     # ---- routing and admission
     routing_policy: RoutingPolicy = Field(
         default="expected_completion",
@@ -67,6 +84,11 @@ class CoordinatorSettings(MqttSettings):
     )
     expected_output_tokens: int = Field(
         default=256, ge=1, description="Answer length assumed before any answer has been measured."
+    )
+    conversation_affinity: bool = Field(
+        default=True,
+        description="Send a conversation's next turn to the machine that holds its prompt cache, unless that "
+                    "machine's queue costs more than the prompt reading it saves (docs/scheduling.md).",
     )
     agent_queue_limit: int = Field(
         default=4, ge=0, description="Jobs an agent may have waiting beyond its parallel slots before admission waits."

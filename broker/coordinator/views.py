@@ -38,9 +38,11 @@ def cluster_snapshot(state: ClusterState, plan: Plan | None, catalog: Catalog, *
     strikes and quarantines (agents in quarantine serve no model)."""
     standings = standings or {}
     reasons = placement_reasons(plan)
+    placed = placed_scores(plan)
     views = [agent_view(record, catalog, reason=reasons.get(record.agent_id, ""),
                         cooling_down=cooling.get(record.agent_id, False), now=now,
-                        standing=standings.get(record.agent_id, _NO_STANDING))
+                        standing=standings.get(record.agent_id, _NO_STANDING),
+                        placed_score=placed.get(record.agent_id))
              for record in sorted(state.agents.values(), key=lambda r: r.agent_id)]
     held = {agent_id for agent_id, standing in standings.items() if standing.quarantined}
     models = model_availability(state, catalog, held)
@@ -72,15 +74,34 @@ def placement_reasons(plan: Plan | None) -> dict[str, str]:
     return reasons
 
 
+def placed_scores(plan: Plan | None) -> dict[str, float]:
+    """The score each agent had when the last applied plan placed it (its reason quotes that score)."""
+    return {entry.agent_id: entry.score for entry in plan.entries} if plan is not None else {}
+
+
+def with_current_score(reason: str, placed_score: float | None, score: float) -> str:
+    """A placement reason that quotes an older score says so, with the score now (the table shows the score now,
+    with the same rounding, so the two never silently disagree)."""
+    if not reason or placed_score is None or f"{placed_score:.1f}" == f"{score:.1f}":
+        return reason
+    return f"{reason} (score {placed_score:.1f} when placed; {score:.1f} now)"
+
+
 def agent_view(record: AgentRecord, catalog: Catalog, *, reason: str, cooling_down: bool, now: float,
-               standing: Standing = _NO_STANDING) -> AgentView:
+               standing: Standing = _NO_STANDING, placed_score: float | None = None) -> AgentView:
     """One agent as the cluster table shows it; measured speeds win over what telemetry claims; every list and
-    text that comes from the agent is bounded."""
+    text that comes from the agent is bounded.
+
+    An offline agent runs nothing and serves nothing: its jobs, model state and live load (the last telemetry
+    it sent) are cleared rather than shown as if current; its model, hardware and measured speed stay.
+    """
     score = agent_score(record, catalog)
-    telemetry, status, model_state = record.telemetry, record.status, record.model_state
+    online = record.online
+    telemetry, status, model_state = record.telemetry if online else None, record.status, record.model_state
+    live_model_state = model_state if online else None
     speed = record.observed.get(record.ready_model or "") if record.ready_model else None
     measured = speed is not None and bool(speed.tokens_per_s)
-    claimed = telemetry.tokens_per_s if telemetry is not None else None
+    claimed = record.telemetry.tokens_per_s if record.telemetry is not None else None
     local = model_state.local_models if model_state is not None else []
     loaded = record.loaded_models
     offers = record.offers()
@@ -93,16 +114,16 @@ def agent_view(record: AgentRecord, catalog: Catalog, *, reason: str, cooling_do
         hardware_summary=cut(hardware_summary(record.hardware), MAX_VIEW_SUMMARY) or "",
         hardware=record.hardware.model_dump(exclude_none=True) if record.hardware is not None else {},
         model=cut(record.current_model, MAX_VIEW_NAME),
-        model_state=model_state.state if model_state is not None else None,
-        model_progress=model_state.progress if model_state is not None else None,
-        model_error=cut(model_state.error) if model_state is not None else None,
+        model_state=live_model_state.state if live_model_state is not None else None,
+        model_progress=live_model_state.progress if live_model_state is not None else None,
+        model_error=cut(live_model_state.error) if live_model_state is not None else None,
         local_models=first_names(local),
         jobs_running=telemetry.jobs_running if telemetry is not None else 0,
         jobs_queued=telemetry.jobs_queued if telemetry is not None else 0,
         max_parallel=record.max_parallel,
         tokens_per_s=speed.tokens_per_s if measured and speed is not None else claimed,
         ttft_s=(speed.ttft_s if speed and speed.ttft_s is not None else
-                telemetry.ttft_s if telemetry is not None else None),
+                record.telemetry.ttft_s if record.telemetry is not None else None),
         cpu_percent=telemetry.cpu_percent if telemetry is not None else None,
         ram_free_gb=telemetry.ram_free_gb if telemetry is not None else None,
         vram_free_gb=telemetry.vram_free_gb if telemetry is not None else None,
@@ -113,7 +134,7 @@ def agent_view(record: AgentRecord, catalog: Catalog, *, reason: str, cooling_do
         backend_error=cut(status.backend_error) if status is not None else None,
         backend_url=cut(status.backend_url) if status is not None else None,
         last_seen_s=round(record.silent_for(now), 1),
-        placement_reason=cut(reason) or "",
+        placement_reason=cut(with_current_score(reason, placed_score, score.total)) or "",
         cooling_down=cooling_down,
         runtime=record.runtime.model_dump() if record.runtime is not None else {},
         slots=record.slots if record.status is not None else None,

@@ -2,10 +2,11 @@
 
 Why it looks like this:
 
-* paho's network thread must never block, so callbacks only hand messages to
-  the owner's asyncio loop with ``call_soon_threadsafe`` (one mode, as in Home
-  Assistant's MQTT client). Synchronous tests and benchmarks borrow a loop
-  from ``tests/support/loops.py``.
+* paho runs on the owner's asyncio loop through its external-loop API (socket
+  callbacks + ``loop_read`` / ``loop_write`` / ``loop_misc``), as in aiomqtt and
+  Home Assistant: no network thread, so no hand-off per message in either
+  direction. Handlers must not block the loop. Synchronous tests and benchmarks
+  borrow a loop from ``tests/support/loops.py``.
 * MQTT v5 by default (a refused publish comes back as a reason code), with a
   fall back to 3.1.1 for brokers that only speak that (the embedded amqtt).
 * On every (re)connect: subscribe to everything again, then publish the birth
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import socket
@@ -134,8 +136,13 @@ Hook = Callable[[], None]
 class MqttConnection:
     """A resilient MQTT client: subscriptions, presence, offline queue, acknowledged publishes.
 
-    Every callback (``on_message``, ``on_ready``, ``on_disconnected``, ``on_fatal``) runs on ``loop``,
-    handed over with ``call_soon_threadsafe``: paho's network thread never runs a handler.
+    paho runs on ``loop`` through its external-loop API: the socket is registered with the loop
+    (``add_reader`` / ``add_writer``), ``loop_read`` / ``loop_write`` run when it is ready and ``loop_misc``
+    once a second (keepalive). There is no network thread, so a message reaches ``on_message`` in the same
+    loop iteration that read it and a publish from the loop is written in the next one — no hand-off through
+    a self-pipe in either direction (``bench/bench_overhead.py``). Every paho call happens on the loop; the
+    public methods may be called from any thread and hand their work to the loop. Only the TCP (and TLS)
+    connect runs in the loop's default executor, because it blocks.
 
     Reconnection backs off from ``reconnect_min_s`` to at most ``reconnect_max_s`` (5 s): a home cluster has
     a handful of clients, and after a broker restart they should be back within seconds, not after a
@@ -174,17 +181,25 @@ class MqttConnection:
         self._max_offline_queue = max_offline_queue
         self.offline_dropped = 0
         self._reconnect = (reconnect_min_s, reconnect_max_s)
+        self._backoff_s = reconnect_min_s
         self._lock = threading.RLock()
-        self._ack_lock = threading.Lock()
         self._tickets: dict[int, PublishTicket] = {}
-        self._early_acks: dict[int, tuple[int, str]] = {}
         self._pending_subscribe_mid: int | None = None
         self._connected = threading.Event()
+        self._closed = threading.Event()  # set whenever no socket is open (before start, between attempts, after stop)
+        self._closed.set()
         self._ever_connected = False
         self._socket_opened_at: float | None = None
         self._fell_back = False
         self._last_fail_warning = -1e9
         self._stopping = False
+        self._started = False
+        self._connecting = False
+        self._reading = False  # inside paho's loop_read (its callbacks must not write: paho is not re-entrant there)
+        self._registered_fd: int | None = None
+        self._writer_fd: int | None = None
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
         self.fatal_error: Exception | None = None
         self.connect_count = 0
         self._protocol = self._initial_protocol()
@@ -204,7 +219,7 @@ class MqttConnection:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=self._protocol,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,  # this class reconnects, on the loop
         )
         client.enable_logger(_paho_logger)
         username = self.settings.mqtt_username or self._address.username
@@ -222,40 +237,52 @@ class MqttConnection:
             client.tls_set_context(context)
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain)
-        client.reconnect_delay_set(min_delay=self._reconnect[0], max_delay=self._reconnect[1])  # type: ignore[arg-type]
         client.max_inflight_messages_set(100)
         client.on_socket_open = self._handle_socket_open
+        client.on_socket_close = self._handle_socket_close
+        client.on_socket_register_write = self._handle_register_write
+        client.on_socket_unregister_write = self._handle_unregister_write
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
-        client.on_connect_fail = self._handle_connect_fail
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
         client.on_subscribe = self._handle_subscribe
+        client.connect_async(self._address.host, self._address.port, keepalive=self.settings.mqtt_keepalive,
+                             clean_start=True if self._protocol == MQTTProtocolVersion.MQTTv5 else
+                             mqtt.MQTT_CLEAN_START_FIRST_ONLY)
         return client
+
+    # ------------------------------------------------------------------ threads
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _call(self, function: Callable[..., object], *args: object) -> None:
+        """Run ``function`` on the loop: now if we are on it, else handed over (or here if the loop is closed)."""
+        if self._on_loop():
+            function(*args)
+            return
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop is closed: nothing else can touch paho any more
+            function(*args)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Connect in the background; reconnects forever with back-off until :meth:`stop`."""
         logger.info("connecting to %s as %s (MQTT %s)", self._address, self.client_id, self.protocol)
-        self._client.connect_async(self._address.host, self._address.port, keepalive=self.settings.mqtt_keepalive,
-                                   clean_start=True if self._protocol == MQTTProtocolVersion.MQTTv5 else
-                                   mqtt.MQTT_CLEAN_START_FIRST_ONLY)
-        self._client.loop_start()
-        if self._can_fall_back():
-            threading.Thread(target=self._watch_connack, name="mqtt-connack-watch", daemon=True).start()
-
-    def _watch_connack(self, patience_s: float = 1.0) -> None:
-        """A 3.1.1-only broker may sit silent on a v5 CONNECT until keepalive; don't wait that long."""
-        while not self._stopping and not self._ever_connected and self._can_fall_back():
-            opened = self._socket_opened_at
-            if opened is not None and time.monotonic() - opened > patience_s:
-                self._fall_back()
-                return
-            time.sleep(0.1)
+        self._started = True
+        self._call(self._attempt)
 
     def wait_connected(self, timeout: float) -> bool:
-        """Wait until subscribed and the birth message is out; raise :class:`MqttAuthError` if refused."""
+        """Wait until subscribed and the birth message is out; raise :class:`MqttAuthError` if refused.
+
+        Blocks: call it from another thread than the loop's (``asyncio.to_thread`` in a coroutine).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.fatal_error is not None:
@@ -270,20 +297,32 @@ class MqttConnection:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def running(self) -> bool:
+        """True while the connection has an open socket registered with the loop (what a fuzz test checks)."""
+        return self._registered_fd is not None and not self._stopping
+
     def stop(self, final: OutboundMessage | None = None, timeout: float = 2.0) -> None:
-        """Stop cleanly: publish ``final`` (e.g. retained offline status) and wait for it, then disconnect."""
+        """Stop cleanly: publish ``final`` (e.g. retained offline status) and wait for it, then disconnect.
+
+        From another thread it waits for the acknowledgement and the close; on the loop itself it cannot
+        wait, so it writes ``final`` and the DISCONNECT at once and returns.
+        """
+        on_loop = self._on_loop()
         self._stopping = True
         if final is not None and self.connected:
             try:
-                self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(timeout)
+                ticket = self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
+                if not on_loop:
+                    ticket.wait(timeout)
             except (MqttError, TimeoutError) as error:
                 logger.warning("final message not acknowledged: %s", error)
-        if self._client.is_connected():
-            try:
-                self._client.disconnect()
-            except Exception:  # noqa: BLE001 - best effort while shutting down
-                logger.debug("disconnect failed", exc_info=True)
-        self._client.loop_stop()
+        self._call(self._shutdown)
+        if on_loop:
+            self._flush_now()
+        elif not self._closed.wait(timeout):
+            self._call(self._close_socket)  # no answer to DISCONNECT (or the loop is not running): just close
+            self._closed.wait(0.5)
         self._connected.clear()
 
     def kill(self) -> None:
@@ -296,7 +335,7 @@ class MqttConnection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._client.loop_stop()
+        self._call(self._close_socket)
 
     # ------------------------------------------------------------------ API
 
@@ -305,13 +344,13 @@ class MqttConnection:
         with self._lock:
             self._subscriptions[topic] = qos
         if self.connected:
-            self._client.subscribe(topic, qos)
+            self._call(self._client_call, "subscribe", topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
             self._subscriptions.pop(topic, None)
         if self.connected:
-            self._client.unsubscribe(topic)
+            self._call(self._client_call, "unsubscribe", topic)
 
     def publish(
         self,
@@ -329,7 +368,6 @@ class MqttConnection:
         """
         data = encode(payload) if isinstance(payload, Message) else payload
         ticket = PublishTicket(topic, qos)
-        # Never call into paho while holding our lock: paho calls back into us holding its own.
         with self._lock:
             if not self.connected:
                 if not queue_if_offline or self._stopping:
@@ -341,42 +379,189 @@ class MqttConnection:
                     self.offline_dropped += 1
                 self._offline.append((topic, data, qos, retain, ticket))
                 return ticket
-        self._send(topic, data, qos, retain, ticket)
+        self._call(self._send, topic, data, qos, retain, ticket)
         return ticket
 
     def publish_and_wait(
         self, topic: str, payload: bytes | Message, *, qos: int = 1, retain: bool = False, timeout: float = 5.0
     ) -> int:
-        """Publish and wait for the acknowledgement; raises :class:`MqttPublishRefused` or ``TimeoutError``."""
+        """Publish and wait for the acknowledgement; raises :class:`MqttPublishRefused` or ``TimeoutError``.
+
+        Blocks: not for the loop's own thread.
+        """
         return self.publish(topic, payload, qos=qos, retain=retain).wait(timeout)
 
     @property
     def offline_queue_length(self) -> int:
         return len(self._offline)
 
-    # ------------------------------------------------------------------ internals (any thread)
+    # ------------------------------------------------------------------ connecting (loop)
+
+    def _attempt(self) -> None:
+        """One connection attempt: the blocking TCP/TLS connect in the executor, the rest on the loop."""
+        self._retry_timer = None
+        if self._stopping or self._connecting or self._registered_fd is not None:
+            return
+        self._connecting = True
+        client = self._client
+        future = self._loop.run_in_executor(None, client.reconnect)
+        future.add_done_callback(lambda done: self._attempt_done(client, done))
+
+    def _attempt_done(self, client: mqtt.Client, future: asyncio.Future[object]) -> None:
+        self._connecting = False
+        if future.cancelled():  # the loop's executor shut down
+            return
+        error = future.exception()
+        if client is not self._client or self._stopping:  # replaced (fallback) or stopped meanwhile
+            if error is None:
+                self._close_socket(client)
+            return
+        if error is not None:
+            self._connect_failed(error)
+            return
+        sock = client.socket()
+        if sock is None:
+            self._retry_later()
+            return
+        fd = sock.fileno()
+        self._registered_fd = fd
+        self._closed.clear()
+        self._loop.add_reader(fd, self._readable, client)
+        if client.want_write():  # the CONNECT packet, queued by reconnect()
+            self._add_writer(fd, client)
+        self._schedule_misc()
+        if self._can_fall_back():
+            self._loop.call_later(1.0, self._check_connack, client)
+
+    def _connect_failed(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_fail_warning > 30:
+            self._last_fail_warning = now
+            hint = " (TLS: is --mqtt-tls-ca the CA that signed the broker's certificate?)" if self._address.tls else ""
+            logger.warning("cannot connect to broker %s yet (%s); retrying with back-off%s", self._address,
+                           error or type(error).__name__, hint)
+        else:
+            logger.debug("connection to %s failed (%s); retrying with back-off", self._address, error)
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._stopping or self._retry_timer is not None:
+            return
+        delay, self._backoff_s = self._backoff_s, min(self._backoff_s * 2, self._reconnect[1])
+        self._retry_timer = self._loop.call_later(delay, self._attempt)
+
+    def _check_connack(self, client: mqtt.Client) -> None:
+        """A 3.1.1-only broker may sit silent on a v5 CONNECT until keepalive; don't wait that long."""
+        if client is self._client and not self._stopping and not self._ever_connected and self._can_fall_back():
+            self._fall_back()
+
+    # ------------------------------------------------------------------ socket events (loop)
+
+    def _readable(self, client: mqtt.Client) -> None:
+        self._reading = True
+        try:
+            client.loop_read()
+        finally:
+            self._reading = False
+        if client.want_write():  # what the handlers published (and PUBACKs): out in this iteration, not the next
+            client.loop_write()
+        sock = client.socket()
+        # TLS may hold decrypted bytes the selector cannot see: read them now, not at the next packet.
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            self._loop.call_soon(self._readable, client)
+
+    def _writable(self, client: mqtt.Client) -> None:
+        client.loop_write()
+
+    def _add_writer(self, fd: int, client: mqtt.Client) -> None:
+        if self._writer_fd != fd:
+            self._loop.add_writer(fd, self._writable, client)
+            self._writer_fd = fd
+
+    def _remove_writer(self) -> None:
+        if self._writer_fd is not None:
+            self._loop.remove_writer(self._writer_fd)
+            self._writer_fd = None
+
+    def _schedule_misc(self) -> None:
+        self._misc_timer = self._loop.call_later(1.0, self._misc)
+
+    def _misc(self) -> None:
+        """Keepalive pings and the check that the broker still answers them."""
+        self._misc_timer = None
+        if self._registered_fd is None:
+            return
+        self._client.loop_misc()
+        if self._registered_fd is not None:
+            self._schedule_misc()
+
+    def _flush_now(self) -> None:
+        """Write what is queued at once (stop on the loop, where nobody waits for the next iteration)."""
+        if self._client.socket() is not None and self._client.want_write():
+            with contextlib.suppress(Exception):
+                self._client.loop_write()
+
+    def _shutdown(self) -> None:
+        """Cancel the timers and send DISCONNECT; the socket closes once it is written."""
+        for timer in (self._retry_timer, self._misc_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = self._misc_timer = None
+        if self._client.is_connected():
+            try:
+                self._client.disconnect()
+                return
+            except Exception:  # noqa: BLE001 - best effort while shutting down
+                logger.debug("disconnect failed", exc_info=True)
+        self._close_socket()
+
+    def _close_socket(self, client: mqtt.Client | None = None) -> None:
+        """Close without DISCONNECT (after a kill, a fallback, or when DISCONNECT could not be sent)."""
+        client = client or self._client
+        if client is self._client:
+            for timer in (self._retry_timer, self._misc_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._retry_timer = self._misc_timer = None
+        sock = client.socket()
+        if sock is None:
+            if client is self._client and self._registered_fd is None:
+                self._closed.set()
+            return
+        with contextlib.suppress(OSError, ValueError):
+            fd = sock.fileno()
+            if fd >= 0:
+                self._unregister(fd)
+        with contextlib.suppress(OSError):
+            sock.close()
+        if client is self._client:
+            self._closed.set()
+
+    def _unregister(self, fd: int) -> None:
+        if self._writer_fd == fd:
+            self._remove_writer()
+        if self._registered_fd == fd:
+            self._loop.remove_reader(fd)
+            self._registered_fd = None
+
+    # ------------------------------------------------------------------ internals (loop)
+
+    def _client_call(self, method: str, *args: object) -> None:
+        getattr(self._client, method)(*args)
 
     def _send(self, topic: str, data: bytes, qos: int, retain: bool, ticket: PublishTicket) -> None:
         info = self._client.publish(topic, data, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             ticket._complete(-1, mqtt.error_string(info.rc))
             return
+        if qos != 0:
+            self._tickets[info.mid] = ticket
+        if not self._reading and self._registered_fd is not None and self._client.want_write():
+            # Write now rather than in the loop's next iteration (inside paho's read callbacks, _readable does it).
+            self._client.loop_write()
         if qos == 0:
             ticket._complete(0, "sent")
-            return
-        with self._ack_lock:
-            early = self._early_acks.pop(info.mid, None)
-            if early is None:
-                self._tickets[info.mid] = ticket
-        if early is not None:  # acknowledged before we registered the ticket
-            ticket._complete(*early)
-
-    def _dispatch(self, item: InboundMessage | Hook) -> None:
-        """Hand ``item`` to the event loop (from paho's network thread or a helper thread)."""
-        try:
-            self._loop.call_soon_threadsafe(self._run_item, item)
-        except RuntimeError:
-            logger.debug("event loop closed; dropping %s", item)
 
     def _run_item(self, item: InboundMessage | Hook) -> None:
         try:
@@ -387,9 +572,14 @@ class MqttConnection:
         except Exception:  # noqa: BLE001 - a handler bug must not stop the handling of later messages
             logger.exception("MQTT handler failed")
 
-    # ------------------------------------------------------------------ paho callbacks (network thread: stay thin)
+    def _run_hook(self, hook: Hook) -> None:
+        """Hooks run as their own loop callbacks, after paho has finished with the packet that caused them."""
+        self._loop.call_soon(self._run_item, hook)
+
+    # ------------------------------------------------------------------ paho callbacks (loop, or the connect thread)
 
     def _handle_socket_open(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+        # Runs in the executor thread that connects; the loop registers the socket when the connect returns.
         self._socket_opened_at = time.monotonic()
         if not self.settings.mqtt_tcp_nodelay:
             return
@@ -398,9 +588,28 @@ class MqttConnection:
         except (OSError, AttributeError):
             logger.debug("could not set TCP_NODELAY on %r", sock)
 
+    def _handle_socket_close(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+        if not self._on_loop():  # the connect thread closing a half-open socket it never handed over
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._unregister(sock.fileno())
+        if client is self._client:
+            self._closed.set()
+
+    def _handle_register_write(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+        if self._on_loop() and client is self._client and self._registered_fd is not None:
+            self._add_writer(self._registered_fd, client)
+        # Off the loop this is the CONNECT queued by the connect thread: _attempt_done registers it.
+
+    def _handle_unregister_write(self, client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+        if self._on_loop() and client is self._client:
+            self._remove_writer()
+
     def _handle_connect(
         self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode, properties: object
     ) -> None:
+        if client is not self._client:
+            return
         code = int(reason_code.value)
         if reason_code.is_failure:
             if code in _AUTH_FAILURES:
@@ -415,6 +624,7 @@ class MqttConnection:
             logger.warning("broker %s refused connection: %s", self._address, reason_code)
             return
         self._ever_connected = True
+        self._backoff_s = self._reconnect[0]
         self.connect_count += 1
         with self._lock:
             subscriptions = list(self._subscriptions.items())
@@ -446,11 +656,13 @@ class MqttConnection:
         for topic, data, qos, retain, ticket in backlog:
             self._send(topic, data, qos, retain, ticket)
         if self._on_ready is not None:
-            self._dispatch(self._on_ready)
+            self._run_hook(self._on_ready)
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode, properties: object
     ) -> None:
+        if client is not self._client:
+            return
         was_connected = self._connected.is_set()
         self._connected.clear()
         if self._stopping:
@@ -461,31 +673,21 @@ class MqttConnection:
         if was_connected:
             logger.warning("disconnected from %s (%s); reconnecting", self._address, reason_code)
             if self._on_disconnected is not None:
-                self._dispatch(self._on_disconnected)
-
-    def _handle_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
-        now = time.monotonic()
-        if now - self._last_fail_warning > 30:
-            self._last_fail_warning = now
-            hint = " (TLS: is --mqtt-tls-ca the CA that signed the broker's certificate?)" if self._address.tls else ""
-            logger.warning("cannot connect to broker %s yet; retrying with back-off%s", self._address, hint)
-        else:
-            logger.debug("connection to %s failed; retrying with back-off", self._address)
+                self._run_hook(self._on_disconnected)
+        self._retry_later()
 
     def _handle_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self._dispatch(InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
+        # Straight to the handler: we are on the loop already, in the iteration that read the packet.
+        self._run_item(InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain)))
 
     def _handle_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason_code: ReasonCode, properties: object
     ) -> None:
-        with self._ack_lock:
-            ticket = self._tickets.pop(mid, None)
-            if ticket is None:
-                self._early_acks[mid] = (int(reason_code.value), str(reason_code))
+        ticket = self._tickets.pop(mid, None)
         if ticket is not None:
             ticket._complete(int(reason_code.value), str(reason_code))
 
-    # ------------------------------------------------------------------ fallback and fatal errors
+    # ------------------------------------------------------------------ fallback and fatal errors (loop)
 
     def _can_fall_back(self) -> bool:
         return (
@@ -495,44 +697,29 @@ class MqttConnection:
         )
 
     def _fall_back(self) -> None:
-        with self._lock:
-            if self._fell_back:
-                return
-            self._fell_back = True
+        if self._fell_back:
+            return
+        self._fell_back = True
         logger.warning("broker %s does not speak MQTT 5; falling back to 3.1.1", self._address)
         old = self._client
         self._protocol = MQTTProtocolVersion.MQTTv311
         self._client = self._make_client()
-
-        def restart() -> None:
-            old.loop_stop()
-            try:
-                old.disconnect()
-            except Exception:  # noqa: BLE001
-                pass
-            if not self._stopping:
-                self._client.connect_async(self._address.host, self._address.port,
-                                           keepalive=self.settings.mqtt_keepalive)
-                self._client.loop_start()
-
-        threading.Thread(target=restart, name="mqtt-fallback", daemon=True).start()
+        self._close_socket(old)
+        self._backoff_s = self._reconnect[0]
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if not self._stopping:
+            self._attempt()
 
     def _fail(self, error: Exception) -> None:
         logger.error("%s", error)
         self.fatal_error = error
         self._stopping = True
-        client = self._client
-
-        def halt() -> None:
-            try:
-                client.disconnect()
-            except Exception:  # noqa: BLE001
-                pass
-            client.loop_stop()
-            if self._on_fatal is not None:
-                self._dispatch(lambda: self._on_fatal(error))  # type: ignore[misc]
-
-        threading.Thread(target=halt, name="mqtt-halt", daemon=True).start()
+        self._shutdown()
+        if self._on_fatal is not None:
+            on_fatal = self._on_fatal
+            self._run_hook(lambda: on_fatal(error))
 
 
 def unique_client_id(role: str, name: str) -> str:

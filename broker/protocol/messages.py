@@ -10,7 +10,15 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from broker.protocol.redaction import redact_url, redact_urls_in
 
@@ -39,6 +47,19 @@ MAX_MODELS = 2000
 MAX_PARALLEL = 64
 MAX_TOKENS_PER_S = 10_000.0
 MAX_SECONDS = 86_400.0
+# Images and embeddings (version 1 extensions, docs/protocol.md). A job is one MQTT message (1 MiB at most), so a
+# job's images share that with its text; the app checks the sum before it sends (docs/api.md, "Images").
+MAX_IMAGES = 8
+MAX_IMAGE_CHARS = 1_000_000
+"""Base64 characters of one image on the wire."""
+MAX_EMBED_INPUTS = 256
+"""Texts in one embed job, and vectors in one result chunk."""
+MAX_VECTOR_VALUES = 262_144
+"""Numbers in one vector (a runtime without pooling gives one vector per token: a list of lists)."""
+MAX_EPOCH = 2**53
+"""Largest leadership epoch (exact in every JSON reader); epochs are milliseconds since 1970 or more."""
+
+Epoch = Annotated[int, Field(ge=0, le=MAX_EPOCH)]
 
 
 def _at_most(limit: float) -> AfterValidator:
@@ -71,6 +92,10 @@ Gigabytes = Annotated[float, Field(ge=0), _at_most(65_536.0)]
 Bytes = Annotated[int, Field(ge=0), _at_most(2**50)]
 Tokens = Annotated[int, Field(ge=0), _at_most(10_000_000)]
 Jobs = Annotated[int, Field(ge=0), _at_most(100_000)]
+ImageData = Annotated[str, StringConstraints(min_length=1, max_length=MAX_IMAGE_CHARS)]
+Vector = Annotated[list[float], Field(max_length=MAX_VECTOR_VALUES)] | Annotated[
+    list[Annotated[list[float], Field(max_length=MAX_VECTOR_VALUES)]], Field(max_length=MAX_VECTOR_VALUES)]
+"""One input's embedding: a list of numbers, or (a runtime without pooling) one list per token."""
 
 
 def is_valid_agent_id(value: str) -> bool:
@@ -213,6 +238,11 @@ class ModelState(Message):
         default_factory=list, max_length=MAX_MODELS,
         description="Models in the runtime's memory now (Ollama /api/ps), when it says.",
     )
+    also: list[Name] = Field(
+        default_factory=list, max_length=8,
+        description="The `also` of the assignment this state answers, so a coordinator that never read the retained "
+        "assignment (a broker without retained replay to wildcards) can adopt it unchanged.",
+    )
 
 
 class ResultStats(BaseModel):
@@ -252,6 +282,25 @@ ErrorCode = Literal[
 ]
 
 
+MAX_TOOLS = 128
+"""Tool definitions one job may carry (Open WebUI sends ~36 with every chat)."""
+MAX_TOOL_CALLS = 64
+
+
+class ToolCall(BaseModel):
+    """One complete function call of an answer (version 1 extension, docs/protocol.md "Tools").
+
+    ``arguments`` is the JSON text as the runtime produced it (OpenAI's dialect); an Ollama runtime's argument
+    object is serialized compactly, so each API can give it back in its own dialect without losing anything.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
+
+    id: str | None = Field(default=None, max_length=200)
+    name: Name
+    arguments: str = Field(default="{}", max_length=MAX_PROMPT_CHARS)
+
+
 class Result(Message):
     """One chunk of an answer. ``seq`` counts from 0; the last chunk has ``done``."""
 
@@ -264,6 +313,15 @@ class Result(Message):
     stats: ResultStats | None = None
     agent_id: AgentId | None = None
     model: Name | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        default=None, max_length=MAX_TOOL_CALLS,
+        description="Complete function calls of the answer, on its last chunk; version 1 extension.",
+    )
+    embeddings: list[Vector] | None = Field(
+        default=None, max_length=MAX_EMBED_INPUTS,
+        description="An embed job's vectors as the runtime gave them; version 1 extension.",
+    )
+    embedding_index: int = Field(default=0, ge=0, description="Input index of the first vector in this chunk.")
 
 
 # ---------------------------------------------------------------- coordinator → agent
@@ -280,15 +338,27 @@ class Assign(Message):
         description="Further models to keep on this machine where memory allows (pulled after `model` is "
         "ready, never at its expense); a change of `also` alone does not re-prepare `model`.",
     )
+    epoch: Epoch = Field(
+        default=0, description="Leadership epoch of the coordinator that placed it; an agent ignores an assignment "
+        "whose epoch is lower than the highest it has seen (a deposed leader cannot move models).",
+    )
 
 
 class ChatMessage(BaseModel):
-    """One turn of a conversation."""
+    """One turn of a conversation. ``tool_calls`` (assistant) and ``tool_call_id`` / ``name`` (tool results) are
+    version 1 extensions with defaults, so older senders and readers stay compatible."""
 
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
+    tool_call_id: str | None = Field(default=None, max_length=200)
+    name: Name | None = Field(default=None, description="The tool whose result this is (role tool).")
+    images: list[ImageData] = Field(
+        default_factory=list, max_length=MAX_IMAGES,
+        description="Images for a vision model, base64 without a data: prefix; version 1 extension.",
+    )
 
 
 class Job(Message):
@@ -296,11 +366,45 @@ class Job(Message):
 
     request_id: RequestId
     model: str = Field(min_length=1, max_length=200)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=1000)
     options: dict[str, Any] = Field(default_factory=dict)
     deadline: float = Field(description="Unix seconds; the agent drops the job after it.")
     assistant_prefix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     attempt: int = Field(default=0, ge=0)
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, max_length=MAX_TOOLS,
+        description="Function definitions, OpenAI's shape ({type: function, function: {name, description, "
+        "parameters}}, which Ollama takes as is); version 1 extension.",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="OpenAI's tool_choice: none, auto, required or {type: function, function: "
+        "{name}}; version 1 extension.",
+    )
+    kind: Literal["chat", "embed"] = Field(
+        default="chat", description="embed: vectors for ``inputs`` instead of an answer; version 1 extension.")
+    inputs: list[Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_EMBED_INPUTS, description="The texts of an ``embed`` job.")
+    format: Literal["json"] | dict[str, Any] | None = Field(
+        default=None, description="Structured output: 'json' (any JSON value) or a JSON schema the answer must fit; "
+        "Ollama's ``format``, sent to OpenAI-compatible runtimes as ``response_format``; version 1 extension.")
+    think: bool | None = Field(
+        default=None, description="Ollama's ``think`` (only false is sent: the answer carries no thinking text); "
+        "version 1 extension.")
+    keep_alive: str | float | None = Field(
+        default=None, description="Ollama's ``keep_alive`` for this job (a duration such as '10m', or seconds; "
+        "negative: keep loaded); None: the agent's own setting; version 1 extension.")
+
+    @model_validator(mode="after")
+    def _has_work(self) -> Job:
+        """A chat job needs messages, an embed job inputs (their text within the bound of one job)."""
+        if self.kind == "chat" and not self.messages:
+            raise ValueError("a chat job needs messages (at least one)")
+        if self.kind == "embed":
+            if not self.inputs:
+                raise ValueError("an embed job needs at least one input")
+            if sum(len(text) for text in self.inputs) > MAX_PROMPT_CHARS:
+                raise ValueError(f"an embed job's inputs exceed {MAX_PROMPT_CHARS} characters")
+        return self
 
 
 class Cancel(Message):
@@ -319,6 +423,7 @@ class Manage(Message):
     request_id: RequestId
     action: ManageAction
     model: str = Field(min_length=1, max_length=200)
+    epoch: Epoch = Field(default=0, description="The leadership epoch the sender knows; fenced like Assign.")
 
 
 class Operation(Message):
@@ -339,3 +444,20 @@ class CoordinatorStatus(Message):
 
     state: Literal["online", "offline"]
     coordinator_version: Name = "unknown"
+
+
+LeaderState = Literal["leader", "claim", "vacant"]
+
+
+class LeaderRecord(Message):
+    """Who leads placement (docs/protocol.md "Leadership").
+
+    ``leader`` is retained by the holder's lease connection, whose last will is the same record with ``vacant``;
+    ``claim`` (not retained) bids for a vacancy: after the claim window the best bid leads (highest epoch, then
+    lowest id).
+    """
+
+    state: LeaderState
+    coordinator_id: AgentId
+    epoch: Epoch
+    since: float | None = Field(default=None, description="Unix seconds the holder has led since.")

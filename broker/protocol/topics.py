@@ -14,6 +14,7 @@ from broker.protocol.messages import (
     CoordinatorStatus,
     Hardware,
     Job,
+    LeaderRecord,
     Manage,
     Message,
     ModelState,
@@ -51,6 +52,7 @@ class TopicKind(enum.Enum):
     CANCEL = TopicSpec(Cancel, 1, False, "control")
     MANAGE = TopicSpec(Manage, 1, False, "control")
     COORDINATOR_STATUS = TopicSpec(CoordinatorStatus, 1, True, "coordinator")
+    COORDINATOR_LEADER = TopicSpec(LeaderRecord, 1, True, "coordinator")
 
     @property
     def spec(self) -> TopicSpec:
@@ -119,10 +121,16 @@ class Topics:
     def coordinator_status(self) -> str:
         return f"{self.prefix}/coordinator/status"
 
+    def coordinator_leader(self) -> str:
+        """The retained leader record (and non-retained claims) of placement leadership."""
+        return f"{self.prefix}/coordinator/leader"
+
     def for_kind(self, kind: TopicKind, agent_id: str | None = None) -> str:
-        """Build the topic of ``kind`` (``agent_id`` is required except for the coordinator status)."""
+        """Build the topic of ``kind`` (``agent_id`` is required except for the coordinator's own topics)."""
         if kind is TopicKind.COORDINATOR_STATUS:
             return self.coordinator_status()
+        if kind is TopicKind.COORDINATOR_LEADER:
+            return self.coordinator_leader()
         if agent_id is None:
             raise ValueError(f"{kind.name} needs an agent id")
         builder = self._agent_topic if kind.spec.direction == "agent" else self._control_topic
@@ -138,10 +146,18 @@ class Topics:
         return f"{self.prefix}/control/+/{kind.leaf}"
 
     def control_of(self, agent_id: str) -> str:
-        """Everything addressed to one agent (the agent's subscription)."""
+        """Everything addressed to one agent, as one wildcard (tools and ACL tests; agents use :meth:`controls_of`)."""
         if not is_valid_agent_id(agent_id):
             raise ValueError(f"invalid agent id {agent_id!r}")
         return f"{self.prefix}/control/{agent_id}/+"
+
+    def controls_of(self, agent_id: str) -> list[str]:
+        """Every topic addressed to one agent, spelled out (the agent's subscriptions).
+
+        Exact topics, not ``control/<id>/+``: RabbitMQ's MQTT plugin replays a retained message only to a
+        subscription naming its topic exactly, so an agent restarted there still gets its retained assignment.
+        """
+        return [self._control_topic(agent_id, kind.leaf) for kind in TopicKind if kind.spec.direction == "control"]
 
     def parse(self, topic: str) -> tuple[TopicKind, str | None] | None:
         """Return ``(kind, agent_id)`` for a topic of this prefix, or ``None`` if it is not one."""
@@ -150,6 +166,8 @@ class Topics:
         parts = topic[len(self.prefix) + 1 :].split("/")
         if parts == ["coordinator", "status"]:
             return TopicKind.COORDINATOR_STATUS, None
+        if parts == ["coordinator", "leader"]:
+            return TopicKind.COORDINATOR_LEADER, None
         if len(parts) != 3 or not is_valid_agent_id(parts[1]):
             return None
         table = _AGENT_LEAVES if parts[0] == "agent" else _CONTROL_LEAVES if parts[0] == "control" else None

@@ -2,7 +2,7 @@
 
 The shipped ``broker/scheduling/catalog.json`` lists the common Ollama library
 tags (llama3.x, qwen2.5, qwen3, gemma3, phi4, mistral, deepseek-r1, smollm2
-and embedding models). ``--catalog FILE`` *extends or overrides* it (a user's
+and embedding models; tag ``tools`` marks function calling). ``--catalog FILE`` *extends or overrides* it (a user's
 own models, or corrected figures); ``--catalog-path FILE`` *replaces* it. See
 docs/scheduling.md.
 
@@ -35,8 +35,14 @@ DEFAULT_CATALOG = Path(__file__).resolve().parent / "catalog.json"
 """The catalog shipped with the project; ``--catalog-path`` names another, ``--catalog`` extends it."""
 
 EMBEDDING_TAG = "embedding"
+TOOLS_TAG = "tools"
+"""The model calls functions (Ollama's ``tools`` capability): routing prefers it for a query with tools."""
 REASONING_TAG = "reasoning"
 ESTIMATED_TAG = "estimated"
+VISION_TAG = "vision"
+VISION_NAME_HINTS = ("llava", "vision", "moondream", "minicpm-v", "qwen2.5vl", "qwen2-vl", "qwen2.5-vl", "-vl",
+                     "pixtral", "gemma3:4b", "gemma3:12b", "gemma3:27b", "llama4", "mistral-small3.1")
+"""Names of models that take images, for models the catalog lacks (a catalog entry's ``vision`` tag decides)."""
 
 WEIGHTS_GB_PER_BILLION = 0.6
 """Size of 4-bit weights (Ollama's default quantisation) per billion parameters, for models the catalog lacks."""
@@ -255,6 +261,19 @@ class Catalog(BaseModel):
                 weights_gb=max(0.05, WEIGHTS_GB_PER_BILLION * parameters),
                 memory_gb=round(MEMORY_GB_PER_BILLION * parameters + MEMORY_OVERHEAD_GB, 2), tags=tags)
         return found  # type: ignore[return-value]
+
+    def supports_tools(self, name: str) -> bool | None:
+        """Whether the model calls functions: True or False for catalog models, ``None`` for models it lacks."""
+        known = self.model(name)
+        return None if known is None else TOOLS_TAG in known.tags
+
+    def has_vision(self, name: str) -> bool:
+        """Whether the model takes images: its catalog entry's ``vision`` tag, else a vision name (llava, …)."""
+        known = self.model(name)
+        if known is not None:
+            return VISION_TAG in known.tags
+        key = model_key(name)
+        return any(hint in key for hint in VISION_NAME_HINTS)
 
     def is_chat(self, name: str) -> bool:
         """False for embedding models (they never answer a chat)."""

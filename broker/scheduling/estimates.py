@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.scheduling.catalog import Catalog, CatalogModel
-from broker.scheduling.names import same_model
+from broker.scheduling.names import model_key, same_model
 from broker.scheduling.registry import AgentRecord
 from broker.scheduling.scoring import MeasuredSpeed, Score, estimate_tokens_per_s, normalise_speed, score_machine
 
@@ -67,6 +67,9 @@ class SpeedExpectation:
     tokens_per_s: float
     ttft_s: float
     source: str
+    prefill_tokens_per_s: float = 0.0
+    """Prompt tokens read per second: :data:`PREFILL_SPEEDUP` × the generation speed (no runtime reports its own
+    yet)."""
 
 
 def expected_speed(record: AgentRecord, model: str, catalog: Catalog, prompt_tokens: int = 0, *,
@@ -104,7 +107,7 @@ def expected_speed(record: AgentRecord, model: str, catalog: Catalog, prompt_tok
         ttft = PRIOR_TTFT_BASE_S + prompt_tokens / (tokens_per_s * PREFILL_SPEEDUP)
     if not loaded:
         ttft += load_time_s(entry)
-    return SpeedExpectation(tokens_per_s, ttft, source)
+    return SpeedExpectation(tokens_per_s, ttft, source, tokens_per_s * PREFILL_SPEEDUP)
 
 
 def placement_speed(record: AgentRecord, model: CatalogModel, catalog: Catalog) -> tuple[float, str]:
@@ -118,3 +121,71 @@ def placement_speed(record: AgentRecord, model: CatalogModel, catalog: Catalog) 
         on_reference = normalise_speed(measured.tokens_per_s, measured.model, catalog)
         return on_reference * catalog.reference.read_gb / model.read_gb, f"{measured.source}, scaled"
     return estimate_tokens_per_s(record.facts, model), "estimated"
+
+
+# ---------------------------------------------------------------- answer lengths
+
+
+def prompt_shape(prompt_tokens: int, turns: int, system: bool, opening: str = "") -> tuple[int, int, bool, str]:
+    """What a question looks like to the length predictor: the prompt's size class (powers of two), how many turns
+    (up to 4), whether a system prompt sets the scene, and the first words of the question (lower-cased, two
+    words: "summarise the", "write a") — the shapes that answers of similar length share."""
+    size = max(0, int(prompt_tokens)).bit_length()
+    words = " ".join(opening.lower().split()[:2])[:40]
+    return size, min(turns, 4), system, words
+
+
+@dataclass
+class _LengthStats:
+    mean: float
+    count: int
+
+
+class AnswerLengths:
+    """Predicts an answer's length (tokens) when the question sets no ``max_tokens``, from what this cluster has
+    seen: a moving average per (model, prompt shape), else per prompt shape, else per model, else overall — each
+    trusted once it has :attr:`min_samples` answers. Memory is bounded: at most ``capacity`` keys, the least
+    recently updated dropped first."""
+
+    def __init__(self, default_tokens: float, *, capacity: int = 4096, smoothing: float = 0.1,
+                 min_samples: int = 3) -> None:
+        self.default_tokens = float(default_tokens)
+        self.capacity = capacity
+        self.smoothing = smoothing
+        self.min_samples = min_samples
+        self._stats: dict[tuple[object, ...], _LengthStats] = {}
+
+    def __len__(self) -> int:
+        return len(self._stats)
+
+    @staticmethod
+    def _keys(model: str | None, shape: tuple[object, ...] | None) -> list[tuple[object, ...]]:
+        model_part = (model_key(model),) if model else None
+        keys: list[tuple[object, ...]] = []
+        if model_part and shape is not None:
+            keys.append(("model+shape", *model_part, *shape))
+        if shape is not None:
+            keys.append(("shape", *shape))
+        if model_part:
+            keys.append(("model", *model_part))
+        keys.append(("all",))
+        return keys
+
+    def observe(self, model: str | None, shape: tuple[object, ...] | None, tokens: float) -> None:
+        for key in self._keys(model, shape):
+            stats = self._stats.pop(key, None)  # re-inserted last: the dict's order is the recency order
+            if stats is None:
+                stats = _LengthStats(float(tokens), 0)
+            weight = max(self.smoothing, 1.0 / (stats.count + 1))  # a plain mean until the moving average takes over
+            stats.mean += weight * (tokens - stats.mean)
+            stats.count += 1
+            self._stats[key] = stats
+        while len(self._stats) > self.capacity:
+            del self._stats[next(iter(self._stats))]
+
+    def predict(self, model: str | None, shape: tuple[object, ...] | None) -> float:
+        for key in self._keys(model, shape):
+            stats = self._stats.get(key)
+            if stats is not None and (stats.count >= self.min_samples or key == ("all",)):
+                return stats.mean
+        return self.default_tokens

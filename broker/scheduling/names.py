@@ -12,6 +12,7 @@ spelling to one key, :func:`same_model` compares by it, and
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -21,6 +22,7 @@ MAX_STATED_BILLIONS = 10_000.0
 _SIZE = re.compile(r"(?<![a-z0-9.])(?:(\d+)x)?(\d+(?:\.\d+)?)\s*([bm])(?![a-z0-9])")
 
 
+@functools.lru_cache(maxsize=8192)  # called ~20 times per agent per plan (placement at 5,000 agents)
 def model_key(name: str) -> str:
     """The comparison key of a model id: case-insensitive, ``:latest`` dropped, a GGUF file by its base name.
 

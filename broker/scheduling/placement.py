@@ -35,14 +35,18 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from broker.scheduling.catalog import REASONING_TAG, Catalog, CatalogModel
-from broker.scheduling.estimates import agent_score, placement_speed
+from broker.scheduling.estimates import agent_score, measured_speed
 from broker.scheduling.names import model_key
 from broker.scheduling.registry import AgentRecord, ClusterState
-from broker.scheduling.scoring import MachineFacts, Score
+from broker.scheduling.scoring import MachineFacts, Score, estimate_tokens_per_s, normalise_speed
 
 LOCAL_TIER = "local"
 """Tier shown for an agent whose runtime cannot pull: it serves the largest model it has."""
+FAILED_HERE = "failed here"
+"""How a model filter's note says the model failed on this agent (pull or load); reasons put those first."""
 NOTES_PER_TIER = 2
+MAX_ALSO = 8
+"""Extra models one assignment may name (``Assign.also``)."""
 """Reasons kept per tier when its models do not fit (the rest are counted), so a reason stays readable."""
 
 
@@ -54,6 +58,7 @@ class PlacementSettings:
     mix: bool = True
     failed_retry_s: float = 600.0
     extra_models: int = 1
+    embedding_model: str | None = None  # kept beside the chat model where it fits (docs/api.md "Embeddings")
 
 
 @dataclass(frozen=True)
@@ -146,11 +151,13 @@ class MemoryPool:
     available_gb: float | None  # None: unknown, assume it fits
 
 
-def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog) -> MemoryPool:
+def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog, ready: str | None | bool = False
+                ) -> MemoryPool:
     """Free memory for a model: the current model's share counts as free (switching unloads it).
 
     Simulated agents are judged on their declared totals: their telemetry
-    describes the host they run on, not the machine they pretend to be.
+    describes the host they run on, not the machine they pretend to be. ``ready``: the record's
+    ``ready_model`` when the caller has it already (``False``: look it up).
     """
     telemetry = None if record.simulated else record.telemetry
     if facts.has_gpu_pool:
@@ -169,7 +176,9 @@ def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog) -> M
         return MemoryPool(kind, None, None)
     if free is None:
         return MemoryPool(kind, total, total)
-    loaded = catalog.estimate(record.ready_model) if record.ready_model else None
+    if ready is False:
+        ready = record.ready_model
+    loaded = catalog.estimate(ready) if ready else None
     return MemoryPool(kind, total, min(total, free + (loaded.memory_gb if loaded else 0.0)))
 
 
@@ -182,14 +191,53 @@ def fits_memory(record: AgentRecord, model: CatalogModel, catalog: Catalog, head
 # ---------------------------------------------------------------- filters
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
-    """An agent that passed the agent filters, with what model filters need."""
+    """An agent that passed the agent filters, with what model filters need (looked up once per plan: a plan
+    of 5,000 agents asks for these tens of thousands of times)."""
 
     record: AgentRecord
     score: Score
     facts: MachineFacts
     pool: MemoryPool
+    ready: str | None = None
+    """The record's ``ready_model``."""
+    speed_basis: tuple[float, str] | None = None
+    """The measured speed on the reference model and its source, for :func:`candidate_speed`."""
+    order_key: tuple[str, frozenset[str]] = ("", frozenset())
+    """The current model's key and the keys of the models on disk: what a tier's order depends on."""
+
+
+_NOT_GIVEN = object()
+
+
+def make_candidate(record: AgentRecord, score: Score, catalog: Catalog, measured: object = _NOT_GIVEN) -> Candidate:
+    """A :class:`Candidate` with everything the model filters and the tier order read, computed once
+    (``measured``: the record's :func:`measured_speed` when the caller has it)."""
+    ready = record.ready_model
+    if measured is _NOT_GIVEN:
+        measured = measured_speed(record)
+    basis = None if measured is None else (
+        normalise_speed(measured.tokens_per_s, measured.model, catalog),  # type: ignore[attr-defined]
+        f"{measured.source}, scaled")  # type: ignore[attr-defined]
+    current = record.current_model
+    local = record.local_models
+    order_key = (model_key(current or ""), frozenset(model_key(name) for name in local) if local else frozenset())
+    return Candidate(record, score, record.facts, memory_pool(record, record.facts, catalog, ready), ready, basis,
+                     order_key)
+
+
+def candidate_speed(candidate: Candidate, model: CatalogModel, catalog: Catalog) -> tuple[float, str]:
+    """:func:`broker.scheduling.estimates.placement_speed` with the measured part looked up once per candidate."""
+    observed = candidate.record.observed
+    if observed:
+        found = observed.get(model.name)
+        if found is not None and found.tokens_per_s:
+            return found.tokens_per_s, "observed"
+    basis = candidate.speed_basis
+    if basis is not None:
+        return basis[0] * catalog.reference.read_gb / model.read_gb, basis[1]
+    return estimate_tokens_per_s(candidate.facts, model), "estimated"
 
 
 @dataclass(frozen=True)
@@ -275,16 +323,33 @@ class SpeedFilter:
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self._floors = _floors(catalog)
 
     def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        tier = self.catalog.tier_of(model.name)
-        floor = self.catalog.tier(tier).min_tokens_per_s if tier is not None else None
+        known = self._floors.get(model.name)  # an exact catalog name: its tier (tier_of without the name lookup)
+        if known is not None:
+            tier, floor = known
+        else:
+            tier = self.catalog.tier_of(model.name)
+            floor = self.catalog.tier(tier).min_tokens_per_s if tier is not None else None
         if not floor:
             return None
-        speed, source = placement_speed(candidate.record, model, self.catalog)
+        speed, source = candidate_speed(candidate, model, self.catalog)
         if speed >= floor:
             return None
         return f"would run at {speed:.1f} tok/s ({source}), below the {tier} tier's {floor:g}"
+
+
+def _floors(catalog: Catalog) -> dict[str, tuple[str | None, float | None]]:
+    """Each catalog model's tier and that tier's ``min_tokens_per_s``, by model name (memoised in the catalog)."""
+    found = catalog.derived.get("tier_floors")
+    if found is None:
+        floors: dict[str, tuple[str | None, float | None]] = {}
+        for model in catalog.models:
+            tier = catalog.tier_of(model.name)
+            floors[model.name] = (tier, catalog.tier(tier).min_tokens_per_s if tier is not None else None)
+        found = catalog.derived["tier_floors"] = floors
+    return found  # type: ignore[return-value]
 
 
 class FailedModelFilter:
@@ -294,21 +359,40 @@ class FailedModelFilter:
         self.retry_s = retry_s
 
     def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        failure = candidate.record.failed_models.get(model.name)
+        failed = candidate.record.failed_models
+        if not failed:
+            return None
+        failure = failed.get(model.name)
         if failure is None or now - failure.at >= self.retry_s:
             return None
-        return f"failed here {now - failure.at:.0f} s ago ({failure.error})"
+        return f"{FAILED_HERE} {now - failure.at:.0f} s ago ({failure.error})"
 
 
 # ---------------------------------------------------------------- planning
 
 
-def _tier_order(candidate: Candidate, catalog: Catalog, tier: str) -> list[CatalogModel]:
+def _tier_order(candidate: Candidate, catalog: Catalog, tier: str) -> tuple[CatalogModel, ...]:
     """A tier's models in the order placement tries them: the current model (no churn), models already on the
     machine (no download; reasoning models, which think aloud first, excepted), the tier's primary (the default
-    preference), then the largest, reasoning models last."""
-    current = model_key(candidate.record.current_model or "")
-    local = {model_key(name) for name in candidate.record.local_models}
+    preference), then the largest, reasoning models last.
+
+    Memoised in the catalog on (tier, current model, local models): thousands of agents share a handful of
+    those, so a plan sorts each tier a few times instead of once per agent."""
+    current, local = candidate.order_key
+    memo = catalog.derived
+    key = ("tier_order", tier, current, local)
+    found = memo.get(key)
+    if found is None:
+        if len(memo) >= _ORDER_MEMO_SIZE:
+            memo.clear()
+        found = memo[key] = _sorted_tier(catalog, tier, current, local)
+    return found  # type: ignore[return-value]
+
+
+_ORDER_MEMO_SIZE = 20_000
+
+
+def _sorted_tier(catalog: Catalog, tier: str, current: str, local: frozenset[str]) -> tuple[CatalogModel, ...]:
     models = catalog.models_of(tier)
     primary = models[0].name
 
@@ -318,11 +402,15 @@ def _tier_order(candidate: Candidate, catalog: Catalog, tier: str) -> list[Catal
         return (model_key(model.name) != current, reasoning or model_key(model.name) not in local,
                 model.name != primary, reasoning, -model.parameters_b, index)
 
-    return [model for _, model in sorted(enumerate(models), key=order)]
+    return tuple(model for _, model in sorted(enumerate(models), key=order))
 
 
 def _problem(candidate: Candidate, model: CatalogModel, model_filters: Sequence[ModelFilter], now: float) -> str | None:
-    return next((problem for f in model_filters if (problem := f.check(candidate, model, now))), None)
+    for model_filter in model_filters:
+        problem = model_filter.check(candidate, model, now)
+        if problem:
+            return problem
+    return None
 
 
 def _choose(
@@ -368,6 +456,17 @@ def _choose_local(
     return None, notes
 
 
+def nothing_placed(notes: Sequence[str]) -> str:
+    """Why an agent got no model, in the order things happened: the models that failed there first, then why no
+    other model would do (never "no model fits" about a model that fitted and then failed)."""
+    failed = [note for note in notes if FAILED_HERE in note]
+    others = [note for note in notes if FAILED_HERE not in note]
+    if not failed:
+        return "no catalog model fits: " + "; ".join(others)
+    return "; ".join(failed) + ("; no other catalog model fits: " + "; ".join(others) if others
+                                else "; no other catalog model to try")
+
+
 def _start_tier(candidate: Candidate, catalog: Catalog, hysteresis: float) -> tuple[str, str]:
     score = candidate.score.total
     natural = catalog.tier_for_score(score).name
@@ -409,9 +508,15 @@ def plan_placement(
     candidates: dict[str, Candidate] = {}
     natural_rank: dict[str, int] = {}
     entries: dict[str, Placement] = {}
+    memo = catalog.derived
+    starts: dict[tuple[float, str | None], tuple[str, str]] = {}  # scores repeat: a tier decision per (score, tier)
     for record in agents:
-        score = scores[record.agent_id] if scores and record.agent_id in scores else agent_score(record, catalog)
-        candidate = Candidate(record, score, record.facts, memory_pool(record, record.facts, catalog))
+        measured = measured_speed(record)
+        if scores and record.agent_id in scores:
+            score = scores[record.agent_id]
+        else:  # agent_score's memo, looked up with the measured speed already at hand (else: agent_score fills it)
+            score = memo.get(("score", record.facts, measured)) or agent_score(record, catalog)  # type: ignore[assignment]
+        candidate = make_candidate(record, score, catalog, measured)
         if not record.can_pull:
             placement = _place_local(candidate, catalog, local_filters, now)
             if isinstance(placement, str):
@@ -420,10 +525,14 @@ def plan_placement(
                 candidates[record.agent_id] = candidate
                 entries[record.agent_id] = placement
             continue
-        start, reason = _start_tier(candidate, catalog, settings.hysteresis)
+        current_tier = catalog.tier_of(record.current_model)
+        decided = starts.get((score.total, current_tier))
+        if decided is None:
+            decided = starts[(score.total, current_tier)] = _start_tier(candidate, catalog, settings.hysteresis)
+        start, reason = decided
         model, notes = _choose(candidate, catalog, start, model_filters, now)
         if model is None:
-            excluded[record.agent_id] = "no catalog model fits: " + "; ".join(notes)
+            excluded[record.agent_id] = nothing_placed(notes)
             continue
         if notes:
             reason += "; " + "; ".join(notes) + f"; falls back to {model.name}"
@@ -431,14 +540,16 @@ def plan_placement(
             reason += f": {model.name}"
         candidates[record.agent_id] = candidate
         natural_rank[record.agent_id] = catalog.tier_rank(catalog.tier_for_score(score.total).name)
-        entries[record.agent_id] = Placement(record.agent_id, record.current_model, model.name, score.total,
-                                             catalog.tier_of(model.name) or start, reason)
+        entries[record.agent_id] = Placement(
+            record.agent_id, record.current_model, model.name, score.total, catalog.tier_of(model.name) or start,
+            reason, current_also=tuple(record.assignment.also) if record.assignment is not None else ())
 
     if settings.mix and len(entries) >= 2:
         _keep_mix(entries, candidates, natural_rank, catalog, model_filters, now)
     _stagger(entries, candidates, settings.move_fraction)
+    extra_filters = model_filters[1:]
     for agent_id, entry in entries.items():
-        entries[agent_id] = _with_extras(entry, candidates[agent_id], catalog, settings, model_filters, now)
+        entries[agent_id] = _with_extras(entry, candidates[agent_id], catalog, settings, extra_filters, now)
     ordered = sorted(entries.values(), key=lambda entry: (-entry.score, entry.agent_id))
     return Plan(tuple(ordered), excluded, created_at)
 
@@ -512,30 +623,52 @@ def _keep_mix(
 
 
 def _with_extras(entry: Placement, candidate: Candidate, catalog: Catalog, settings: PlacementSettings,
-                 model_filters: Sequence[ModelFilter], now: float) -> Placement:
+                 extra_filters: Sequence[ModelFilter], now: float) -> Placement:
     """More than one model where memory allows: the default models of the tiers below the main one, as long as
     they fit *beside* it (main + extras + headroom within the machine's memory), so a big machine also answers
     the quick questions a small model serves best. Never for a runtime that cannot pull, never while the main
     model is still to be moved in (deferred), and the same list again changes nothing."""
     record = candidate.record
     current = tuple(record.assignment.also) if record.assignment is not None else ()
-    entry = replace(entry, current_also=current)
-    if entry.local_only or entry.deferred or settings.extra_models <= 0 or candidate.pool.total_gb is None:
-        return replace(entry, also=current if entry.deferred else ())
+    if entry.local_only or entry.deferred or (settings.extra_models <= 0 and not settings.embedding_model) \
+            or candidate.pool.total_gb is None:
+        return _placed(entry, current if entry.deferred else (), current)
     main = catalog.model(entry.target_model) or catalog.estimate(entry.target_model)
     room = candidate.pool.total_gb - settings.headroom_gb - main.memory_gb
-    main_rank = catalog.tier_rank(entry.tier) if entry.tier in {tier.name for tier in catalog.tiers} else -1
+    main_rank = catalog.tier_rank(entry.tier) if entry.tier in _tier_names(catalog) else -1
+    target_key = model_key(entry.target_model)
     extras: list[str] = []
     for tier in catalog.ordered_tiers[main_rank + 1:]:
         if len(extras) >= settings.extra_models:
             break
         model = catalog.primary(tier.name)
-        if "embedding" in model.tags or model_key(model.name) == model_key(entry.target_model):
+        if "embedding" in model.tags or model_key(model.name) == target_key:
             continue
-        if model.memory_gb <= room and _problem(candidate, model, model_filters[1:], now) is None:
+        if model.memory_gb <= room and _problem(candidate, model, extra_filters, now) is None:
             extras.append(model.name)
             room -= model.memory_gb
-    return replace(entry, also=tuple(extras))
+    if settings.embedding_model and len(extras) < MAX_ALSO \
+            and model_key(settings.embedding_model) != target_key:
+        embedding = catalog.estimate(settings.embedding_model)
+        if embedding.memory_gb <= room and _problem(candidate, embedding, extra_filters, now) is None:
+            extras.append(settings.embedding_model)  # the setting's spelling: it is what the runtime pulls
+    return _placed(entry, tuple(extras), current)
+
+
+def _placed(entry: Placement, also: tuple[str, ...], current_also: tuple[str, ...]) -> Placement:
+    """``replace(entry, also=…, current_also=…)`` without ``replace``'s field-by-field introspection (and the
+    entry itself when nothing changes)."""
+    if entry.also == also and entry.current_also == current_also:
+        return entry
+    return Placement(entry.agent_id, entry.current_model, entry.target_model, entry.score, entry.tier, entry.reason,
+                     entry.deferred, entry.local_only, also, current_also)
+
+
+def _tier_names(catalog: Catalog) -> frozenset[str]:
+    found = catalog.derived.get("tier_names")
+    if found is None:
+        found = catalog.derived["tier_names"] = frozenset(tier.name for tier in catalog.tiers)
+    return found  # type: ignore[return-value]
 
 
 def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate], move_fraction: float) -> None:
@@ -543,7 +676,7 @@ def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate],
     if len(entries) < 2:
         return
     ready = {agent_id for agent_id, candidate in candidates.items()
-             if candidate.record.ready_model is not None and agent_id in entries}
+             if candidate.ready is not None and agent_id in entries}
     if not ready:
         return
     movers = [entries[agent_id] for agent_id in ready if entries[agent_id].change]

@@ -16,8 +16,9 @@ caller applies (and logs) each :class:`AgentExpired`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -264,11 +265,88 @@ class AgentRecord:
         return now - self.alive_at
 
 
+SHARDS = 64
+"""Shards of :class:`AgentMap`: one event copies about 1/64 of the agents instead of all of them."""
+
+
+def _shard(agent_id: str) -> int:
+    return zlib.crc32(agent_id.encode()) & (SHARDS - 1)  # not hash(): the same order in every process
+
+
+class AgentMap(Mapping[str, AgentRecord]):
+    """The agents by id, immutable, in shards: a new map after one event shares every shard but one.
+
+    A plain dict copied on every event cost O(agents) per telemetry message — at 5,000 agents at 1 Hz that is
+    5,000 copies of 5,000 entries a second (~26 µs each). Iteration is shard by shard (deterministic, not the
+    order agents joined); ``values()``/``items()``/``keys()`` return lists (a snapshot).
+    """
+
+    __slots__ = ("_shards", "_size")
+
+    def __init__(self, shards: tuple[dict[str, AgentRecord], ...] | None = None, size: int = 0) -> None:
+        self._shards = shards if shards is not None else _EMPTY_SHARDS
+        self._size = size
+
+    def __getitem__(self, agent_id: str) -> AgentRecord:
+        return self._shards[_shard(agent_id)][agent_id]
+
+    def get(self, agent_id: str, default: AgentRecord | None = None) -> AgentRecord | None:  # type: ignore[override]
+        return self._shards[_shard(agent_id)].get(agent_id, default) if isinstance(agent_id, str) else default
+
+    def __contains__(self, agent_id: object) -> bool:
+        return isinstance(agent_id, str) and agent_id in self._shards[_shard(agent_id)]
+
+    def __iter__(self) -> Iterator[str]:
+        for shard in self._shards:
+            yield from shard
+
+    def __len__(self) -> int:
+        return self._size
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return [agent_id for shard in self._shards for agent_id in shard]
+
+    def values(self) -> list[AgentRecord]:  # type: ignore[override]
+        return [record for shard in self._shards for record in shard.values()]
+
+    def items(self) -> list[tuple[str, AgentRecord]]:  # type: ignore[override]
+        return [item for shard in self._shards for item in shard.items()]
+
+    def with_record(self, record: AgentRecord) -> AgentMap:
+        index = _shard(record.agent_id)
+        shard = self._shards[index].copy()
+        size = self._size + (record.agent_id not in shard)
+        shard[record.agent_id] = record
+        return AgentMap((*self._shards[:index], shard, *self._shards[index + 1:]), size)
+
+    def without(self, agent_id: str) -> AgentMap:
+        index = _shard(agent_id)
+        if agent_id not in self._shards[index]:
+            return self
+        shard = self._shards[index].copy()
+        del shard[agent_id]
+        return AgentMap((*self._shards[:index], shard, *self._shards[index + 1:]), self._size - 1)
+
+    def __repr__(self) -> str:
+        return f"AgentMap({dict(self.items())!r})"
+
+
+_EMPTY_SHARDS: tuple[dict[str, AgentRecord], ...] = tuple({} for _ in range(SHARDS))  # never written to
+
+
+def agent_map(agents: Mapping[str, AgentRecord]) -> AgentMap:
+    """An :class:`AgentMap` holding ``agents``."""
+    found = AgentMap()
+    for record in agents.values():
+        found = found.with_record(record)
+    return found
+
+
 @dataclass(frozen=True)
 class ClusterState:
     """Immutable: readers on any thread may hold a reference while the event loop moves on."""
 
-    agents: Mapping[str, AgentRecord] = field(default_factory=lambda: _EMPTY)  # type: ignore[arg-type]
+    agents: Mapping[str, AgentRecord] = field(default_factory=AgentMap)
     version: int = 0
 
     def online_agents(self) -> list[AgentRecord]:
@@ -350,23 +428,29 @@ Event = (
 )
 
 
-def _copy(agents: Mapping[str, AgentRecord]) -> dict[str, AgentRecord]:
-    """A mutable copy; ``dict(proxy)`` goes key by key (~170 µs for 1,000 agents), ``proxy.copy()`` at once (~5 µs)."""
-    return agents.copy() if isinstance(agents, MappingProxyType) else dict(agents)
+def _agents(state: ClusterState) -> AgentMap:
+    agents = state.agents
+    return agents if isinstance(agents, AgentMap) else agent_map(agents)
 
 
 def _with(state: ClusterState, record: AgentRecord) -> ClusterState:
-    agents = _copy(state.agents)
-    agents[record.agent_id] = record
-    return ClusterState(MappingProxyType(agents), state.version + 1)
+    return ClusterState(_agents(state).with_record(record), state.version + 1)
 
 
 def _without(state: ClusterState, agent_id: str) -> ClusterState:
     if agent_id not in state.agents:
         return state
-    agents = _copy(state.agents)
-    del agents[agent_id]
-    return ClusterState(MappingProxyType(agents), state.version + 1)
+    return ClusterState(_agents(state).without(agent_id), state.version + 1)
+
+
+def _updated(record: AgentRecord, **changes: Any) -> AgentRecord:
+    """``dataclasses.replace`` for :class:`AgentRecord` (no ``__post_init__``) at a tenth of its cost: telemetry
+    replaces a record per agent per second."""
+    made = object.__new__(AgentRecord)
+    fields = made.__dict__
+    fields.update(record.__dict__)
+    fields.update(changes)
+    return made
 
 
 def _record(state: ClusterState, agent_id: str, now: float) -> AgentRecord:
@@ -379,7 +463,7 @@ def apply_status(state: ClusterState, event: StatusReceived, now: float) -> Clus
     if event.message is None:
         return _without(state, event.agent_id)
     record = _record(state, event.agent_id, now)
-    return _with(state, replace(record, status=event.message, alive_at=now, expired=False))
+    return _with(state, _updated(record, status=event.message, alive_at=now, expired=False))
 
 
 def apply_hardware(state: ClusterState, event: HardwareReceived, now: float) -> ClusterState:
@@ -387,13 +471,13 @@ def apply_hardware(state: ClusterState, event: HardwareReceived, now: float) -> 
     if event.message is None and event.agent_id not in state.agents:
         return state
     record = _record(state, event.agent_id, now)
-    return _with(state, replace(record, hardware=event.message, facts=machine_facts(event.message), alive_at=now))
+    return _with(state, _updated(record, hardware=event.message, facts=machine_facts(event.message), alive_at=now))
 
 
 def apply_telemetry(state: ClusterState, event: TelemetryReceived, now: float) -> ClusterState:
     """Telemetry is the heartbeat: it also revives an expired agent."""
     record = _record(state, event.agent_id, now)
-    return _with(state, replace(record, telemetry=event.message, telemetry_at=now, alive_at=now, expired=False))
+    return _with(state, _updated(record, telemetry=event.message, telemetry_at=now, alive_at=now, expired=False))
 
 
 def apply_model_state(state: ClusterState, event: ModelStateReceived, now: float) -> ClusterState:
@@ -410,7 +494,7 @@ def apply_model_state(state: ClusterState, event: ModelStateReceived, now: float
         else:
             failed.pop(message.model, None)
         failed = MappingProxyType(failed)
-    return _with(state, replace(record, model_state=message, alive_at=now, failed_models=failed))
+    return _with(state, _updated(record, model_state=message, alive_at=now, failed_models=failed))
 
 
 def apply_assignment(state: ClusterState, event: AssignmentSeen, now: float) -> ClusterState:
@@ -420,7 +504,7 @@ def apply_assignment(state: ClusterState, event: AssignmentSeen, now: float) -> 
         if event.message is None:
             return state
         record = AgentRecord(event.agent_id, first_seen=now, alive_at=now)
-    return _with(state, replace(record, assignment=event.message))
+    return _with(state, _updated(record, assignment=event.message))
 
 
 def apply_answer_measured(state: ClusterState, event: AnswerMeasured, now: float) -> ClusterState:
@@ -430,7 +514,7 @@ def apply_answer_measured(state: ClusterState, event: AnswerMeasured, now: float
         return state
     observed = dict(record.observed)
     observed[event.model] = observed.get(event.model, SpeedEstimate()).update(event.stats, now)
-    return _with(state, replace(record, observed=MappingProxyType(observed)))
+    return _with(state, _updated(record, observed=MappingProxyType(observed)))
 
 
 def apply_expired(state: ClusterState, event: AgentExpired, now: float) -> ClusterState:
@@ -438,7 +522,7 @@ def apply_expired(state: ClusterState, event: AgentExpired, now: float) -> Clust
     record = state.agents.get(event.agent_id)
     if record is None or record.expired:
         return state
-    return _with(state, replace(record, expired=True))
+    return _with(state, _updated(record, expired=True))
 
 
 _APPLIERS: Mapping[type, Callable[[ClusterState, Any, float], ClusterState]] = MappingProxyType({

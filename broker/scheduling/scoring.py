@@ -62,6 +62,15 @@ class MachineFacts:
     cpu_bandwidth_gbps: float
     detection_failed: bool
 
+    def __hash__(self) -> int:
+        """Hashed once (score memo keys hold the facts; a plan looks up thousands of them)."""
+        found = self.__dict__.get("_hash")
+        if found is None:
+            found = hash((self.cores, self.ghz, self.ram_gb, self.accelerator, self.vendor, self.vram_gb,
+                          self.gpu_bandwidth_gbps, self.cpu_bandwidth_gbps, self.detection_failed))
+            object.__setattr__(self, "_hash", found)
+        return found
+
     @property
     def has_gpu_pool(self) -> bool:
         """True when models live in GPU memory (fit is checked against VRAM, not RAM)."""

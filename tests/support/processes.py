@@ -106,17 +106,18 @@ Child = TypeVar("Child", bound=ChildProcess)
 
 def spawn(name: str, args: Sequence[str], folder: Path, *, log_name: str | None = None,
           env: dict[str, str] | None = None, new_session: bool = False,
-          kind: type[Child] = ChildProcess) -> Child:  # type: ignore[assignment]
+          kind: type[Child] = ChildProcess, stdin: int = subprocess.DEVNULL) -> Child:  # type: ignore[assignment]
     """Start ``python <args>`` from the repository root; its output goes to ``folder/<name>.log`` (or ``log_name``).
 
     ``new_session`` puts it in a process group of its own, so a Ctrl-C in the terminal reaches only the
-    parent, which then stops its children in order. ``kind``: :class:`AgentProcess` for an agent.
+    parent, which then stops its children in order. ``kind``: :class:`AgentProcess` for an agent. ``stdin``:
+    ``subprocess.PIPE`` to type into it (the broker's console).
     """
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / (log_name or f"{name}.log")
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env if env is not None else child_env(),
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=stdin,
                                    start_new_session=new_session)
     return kind(name, process, log_path)
 

@@ -201,6 +201,26 @@ QUESTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("How do I stop a deep cut on my arm from bleeding?", "cuts.md", None),
 )
 
+# Questions none of the documents answers: a RAG answer to them must cite nothing (the relevance floor).
+UNRELATED_QUESTIONS: tuple[str, ...] = (
+    "Who won the football world cup in 1998?",
+    "What is the capital of Australia?",
+    "How do I change a flat tyre on my car?",
+    "Write a haiku about autumn.",
+    "What is 17 times 23?",
+    "Explain quantum entanglement simply.",
+    "Translate 'good morning' into Spanish.",
+    "Who painted the Mona Lisa?",
+    "How do I sort a list in Python?",
+    "What is the tallest mountain in Africa?",
+    "hello",
+    "Tell me a joke",
+    "What time is it in Tokyo?",
+    "Recommend a science fiction novel.",
+    "How does a car engine work?",
+    "What is the boiling point of water on Everest?",
+)
+
 
 @dataclass(frozen=True)
 class RetrievalScore:
@@ -214,6 +234,13 @@ class RetrievalScore:
     misses_at_3: tuple[str, ...]
 
 
+def unrelated_hit_rate(store: RagStore, mode: SearchMode, k: int = 4, *, min_relevance: float | None = None) -> float:
+    """Share of :data:`UNRELATED_QUESTIONS` for which a search returns any passage (each would be a false citation)."""
+    found = sum(bool(store.search(question, k=k, mode=mode, min_relevance=min_relevance))
+                for question in UNRELATED_QUESTIONS)
+    return found / len(UNRELATED_QUESTIONS)
+
+
 def load_corpus(store: RagStore) -> dict[str, str]:
     """Add every corpus document; returns document name → id."""
     return {name: store.add_text(text, name).id for name, text in CORPUS.items()}
@@ -224,17 +251,21 @@ def evaluate(
     mode: SearchMode,
     questions: Sequence[tuple[str, str, str | None]] = QUESTIONS,
     k: int = 5,
+    *,
+    min_relevance: float | None = None,
 ) -> RetrievalScore:
     """Recall@1/3/5 and MRR over ranked chunks: a chunk is right when its document (and section, if given) match.
 
     Chunks are what a RAG prompt receives, so the rank of the first right chunk is what matters.
+    ``min_relevance`` overrides the store's relevance floor (-1 turns it off, for the before/after figures).
     """
     hits = {1: 0, 3: 0, 5: 0}
     reciprocal_ranks = 0.0
     misses: list[str] = []
     for question, expected_document, expected_section in questions:
         rank: int | None = None
-        for position, hit in enumerate(store.search(question, k=max(k, 10), mode=mode), start=1):
+        ranked = store.search(question, k=max(k, 10), mode=mode, min_relevance=min_relevance)
+        for position, hit in enumerate(ranked, start=1):
             section = (hit.section or "").rsplit(" > ", 1)[-1]
             if hit.document_name == expected_document and expected_section in (None, section):
                 rank = position
