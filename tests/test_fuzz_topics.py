@@ -241,7 +241,10 @@ async def test_agent_survives_hostile_traffic(mosquitto: RunningBroker, topic_pr
             await asyncio.to_thread(feed)
             assert examples >= EXAMPLES_PER_SIDE
             jobs = agent.jobs
-            assert jobs is not None and jobs.completed >= 20, "too few fuzzed jobs ran to the end to mean much"
+            logging.getLogger(__name__).warning("fuzzed jobs run to the end: %d", jobs.completed if jobs else 0)
+            # About one example in 100 is a well-formed job that runs to its end (20 of 5,000 at the least).
+            assert jobs is not None and jobs.completed >= EXAMPLES_PER_SIDE // 250, (
+                f"too few fuzzed jobs ran to the end to mean much ({jobs.completed if jobs else 0})")
             assert runner.alive()
             assert network_thread_alive(agent.connection) and agent.connection is not None
             await settle()

@@ -12,17 +12,16 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from app.sampler import ClusterSampler
 from broker.coordinator.contract import AgentView
 from broker.scheduling.placement import nothing_placed
 from tests.app_scripted import ScriptedCoordinator, ServedApp, agent, serve
 from tests.app_support import ARTIFACTS
-from tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+from tests.test_ui_browser import TIMEOUT_MS, browser  # noqa: F401 - the module's browser fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -67,18 +66,7 @@ def cluster_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]
         yield served
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def open_cluster(browser: Browser, url: str, viewport: dict[str, int]) -> Page:
+def open_cluster(browser: Browser, url: str, viewport: dict[str, int]) -> Page:  # noqa: F811 - the imported fixture
     page = browser.new_context(viewport=viewport).new_page()  # type: ignore[arg-type]
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
@@ -91,7 +79,7 @@ def row(page: Page, agent_id: str) -> Locator:
     return page.locator("#slb-agents tbody tr", has=page.locator("td.slb-name", has_text=agent_id))
 
 
-def test_states_and_counts_are_honest_on_a_desktop(browser: Browser, cluster_app: ServedApp) -> None:
+def test_states_and_counts_are_honest_on_a_desktop(browser: Browser, cluster_app: ServedApp) -> None:  # noqa: F811
     page = open_cluster(browser, cluster_app.url, DESKTOP)
     summary = page.locator("#slb-cluster-summary")
     expect(summary).to_contain_text("4 of 5 agents online · 2 ready · 1 starting · 1 failed · 1 offline")
@@ -129,7 +117,7 @@ def test_states_and_counts_are_honest_on_a_desktop(browser: Browser, cluster_app
     page.context.close()
 
 
-def test_an_agent_that_goes_offline_is_shown_offline_and_its_plot_line_ends(browser: Browser,
+def test_an_agent_that_goes_offline_is_shown_offline_and_its_plot_line_ends(browser: Browser,  # noqa: F811
                                                                           cluster_app: ServedApp) -> None:
     page = open_cluster(browser, cluster_app.url, DESKTOP)
     coordinator = cluster_app.coordinator
@@ -156,7 +144,7 @@ def test_an_agent_that_goes_offline_is_shown_offline_and_its_plot_line_ends(brow
     coordinator.agents = cluster_agents()
 
 
-def test_phone_shows_every_column_of_every_agent(browser: Browser, cluster_app: ServedApp) -> None:
+def test_phone_shows_every_column_of_every_agent(browser: Browser, cluster_app: ServedApp) -> None:  # noqa: F811
     page = open_cluster(browser, cluster_app.url, PHONE)
     first = page.locator("#slb-agents tbody tr").first
     for label in ("Agent", "Status", "Score", "Model", "Jobs", "tok/s", "Live load", "Hardware", "Runtime"):

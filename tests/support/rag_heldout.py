@@ -109,19 +109,29 @@ def corpus() -> dict[str, str]:
 
 def answer_documents(documents: dict[str, str]) -> list[frozenset[str]]:
     """For each question, the documents that hold its answer phrase (fails loudly if a Python changed the text)."""
+    return documents_holding(QUESTIONS, documents, "this Python's pydoc_data")
+
+
+def documents_holding(questions: Sequence[HeldOutQuestion], documents: dict[str, str],
+                      where: str) -> list[frozenset[str]]:
+    """For each of ``questions``, the documents holding its answer phrase; its own topic must be one of them."""
     flat = {name: _flat(text) for name, text in documents.items()}
     found = []
-    for item in QUESTIONS:
+    for item in questions:
         names = frozenset(name for name, text in flat.items() if _flat(item.answer) in text)
         if f"{item.topic}.txt" not in names:
-            raise AssertionError(f"answer of {item.question!r} not in {item.topic}.txt of this Python's pydoc_data")
+            raise AssertionError(f"answer of {item.question!r} not in {item.topic}.txt of {where}")
         found.append(names)
     return found
 
 
 def load(store: RagStore, names: Sequence[str] | None = None) -> dict[str, str]:
     """Upload the corpus (or only ``names``) as plain-text documents, as a user would."""
-    documents = corpus()
+    return upload(store, corpus(), names)
+
+
+def upload(store: RagStore, documents: dict[str, str], names: Sequence[str] | None = None) -> dict[str, str]:
+    """Upload ``documents`` (or only ``names``) as plain-text documents, as a user would."""
     chosen = {name: documents[name] for name in (names or documents)}
     for name, text in chosen.items():
         store.add_text(text, name)
@@ -147,8 +157,21 @@ def evaluate(
     questions: Sequence[HeldOutQuestion] = QUESTIONS,
     min_relevance: float | None = None,
 ) -> HeldOutScore:
-    documents = {document.name for document in store.list_documents()}
     holders = dict(zip(QUESTIONS, answer_documents(corpus()), strict=True))
+    return score_questions(store, questions, holders, mode, k, min_relevance=min_relevance)
+
+
+def score_questions(
+    store: RagStore,
+    questions: Sequence[HeldOutQuestion],
+    holders: dict[HeldOutQuestion, frozenset[str]],
+    mode: SearchMode | None = None,
+    k: int = 5,
+    *,
+    min_relevance: float | None = None,
+) -> HeldOutScore:
+    """Top-``k`` search for each question: is a document holding the answer among the hits, and a passage?"""
+    documents = {document.name for document in store.list_documents()}
     score = HeldOutScore()
     for item in questions:
         right = holders[item] & documents

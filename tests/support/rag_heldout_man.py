@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from app.store.rag import RagStore, SearchMode
-from tests.support.rag_heldout import HeldOutQuestion, HeldOutScore
+from tests.support.rag_heldout import (
+    HeldOutQuestion,
+    HeldOutScore,
+    documents_holding,
+    score_questions,
+    upload,
+)
 
 MAN_ROOT = Path("/usr/share/man")
 PAGES: tuple[str, ...] = (
@@ -100,13 +105,6 @@ QUESTIONS: tuple[HeldOutQuestion, ...] = (
                     "compare human readable numbers (e.g., 2K 1G)"),
 )  # fmt: skip
 
-_SPACE = re.compile(r"\s+")
-
-
-def _flat(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
-
-
 class ManPagesMissing(RuntimeError):
     """``man`` or one of the pages is not on this machine."""
 
@@ -133,23 +131,12 @@ def corpus() -> dict[str, str]:
 
 def answer_documents(documents: dict[str, str]) -> list[frozenset[str]]:
     """For each question, the pages that hold its answer phrase (fails loudly if a page's text changed)."""
-    flat = {name: _flat(text) for name, text in documents.items()}
-    found = []
-    for item in QUESTIONS:
-        names = frozenset(name for name, text in flat.items() if _flat(item.answer) in text)
-        if f"{item.topic}.txt" not in names:
-            raise AssertionError(f"answer of {item.question!r} not in {item.topic}.txt as rendered on this machine")
-        found.append(names)
-    return found
+    return documents_holding(QUESTIONS, documents, "the pages as rendered on this machine")
 
 
 def load(store: RagStore, names: Sequence[str] | None = None) -> dict[str, str]:
     """Upload the pages (or only ``names``) as plain-text documents, as a user would."""
-    documents = corpus()
-    chosen = {name: documents[name] for name in (names or documents)}
-    for name, text in chosen.items():
-        store.add_text(text, name)
-    return chosen
+    return upload(store, corpus(), names)
 
 
 def evaluate(
@@ -160,20 +147,5 @@ def evaluate(
     questions: Sequence[HeldOutQuestion] = QUESTIONS,
     min_relevance: float | None = None,
 ) -> HeldOutScore:
-    documents = {document.name for document in store.list_documents()}
     holders = dict(zip(QUESTIONS, answer_documents(corpus()), strict=True))
-    score = HeldOutScore()
-    for item in questions:
-        right = holders[item] & documents
-        hits = store.search(item.question, k=k, mode=mode, min_relevance=min_relevance)
-        answer = _flat(item.answer)
-        score.questions += 1
-        if any(hit.document_name in right for hit in hits):
-            score.right_document += 1
-        else:
-            score.document_misses.append(item.question)
-        if any(hit.document_name in right and answer in _flat(hit.text) for hit in hits):
-            score.right_passage += 1
-        else:
-            score.passage_misses.append(item.question)
-    return score
+    return score_questions(store, questions, holders, mode, k, min_relevance=min_relevance)
