@@ -33,7 +33,7 @@ from app.settings import AppSettings
 from app.streaming import throttled
 from app.throttle import FailureThrottle
 from app.ui import ScriptBlocks
-from app.ui.chat import mode_choices
+from app.ui.chat_parts import mode_choices
 from app.ui.cluster_render import (
     PLOT_COLORS,
     agent_colors,

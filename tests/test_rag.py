@@ -24,8 +24,8 @@ from app.store import (
 from app.store.chunking import chunk_document
 from app.store.embedding import Embedder
 from app.store.extract import extract, extract_text, safe_filename
+from app.store.library import duration_words, embedding_progress
 from app.store.prompt import api_citations, make_snippet
-from app.store.rag import duration_words, embedding_progress
 
 # -- fixtures and file builders ------------------------------------------------------------
 
@@ -615,7 +615,8 @@ def test_documents_embedded_without_their_title_keep_working_until_reindexed(
     import lancedb
     import numpy as np
 
-    from app.store.rag import EMBEDDING_TEXT_VERSION, _vector_array
+    from app.store.library import vector_array
+    from app.store.rag import EMBEDDING_TEXT_VERSION
 
     store = RagStore(tmp_path / "data", embedder=embedder)
     old = store.add_text("Puffins nest in burrows on the cliff top.", "seabird_notes.txt")
@@ -626,7 +627,7 @@ def test_documents_embedded_without_their_title_keep_working_until_reindexed(
     database.create_table("documents", data=documents, mode="overwrite")
     chunks = database.open_table("chunks").to_arrow()
     before = embedder.encode(chunks["text"].to_pylist())  # version 1: no heading, so the chunk text alone
-    chunks = chunks.set_column(chunks.schema.get_field_index("vector"), "vector", _vector_array(before, 384))
+    chunks = chunks.set_column(chunks.schema.get_field_index("vector"), "vector", vector_array(before, 384))
     database.create_table("chunks", data=chunks, mode="overwrite")
 
     reopened = RagStore(tmp_path / "data", embedder=embedder)

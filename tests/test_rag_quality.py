@@ -9,7 +9,7 @@ import pytest
 
 from app.store import RagStore
 from app.store.embedding import Embedder
-from app.store.rag import RELEVANCE_FLOOR, STRONG_MATCH, match_of
+from app.store.library import RELEVANCE_FLOOR, STRONG_MATCH, match_of
 from tests.support import rag_heldout, rag_heldout_man
 from tests.support.rag_corpus import (
     CORPUS,

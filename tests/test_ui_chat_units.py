@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from app.store import ChatMessage
-from app.ui.chat import ANY_MACHINE, machine_choices, notice_line, settings_summary
+from app.ui.chat_parts import ANY_MACHINE, machine_choices, notice_line, settings_summary
 from app.ui.render import answer_messages, history_messages, notice_html
 from broker.coordinator.contract import AgentView, ClusterSnapshot
 from broker.mqtt.settings import BrokerAddress

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from app.store.rag import MATCH_LABELS, Match, SearchHit
+from app.store.library import MATCH_LABELS, Match, SearchHit
 
 SNIPPET_CHARS = 200
 DEFAULT_MAX_CONTEXT_CHARS = 6000

@@ -23,62 +23,71 @@ means the same across queries, so a fixed floor (``relevance_floor``,
 calibrated on tests/support/rag_corpus.py, see docs/rag.md) can drop passages
 that are merely the least unrelated ones. A document can be private to its
 uploader (``owner``); it is then listed, searched and deleted only for them.
+
+The hit and document models, relevance words and row builders live in app/store/library.py; the search
+primitives (vector snapshot, keyword search, rank fusion) in app/store/retrieval.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import math
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
 
 from app.store.chunking import (
     DEFAULT_MAX_WORDS,
     DEFAULT_MIN_WORDS,
     DEFAULT_OVERLAP_WORDS,
-    Chunk,
     chunk_document,
 )
 from app.store.embedding import DEFAULT_EMBEDDING_MODEL, Embedder
 from app.store.errors import BadInputError, NotFoundError, StoreError, TooLargeError
 from app.store.extract import ExtractedDocument, detect_format, extract, extract_text, safe_filename
+from app.store.library import (
+    MATCH_LABELS,
+    RELEVANCE_FLOOR,
+    SEARCH_MODES,
+    STRONG_MATCH,
+    Document,
+    Match,
+    SearchHit,
+    SearchMode,
+    chunk_rows,
+    chunks_schema,
+    document_row,
+    embedding_progress,
+    embedding_text,
+    identifier_terms,
+    match_of,
+    vector_array,
+    word_set,
+)
+from app.store.retrieval import (
+    VectorSnapshot,
+    fused_ranking,
+    keyword_rows,
+    reciprocal_rank_fusion,
+)
 from app.store.sessions import SHARED_USER
 
 logger = logging.getLogger(__name__)
 
-SearchMode = Literal["hybrid", "vector", "fts"]
-SEARCH_MODES: tuple[str, ...] = ("hybrid", "vector", "fts")
 ProgressCallback = Callable[[float, str], None]
-Match = Literal["strong", "partial", "keyword", "weak"]
 
 EMBEDDING_TEXT_VERSION = 2
 """What a chunk's embedded text is made of. 1: heading path + chunk; 2: the document's title stands in for the
 heading when the chunk has none (plain text, PDF pages). Documents record theirs; see docs/rag.md, Chunking."""
-RELEVANCE_FLOOR = 0.32
-"""Cosine similarity below which a passage is not cited (all-MiniLM-L6-v2; calibration in docs/rag.md)."""
-STRONG_MATCH = 0.5
-"""Cosine similarity from which a passage is called a strong match."""
-MATCH_LABELS: dict[str, str] = {
-    "strong": "strong match",
-    "partial": "partial match",
-    "keyword": "exact term match",
-    "weak": "weak match",
-}
-"""How each :data:`Match` is said to a user (UI, citations)."""
-
 DOCUMENTS_TABLE = "documents"
 CHUNKS_TABLE = "chunks"
 MAX_QUERY_CHARS = 4000
@@ -87,7 +96,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 # Old table versions keep deleted text on disk until pruned; keep them just long enough for in-flight reads.
 VERSION_RETENTION = timedelta(seconds=60)
 _DOCUMENT_ID = re.compile(r"^[0-9a-f]{32}$")
-_RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "heading", "page", "char_start", "char_end", "text"]
 
 _DOCUMENTS_SCHEMA = pa.schema(
     [
@@ -107,86 +115,6 @@ _DOCUMENTS_SCHEMA = pa.schema(
 )
 _ADDED_DOCUMENT_COLUMNS = {"owner": "''", "private": "false", "embedding_text_version": "CAST(1 AS INT)"}
 """Columns added after the first release, with the SQL default that existing rows get (shared, no owner)."""
-_IDENTIFIER_CHARS = re.compile(r"\w+", re.UNICODE)
-
-
-def _chunks_schema(dimension: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("chunk_id", pa.string(), nullable=False),
-            pa.field("doc_id", pa.string(), nullable=False),
-            pa.field("doc_name", pa.string(), nullable=False),
-            pa.field("chunk_index", pa.int32(), nullable=False),
-            pa.field("heading", pa.string()),
-            pa.field("page", pa.int32()),
-            pa.field("char_start", pa.int64(), nullable=False),
-            pa.field("char_end", pa.int64(), nullable=False),
-            pa.field("text", pa.string(), nullable=False),
-            pa.field("search_text", pa.string(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), dimension), nullable=False),
-        ]
-    )
-
-
-class Document(BaseModel):
-    """A document in the RAG store. ``duplicate`` is true when an upload matched it by content."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    name: str
-    format: str
-    size_bytes: int
-    chunk_count: int
-    char_count: int
-    added_at: datetime
-    sha256: str
-    embedding_model: str
-    duplicate: bool = False
-    owner: str = ""
-    private: bool = False
-    embedding_text_version: int = 1
-
-    def visible_to(self, user: str | None) -> bool:
-        """Shared documents are everybody's; a private one only its owner's (None: the shared user, i.e. no login)."""
-        return not self.private or self.owner == (user or SHARED_USER)
-
-
-class SearchHit(BaseModel):
-    """One retrieved chunk. ``score`` is higher-is-better; its scale depends on ``mode``.
-
-    vector: cosine similarity (-1..1); fts: BM25; hybrid: reciprocal-rank-fusion sum. ``relevance`` is the
-    cosine similarity in every mode but fts (None there: keyword search does not load the model), and
-    ``match`` says it in words: strong, partial, weak (below the floor), or keyword (an exact term or fts).
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    chunk_id: str
-    document_id: str
-    document_name: str
-    text: str
-    score: float
-    section: str | None = None
-    page: int | None = None
-    chunk_index: int
-    char_start: int
-    char_end: int
-    mode: SearchMode
-    relevance: float | None = None
-    match: Match = "partial"
-
-    @property
-    def match_label(self) -> str:
-        return MATCH_LABELS[self.match]
-
-    @property
-    def location(self) -> str | None:
-        """Where in the document: ``page 3``, a heading path, or both."""
-        parts = [f"page {self.page}"] if self.page is not None else []
-        if self.section:
-            parts.append(self.section)
-        return ", ".join(parts) or None
 
 
 def _progress_noop(fraction: float, message: str) -> None:
@@ -247,7 +175,7 @@ class RagStore:
         self._pending: set[str] = set()
         self._inflight: dict[str, threading.Event] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rag-search")
-        self._vectors: _VectorSnapshot | None = None
+        self._vectors: VectorSnapshot | None = None
         self._vectors_lock = threading.Lock()
 
         self._db = lancedb.connect(str(self.db_dir))
@@ -444,10 +372,10 @@ class RagStore:
         vector_rows: list[dict[str, Any]] = []
         # Hybrid: the keyword search runs in a worker while this thread embeds the query (torch releases the GIL).
         fts_future = (
-            self._executor.submit(_fts_rows, table, query, where, candidates, True) if mode == "hybrid" else None
+            self._executor.submit(keyword_rows, table, query, where, candidates, True) if mode == "hybrid" else None
         )
         if mode == "fts":
-            fts_rows = _fts_rows(table, query, where, candidates)
+            fts_rows = keyword_rows(table, query, where, candidates)
         query_vector = self.embedder.encode_query(query) if mode != "fts" else None
         if query_vector is not None:
             vector_rows = self._vector_snapshot(table).search(query_vector, names, candidates)
@@ -455,15 +383,15 @@ class RagStore:
             fts_rows = fts_future.result()
             for row in fts_rows:  # a keyword hit's meaning is measured too, so the floor treats both lists alike
                 row["relevance"] = float(np.dot(np.asarray(row.pop("vector"), dtype=np.float32), query_vector))
-        rows = _rrf([vector_rows, fts_rows], self.rrf_k) if mode == "hybrid" else vector_rows or fts_rows
-        terms = _identifier_terms(query)
+        rows = fused_ranking([vector_rows, fts_rows], self.rrf_k) if mode == "hybrid" else vector_rows or fts_rows
+        terms = identifier_terms(query)
         hits: list[SearchHit] = []
         for row in rows:
             name = names.get(row["doc_id"])
             if name is None:
                 continue
             relevance = row.get("relevance")
-            exact = bool(terms & _words(f"{row['heading'] or ''} {row['text']}")) if terms else False
+            exact = bool(terms & word_set(f"{row['heading'] or ''} {row['text']}")) if terms else False
             if relevance is not None and relevance < floor and not exact:
                 continue
             hits.append(
@@ -488,7 +416,7 @@ class RagStore:
         return hits
 
 
-    def _vector_snapshot(self, table: Any) -> _VectorSnapshot:
+    def _vector_snapshot(self, table: Any) -> VectorSnapshot:
         snapshot = self._vectors
         if snapshot is None or snapshot.table is not table:
             with self._write_lock:  # a writer may be replacing it; read the table once, not once per waiting search
@@ -497,14 +425,14 @@ class RagStore:
                     snapshot = self._refresh_vectors()
         return snapshot
 
-    def _refresh_vectors(self) -> _VectorSnapshot:
+    def _refresh_vectors(self) -> VectorSnapshot:
         """Read every chunk's vector and result columns into memory (under the write lock: after each write).
 
         Why in memory: LanceDB's exact (flat) search over 20,000 rows took 40-65 ms here, mostly reading and
         converting; a matrix product over the same vectors takes ~2 ms (docs/rag.md, Search speed).
         """
         with self._write_lock:
-            snapshot = _VectorSnapshot.load(self._chunks_table)
+            snapshot = VectorSnapshot.load(self._chunks_table)
             self._vectors = snapshot
         return snapshot
 
@@ -521,10 +449,10 @@ class RagStore:
         with self._write_lock:
             if self._chunks_table is None:
                 return 0
-            columns = [name for name in _chunks_schema(1).names if name != "vector"]
+            columns = [name for name in chunks_schema(1).names if name != "vector"]
             rows = self._chunks_table.to_arrow().select(columns)
             texts = [
-                _embedding_text(heading, text, name)
+                embedding_text(heading, text, name)
                 for heading, text, name in zip(
                     rows["heading"].to_pylist(), rows["text"].to_pylist(), rows["doc_name"].to_pylist(), strict=True
                 )
@@ -535,7 +463,7 @@ class RagStore:
                 report(min(0.95, (start + self.batch_size) / max(1, len(texts)) * 0.95), "re-embedding chunks")
             dimension = self.embedder.dimension
             matrix = np.concatenate(vectors) if vectors else np.zeros((0, dimension), dtype=np.float32)
-            table = rows.append_column("vector", _vector_array(matrix, dimension)).cast(_chunks_schema(dimension))
+            table = rows.append_column("vector", vector_array(matrix, dimension)).cast(chunks_schema(dimension))
             self._chunks_table = self._db.create_table(CHUNKS_TABLE, data=table, mode="overwrite")
             self._create_fts_index(self._chunks_table)
             self._refresh_vectors()
@@ -599,9 +527,9 @@ class RagStore:
             for start in range(0, len(chunks), self.batch_size):
                 batch = chunks[start : start + self.batch_size]
                 vectors = self.embedder.encode(
-                    [_embedding_text(chunk.heading, chunk.text, name) for chunk in batch], batch_size=self.batch_size
+                    [embedding_text(chunk.heading, chunk.text, name) for chunk in batch], batch_size=self.batch_size
                 )
-                rows = _chunk_rows(document_id, name, batch, vectors, self.embedder.dimension)
+                rows = chunk_rows(document_id, name, batch, vectors, self.embedder.dimension)
                 with self._write_lock:
                     wrote_chunks = True
                     table.add(rows)
@@ -626,7 +554,7 @@ class RagStore:
             )
             report(0.97, "indexing")
             with self._write_lock:
-                self._documents_table.add(pa.Table.from_pylist([_document_row(document)], schema=_DOCUMENTS_SCHEMA))
+                self._documents_table.add(pa.Table.from_pylist([document_row(document)], schema=_DOCUMENTS_SCHEMA))
                 self._refresh_vectors()  # before the document is visible, so vector search finds it at once
                 with self._state_lock:
                     self._documents[document_id] = document
@@ -690,7 +618,7 @@ class RagStore:
                         f"stored chunks have {width}-dimensional vectors but {self.embedding_model!r} makes "
                         f"{dimension}; call reindex() after changing the embedding model"
                     )
-            table = self._db.create_table(CHUNKS_TABLE, schema=_chunks_schema(dimension), mode="overwrite")
+            table = self._db.create_table(CHUNKS_TABLE, schema=chunks_schema(dimension), mode="overwrite")
             self._create_fts_index(table)
             self._chunks_table = table
             return table
@@ -777,229 +705,6 @@ class RagStore:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-_blas_controller: Any = None
-_blas_controller_lock = threading.Lock()
-
-
-def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
-    """Run the similarity product on one BLAS thread (threadpoolctl; a no-op without it).
-
-    Why: OpenBLAS splits even a 20,000 x 384 product over every core; on a busy 2-core host a preempted
-    helper thread stalls the rest, as with torch (docs/rag.md, CPU threads): p95 49 ms against 7 ms on one thread.
-    """
-    global _blas_controller
-    if _blas_controller is None:
-        with _blas_controller_lock:
-            if _blas_controller is None:
-                try:
-                    from threadpoolctl import ThreadpoolController
-
-                    _blas_controller = ThreadpoolController()
-                except ImportError:
-                    _blas_controller = False
-    if _blas_controller is False:
-        return contextlib.nullcontext()
-    return _blas_controller.limit(limits=1, user_api="blas")
-
-
-class _VectorSnapshot:
-    """Every chunk's unit vector as one float32 matrix, and its result columns, as of one table version.
-
-    Immutable once built; a write builds a new one and swaps the reference, so searches never lock. Rows of
-    documents that are pending, deleted a moment ago or not visible to the asker are masked by document id.
-    """
-
-    def __init__(self, table: Any, rows: pa.Table, matrix: np.ndarray) -> None:
-        self.table = table
-        self.rows = rows
-        self.matrix = matrix
-        doc_ids = rows.column("doc_id").combine_chunks().dictionary_encode() if rows.num_rows else None
-        self.doc_ids: list[str] = doc_ids.dictionary.to_pylist() if doc_ids is not None else []
-        self.doc_codes = (
-            doc_ids.indices.to_numpy(zero_copy_only=False) if doc_ids is not None else np.zeros(0, dtype=np.int32)
-        )
-
-    @classmethod
-    def load(cls, table: Any) -> _VectorSnapshot:
-        if table is None:
-            return cls(None, pa.table({name: [] for name in _RESULT_COLUMNS}), np.zeros((0, 0), dtype=np.float32))
-        arrow = table.to_arrow()
-        vectors = arrow.column("vector").combine_chunks()
-        dimension = vectors.type.list_size
-        matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
-        return cls(table, arrow.select(_RESULT_COLUMNS).combine_chunks(), np.ascontiguousarray(matrix))
-
-    def search(self, vector: np.ndarray, visible: dict[str, str], limit: int) -> list[dict[str, Any]]:
-        """The ``limit`` most similar chunks of ``visible`` documents, best first, as result rows.
-
-        Vectors are unit length, so the dot product is the cosine similarity; ties go to the earlier row.
-        """
-        if not len(self.doc_codes):
-            return []
-        with _one_blas_thread():
-            scores = self.matrix @ vector.astype(np.float32, copy=False)
-        allowed = np.fromiter((doc_id in visible for doc_id in self.doc_ids), dtype=bool, count=len(self.doc_ids))
-        if not allowed.all():
-            scores[~allowed[self.doc_codes]] = -np.inf
-        limit = min(limit, int(np.count_nonzero(scores > -np.inf)))
-        if limit <= 0:
-            return []
-        top = np.argpartition(-scores, limit - 1)[:limit] if limit < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]
-        rows = self.rows.take(pa.array(top)).to_pylist()
-        for row, index in zip(rows, top, strict=True):
-            row["score"] = row["relevance"] = float(scores[index])
-        return rows
-
-
-def _fts_rows(
-    table: Any, query: str, where: str | None, limit: int, with_vectors: bool = False
-) -> list[dict[str, Any]]:
-    builder = table.search(query, query_type="fts", fts_columns="search_text")
-    if where:
-        builder = builder.where(where, prefilter=True)
-    columns = [*_RESULT_COLUMNS, "_score", *(["vector"] if with_vectors else [])]
-    rows = builder.select(columns).limit(limit).to_list()
-    for row in rows:
-        row["score"] = float(row.pop("_score"))
-    return rows
-
-
-def match_of(relevance: float | None, exact: bool, floor: float = RELEVANCE_FLOOR) -> Match:
-    """Strong, partial or weak by cosine similarity; keyword for fts (no similarity) or an exact code below."""
-    if relevance is None:
-        return "keyword"
-    if relevance >= STRONG_MATCH:
-        return "strong"
-    if relevance >= floor:
-        return "partial"
-    return "keyword" if exact else "weak"
-
-
-def embedding_progress(done: int, total: int, elapsed_s: float) -> str:
-    """``embedded 48/210 chunks, about 20 s left``: the time left from the rate measured so far."""
-    text = f"embedded {done}/{total} chunks"
-    if done <= 0 or done >= total or elapsed_s <= 0:
-        return text
-    seconds_left = (total - done) * elapsed_s / done
-    return f"{text}, about {duration_words(seconds_left)} left"
-
-
-def duration_words(seconds: float) -> str:
-    """``8 s``, ``3 min 20 s``, ``1 h 5 min``: rounded so the estimate does not claim more precision than it has."""
-    seconds = max(1, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 600:
-        minutes, rest = divmod(round(seconds / 10) * 10, 60)
-        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
-    if seconds < 3600:
-        return f"{round(seconds / 60)} min"
-    hours, minutes = divmod(round(seconds / 60), 60)
-    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-
-
-def _words(text: str) -> frozenset[str]:
-    return frozenset(word.lower() for word in _IDENTIFIER_CHARS.findall(text))
-
-
-def _identifier_terms(query: str) -> frozenset[str]:
-    """The query's code-like words: letters with digits (``E1074``, ``WPA3``) or joined by ``_``.
-
-    Embeddings place neighbouring codes close together and a code's own chunk may score under the floor,
-    while the exact word in the chunk is strong evidence; plain numbers (``17``, ``1998``) are not codes.
-    """
-    terms = set()
-    for word in _IDENTIFIER_CHARS.findall(query):
-        has_letter = any(character.isalpha() for character in word)
-        has_digit = any(character.isdigit() for character in word)
-        if len(word) >= 2 and has_letter and (has_digit or "_" in word.strip("_")):
-            terms.add(word.lower())
-    return frozenset(terms)
-
-
-def document_title(name: str) -> str:
-    """A document's name as words: ``timeout.1.txt`` → ``timeout.1``, ``error_codes.md`` → ``error codes``."""
-    stem = name.rsplit(".", 1)[0] if "." in name.strip(".") else name
-    return re.sub(r"[_\s]+", " ", stem).strip() or name
-
-
-def _embedding_text(heading: str | None, text: str, document_name: str | None = None) -> str:
-    """What the model embeds: the heading path gives a short chunk its topic; without one, the document's title.
-
-    Why the title only when there is no heading: with it, plain-text and PDF chunks know what they are about
-    (held-out passage recall up in hybrid mode); put in front of a markdown heading path as well, it cost the
-    labelled corpus a rank-1 answer (docs/rag.md, Held-out recall).
-    """
-    header = heading or (document_title(document_name) if document_name else None)
-    return f"{header}\n\n{text}" if header else text
-
-
-def _vector_array(matrix: np.ndarray, dimension: int) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, dimension)
-
-
-def _chunk_rows(document_id: str, name: str, chunks: Sequence[Chunk], vectors: np.ndarray, dimension: int) -> pa.Table:
-    columns = {
-        "chunk_id": [f"{document_id}:{chunk.index}" for chunk in chunks],
-        "doc_id": [document_id] * len(chunks),
-        "doc_name": [name] * len(chunks),
-        "chunk_index": [chunk.index for chunk in chunks],
-        "heading": [chunk.heading for chunk in chunks],
-        "page": [chunk.page for chunk in chunks],
-        "char_start": [chunk.char_start for chunk in chunks],
-        "char_end": [chunk.char_end for chunk in chunks],
-        "text": [chunk.text for chunk in chunks],
-        "search_text": [f"{name}\n{chunk.heading or ''}\n{chunk.text}" for chunk in chunks],
-    }
-    schema = _chunks_schema(dimension)
-    arrays = [pa.array(values, type=schema.field(column).type) for column, values in columns.items()]
-    arrays.append(_vector_array(vectors, dimension))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _document_row(document: Document) -> dict[str, Any]:
-    return {
-        "doc_id": document.id,
-        "name": document.name,
-        "format": document.format,
-        "sha256": document.sha256,
-        "size_bytes": document.size_bytes,
-        "char_count": document.char_count,
-        "chunk_count": document.chunk_count,
-        "added_at": document.added_at.timestamp(),
-        "embedding_model": document.embedding_model,
-        "owner": document.owner,
-        "private": document.private,
-        "embedding_text_version": document.embedding_text_version,
-    }
-
-
-def _rrf(rankings: Sequence[Sequence[dict[str, Any]]], rrf_k: int) -> list[dict[str, Any]]:
-    """Reciprocal-rank fusion: each list adds ``1 / (rrf_k + rank)`` to a chunk's score.
-
-    Ranks, not raw scores, are fused because cosine similarity and BM25 are on
-    unrelated scales. Equal sums (rank 1 + rank 2 against rank 2 + rank 1) are
-    common, so ties go to the better rank in the earlier list (vector first),
-    which keeps results deterministic.
-    """
-    fused: dict[str, dict[str, Any]] = {}
-    ranks: dict[str, list[float]] = {}
-    for list_index, ranking in enumerate(rankings):
-        for rank, row in enumerate(ranking, start=1):
-            entry = fused.setdefault(row["chunk_id"], {**row, "score": 0.0})
-            entry["score"] += 1.0 / (rrf_k + rank)
-            ranks.setdefault(row["chunk_id"], [math.inf] * len(rankings))[list_index] = rank
-    return sorted(fused.values(), key=lambda row: (-row["score"], ranks[row["chunk_id"]], row["chunk_id"]))
-
-
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[str]], rrf_k: int = 60) -> list[tuple[str, float]]:
-    """RRF over plain id lists (best first); exposed for the benchmark and tests."""
-    fused = _rrf([[{"chunk_id": item} for item in ranking] for ranking in rankings], rrf_k)
-    return [(row["chunk_id"], row["score"]) for row in fused]
 
 
 __all__ = [

@@ -10,7 +10,8 @@ import gradio as gr
 
 from app.service import AppService
 from app.ui import cluster_render, documents_render, render
-from app.ui.chat import build_chat_tab, machine_choices, mode_choices, notice_markup
+from app.ui.chat import build_chat_tab, notice_markup
+from app.ui.chat_parts import machine_choices, mode_choices
 from app.ui.cluster import build_cluster_tab
 from app.ui.documents import build_documents_tab
 from app.ui.scripting import build_script_api
