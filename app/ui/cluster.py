@@ -43,11 +43,12 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
         speed_plot = gr.LinePlot(
             x="time", y="tokens_per_s", color="agent", title="Tokens/s generated (0 when idle)",
             height=260, x_title=" ", y_title="tok/s", colors_in_legend=[], elem_id="slb-plot-speed",
+            x_label_angle=-40,  # angled times end at their tick: none overlaps or runs past a phone's edge
             x_axis_format="%H:%M:%S", y_axis_format=".1~f", y_lim=[0, 10], min_width=300,
         )
         load_plot = gr.LinePlot(
             x="time", y="jobs", color="agent", title="Jobs running + queued", height=260,
-            x_title=" ", y_title="jobs", colors_in_legend=[], elem_id="slb-plot-load",
+            x_title=" ", y_title="jobs", colors_in_legend=[], elem_id="slb-plot-load", x_label_angle=-40,
             x_axis_format="%H:%M:%S", y_axis_format=".1~f", y_lim=[0, 2], min_width=300,
         )
     legend = gr.HTML(elem_id="slb-plot-legend-holder")
