@@ -3,12 +3,16 @@
     python run_all.py                      # broker + app + local agent (Ollama backend)
     python run_all.py --demo               # ... plus three simulated machines (without Ollama: only them)
     python run_all.py --agent-only --broker-url mqtt://HOST:1883   # on every other machine
+    python run_all.py --postgres           # chats (and documents) in this cluster's own PostgreSQL
 
 Every part it starts is restarted when it dies (1 s, 2 s, 4 s ... at most 30 s apart); Ctrl-C stops them all.
 The broker is its own (Mosquitto, or the embedded one) unless --broker-url names another; when --mqtt-port
 (1883) is taken by something it did not start (a system Mosquitto service), its own runs on a free port.
 Every flag has an environment twin: SLB_ + the flag in upper snake case
 (``--mqtt-port`` <-> ``SLB_MQTT_PORT``); a flag wins over its variable.
+Chats live in SQLite in --data-dir unless --postgres starts PostgreSQL in <data-dir>/postgres (supervised and
+stopped like the rest) or --database-url names one; either way the app gets it as SLB_DATABASE_URL, and other
+app instances given the same URL share the chats (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import urllib.request
 import webbrowser
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +45,9 @@ from broker.mqtt.local_broker import (
     start_broker,
 )
 from broker.protocol.redaction import redact_url
+
+if TYPE_CHECKING:
+    from app.store.postgres_local import LocalPostgres
 
 logger = logging.getLogger("run_all")
 ROOT = Path(__file__).resolve().parent
@@ -98,6 +105,21 @@ class RunAllSettings(BaseSettings):
     )
     catalog: Path | None = Field(
         default=None, description="Model catalog JSON that extends or overrides the shipped one (docs/scheduling.md)."
+    )
+    postgres: bool = Field(
+        default=False,
+        description="Start this cluster's own PostgreSQL (127.0.0.1 only) in <data-dir>/postgres and keep chats and "
+        "documents in it, so more app instances on this machine can share them (docs/scale-out.md).",
+    )
+    postgres_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Port of the PostgreSQL that --postgres starts (default: a free one; fix it so other instances "
+        "can be given a URL that stays the same).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="Keep chats and documents in this PostgreSQL (postgresql://user:password@host:5432/name) "
+        "instead of SQLite; passed to the app as SLB_DATABASE_URL.",
     )
     log_level: str = Field(default="INFO", description="Logging level.")
 
@@ -284,6 +306,45 @@ def choose_broker(settings: RunAllSettings) -> tuple[RunningBroker | None, str]:
     return broker, broker.url
 
 
+def choose_database(settings: RunAllSettings) -> tuple[LocalPostgres | None, str | None]:
+    """Where the app keeps chats, said in one line: a database given, our own PostgreSQL, or SQLite (None)."""
+    if settings.database_url:
+        if not settings.database_url.startswith(("postgresql://", "postgres://")):
+            raise RuntimeError("--database-url must be a PostgreSQL URL (postgresql://user:password@host:port/name)")
+        logger.info("store: PostgreSQL at %s, given by --database-url (SLB_DATABASE_URL); run_all.py starts none",
+                    redact_url(settings.database_url))
+        return None, settings.database_url
+    if not settings.postgres:
+        logger.info("store: SQLite and LanceDB in %s (one app instance; --postgres or --database-url lets several "
+                    "share chats)", settings.data_dir.resolve())
+        return None, None
+    from app.store import postgres_local
+
+    if not postgres_local.available():
+        raise RuntimeError("--postgres: PostgreSQL is not installed (apt-get install postgresql)")
+    port = settings.postgres_port or free_port("127.0.0.1")
+    if port_open("127.0.0.1", port):
+        raise RuntimeError(f"--postgres-port {port} is taken by a process run_all.py did not start; give another "
+                           "port, or use that server with --database-url")
+    server = postgres_local.start(settings.data_dir.resolve() / "postgres", port)
+    logger.info("store: this cluster's own PostgreSQL at %s (data in %s; started by run_all.py, stopped with it)",
+                server.url, server.data_dir)
+    return server, server.url
+
+
+def restart_database(database: LocalPostgres) -> LocalPostgres:
+    """Start our PostgreSQL again on its folder and port (the app reconnects by itself); if that fails, the dead
+    one is kept and tried again on the next round."""
+    from app.store import postgres_local
+
+    logger.error("PostgreSQL stopped (code %s); restarting it", database.process.returncode)
+    try:
+        return postgres_local.start(database.data_dir, database.port)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        logger.error("PostgreSQL did not start again: %s", error)
+        return database
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,7 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     if settings.agent_only and not settings.broker_url:
         logger.error("--agent-only needs --broker-url mqtt://HOST:PORT (the machine that runs the broker)")
         return 2
+    if settings.postgres and settings.database_url:
+        logger.error("give --postgres (start our own PostgreSQL) or --database-url (use one), not both")
+        return 2
+    if settings.agent_only and (settings.postgres or settings.database_url):
+        logger.warning("--agent-only: agents keep no chats; --postgres / --database-url are ignored")
+        settings.postgres, settings.database_url = False, None
     broker, broker_url = choose_broker(settings)
+    try:
+        database, database_url = choose_database(settings)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        logger.error("%s", error)
+        if broker is not None:
+            broker.stop()
+        return 1
 
     if (settings.agent or settings.agent_only) and settings.backend == "ollama":
         url = settings.backend_url or "http://127.0.0.1:11434"
@@ -310,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             explain_missing_ollama(redact_url(url))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    if database_url:
+        env["SLB_DATABASE_URL"] = database_url  # the environment, not a flag: a password must not show in 'ps'
     children = build_children(settings, broker_url)
     stop = threading.Event()
 
@@ -342,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None and not broker.alive():
             logger.error("the broker stopped; restarting it")
             broker.start()
+        if database is not None and database.process.poll() is not None:
+            database = restart_database(database)
         if health_url is None:
             continue
         if http_ok(health_url + "health"):
@@ -360,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         child.terminate()
     for child in reversed(children):
         child.wait(15)
+    if database is not None:
+        database.stop()
     if broker is not None:
         broker.stop()
     logger.info("stopped")

@@ -243,8 +243,22 @@ def status(snapshot: ClusterSnapshot, broker: BrokerAddress, active_queries: int
         "active_queries": active_queries,
         "agents": [agent_status(agent) for agent in agents],
         "agents_omitted": len(snapshot.agents) - len(agents),
+        "leadership": bounded(snapshot.leadership),
         "generated_at": snapshot.generated_at,
     }
+
+
+def leadership_line(snapshot: ClusterSnapshot, quote: Quote = _as_is) -> str:
+    """``placement: this instance leads`` / ``placement: led by app-b.1f2e…`` / ``placement: no leader``: which of
+    several instances on the broker assigns models (the others stand by and still answer)."""
+    view = snapshot.leadership
+    if view is None:
+        return ""
+    if view.leading:
+        return "placement: this instance leads"
+    if view.leader_id is None:
+        return "placement: no leader yet (standing by)"
+    return f"placement: standing by, led by {quote(view.leader_id)}"
 
 
 def agent_status(agent: AgentView) -> dict[str, Any]:

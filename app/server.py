@@ -37,7 +37,7 @@ from app.middleware import (  # noqa: E402
 from app.ports import CoordinatorPort  # noqa: E402
 from app.service import AppService  # noqa: E402
 from app.settings import LOOPBACK_ORIGINS, AppSettings  # noqa: E402
-from app.store import RagStore, SessionStore  # noqa: E402
+from app.store import RagStore, open_session_store  # noqa: E402
 from app.throttle import FailureThrottle  # noqa: E402
 from app.ui import CSS, TITLE, build_ui  # noqa: E402
 
@@ -65,6 +65,10 @@ def _coordinator_registry(coordinator: CoordinatorPort) -> CollectorRegistry | N
     return getattr(metrics, "registry", None)
 
 
+GRADIO_QUEUE_IDLE_POLL_S = 0.01
+"""How often Gradio's queue looks for new UI events when it has none (its default: every 1 ms)."""
+
+
 def _gradio_app(app: FastAPI) -> Any:
     """The Gradio app mounted at ``/`` (its login tokens and cookie name), found after mounting."""
     for route in app.routes:
@@ -77,9 +81,17 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     """Build the web process's ASGI app; nothing touches the network until the lifespan starts."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     coordinator = coordinator if coordinator is not None else _make_coordinator(settings)
-    sessions = SessionStore(settings.data_dir / SESSIONS_FILE)
+    sessions = open_session_store(settings.data_dir / SESSIONS_FILE, settings.database_url)
 
     def open_rag() -> RagStore:
+        store = open_local_rag()
+        if settings.database_url:  # several instances share one library; each indexes it locally (docs/rag.md)
+            from app.store.shared_documents import share_documents
+
+            share_documents(store, settings.database_url)
+        return store
+
+    def open_local_rag() -> RagStore:
         if settings.rag_cluster_embeddings:  # uploads embed on the cluster's agents (docs/rag.md)
             import anyio.from_thread
 
@@ -188,4 +200,9 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
     # event) ingested any readable file on the server, e.g. {"path": "/home/me/notes.txt"}, and search then
     # read it back. Found by tests/test_security_web.py.
     demo.has_launched = True
+    # Gradio's queue polls for new UI events every 1 ms when idle: ~5 % of a core and an event-loop wake-up per
+    # millisecond under every /v1 stream (issue 15's overhead profile). 10 ms is still instant for a person.
+    queue = getattr(demo, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = GRADIO_QUEUE_IDLE_POLL_S
     return app

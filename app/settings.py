@@ -101,6 +101,12 @@ class AppSettings(CoordinatorSettings):
         default=600.0, ge=30, le=86400, description="How far back the cluster plots of tokens/s and load reach."
     )
 
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL database for chats and documents shared by several app instances "
+        "(postgresql://user:password@host:5432/name; docs/scale-out.md). Empty: SQLite and LanceDB in --data-dir.",
+    )
+
     allow_remote_images: bool = Field(
         default=False,
         description="Fetch http(s) image URLs of OpenAI image_url parts in the app (5 s, 512 KB, PNG/JPEG/GIF/WebP, "
@@ -117,6 +123,14 @@ class AppSettings(CoordinatorSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be a PostgreSQL URL (postgresql://user:password@host:port/name)")
         return value
 
     @field_validator("rag_cluster_embeddings", mode="after")

@@ -1,4 +1,5 @@
-"""A plain paho publisher for the raw baseline of bench/bench_relay.py, as a light process of its own.
+"""A plain paho publisher for the raw baseline of bench/bench_relay.py, as a light process of its own; and raw
+MQTT 3.1.1 packets on a plain socket for load generators that must cost next to nothing (bench/bench_scale.py).
 
 Imports nothing of the project, so starting four of them costs little.
 
@@ -53,6 +54,58 @@ def publish(host: str, port: int, topic: str, payload: bytes, seconds: float) ->
     publisher.disconnect()
     publisher.loop_stop()
     return sent
+
+
+# ---------------------------------------------------------------- raw packets (QoS 0, no client library)
+
+
+def _length(value: int) -> bytes:
+    """MQTT's variable-length integer (the remaining length of a packet)."""
+    encoded = bytearray()
+    while True:
+        digit, value = value % 128, value // 128
+        encoded.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(encoded)
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def connect_raw(host: str, port: int, client_id: str, timeout: float = 10.0) -> socket.socket:
+    """A plain socket after CONNECT (MQTT 3.1.1, clean session, keep-alive off: a publisher that only writes) and
+    an accepting CONNACK."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = _string("MQTT") + bytes([4, 0x02]) + (0).to_bytes(2, "big") + _string(client_id)
+    sock.sendall(b"\x10" + _length(len(body)) + body)
+    answer = b""
+    while len(answer) < 4:
+        chunk = sock.recv(4 - len(answer))
+        if not chunk:
+            raise ConnectionError(f"{host}:{port} closed the connection before CONNACK")
+        answer += chunk
+    if answer[0] != 0x20 or answer[3] != 0:
+        raise ConnectionError(f"{host}:{port} refused the connection: {answer!r}")
+    sock.settimeout(None)
+    return sock
+
+
+def publish_packet(topic: str, payload: bytes, retain: bool = False) -> bytes:
+    """One QoS 0 PUBLISH packet, ready to write."""
+    head, tail = publish_parts(topic, payload, b"", retain)
+    return head + tail
+
+
+def publish_parts(topic: str, before: bytes, after: bytes, retain: bool = False,
+                  middle: int = 0) -> tuple[bytes, bytes]:
+    """A QoS 0 PUBLISH of ``before + <middle bytes> + after`` as two parts around a gap of ``middle`` bytes
+    filled in at sending time (a timestamp): the packet is encoded once, and sending costs a join."""
+    variable = _string(topic)
+    length = len(variable) + len(before) + middle + len(after)
+    return bytes([0x30 | (1 if retain else 0)]) + _length(length) + variable + before, after
 
 
 def main() -> None:

@@ -56,6 +56,8 @@ if [ "$mode" = dev ]; then
   { command -v gcc && command -v g++ && command -v make; } >/dev/null || apt_packages+=(build-essential)
   # RabbitMQ's MQTT plugin, the second broker the tests run (tests/test_rabbitmq.py starts its own nodes)
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { apt_packages+=(rabbitmq-server); installing_rabbitmq=yes; }
+  # PostgreSQL, the shared store of several front ends (tests start servers of their own: app/store/postgres_local.py)
+  compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || apt_packages+=(postgresql)
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   apt_install "${apt_packages[@]}" \

@@ -25,6 +25,7 @@ from broker.mqtt.local_broker import RunningBroker, free_port, mosquitto_binary,
 from broker.mqtt.settings import MqttSettings  # noqa: E402
 from tests.support.brokers import start_secure_broker  # noqa: E402
 from tests.support.loops import mqtt_connection  # noqa: E402
+from tests.support.postgres import postgres_server, postgres_url  # noqa: E402,F401 - fixtures
 
 SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
 

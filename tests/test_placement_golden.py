@@ -238,6 +238,75 @@ def test_plans_match_the_recorded_ones(golden: dict[str, Any], seed: int, count:
             assert digest(plan) == expected, key
 
 
+def _jiggle(state: ClusterState, rng: random.Random, now: float) -> ClusterState:
+    """A second of a live cluster: every agent's telemetry again, most with free memory a little different (as
+    a real machine reports it), some far off, a few with a new speed or model state."""
+    for agent_id in sorted(state.agents):
+        record = state.agents[agent_id]
+        old = record.telemetry
+        if old is None:
+            continue
+        roll = rng.random()
+        changes: dict[str, Any] = {"cpu_percent": round(rng.uniform(0, 100), 1)}
+        if roll < 0.7 and old.ram_free_gb is not None:
+            changes["ram_free_gb"] = max(0.0, round(old.ram_free_gb + rng.uniform(-0.08, 0.08), 2))
+            if old.vram_free_gb is not None:
+                changes["vram_free_gb"] = max(0.0, round(old.vram_free_gb + rng.uniform(-0.08, 0.08), 2))
+        elif roll < 0.8:
+            changes["ram_free_gb"] = round(rng.uniform(0.5, 60), 2)
+        elif roll < 0.83:
+            changes["tokens_per_s"] = round(rng.uniform(0.5, 80), 1)
+        state = apply(state, TelemetryReceived(agent_id, old.model_copy(update=changes)), now)
+        if rng.random() < 0.02:
+            state = apply(state, ModelStateReceived(agent_id, _model_state(rng, record.current_model)), now)
+    return state
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_plans_scored_on_events_equal_fresh_plans(setting: str) -> None:
+    """A coordinator keeps each agent's decision between plans and decides again only where the inputs changed
+    materially. Over rounds of live telemetry (free memory moving a little or a lot, speeds, model states, the
+    plan's own moves) each plan equals the one a fresh catalog (nothing kept) gives, and most decisions are
+    kept (the cache is really used)."""
+    settings = SETTINGS[setting]
+    kept_catalog = load_catalog(DEFAULT_CATALOG)
+    state, quarantined = cluster(5, 400, "mixed")
+    rng = random.Random(11)
+    now = 200.0
+    kept_total = 0
+    for _ in range(6):
+        plan = plan_placement(state, kept_catalog, settings, now, 1.0, quarantined=quarantined)
+        fresh = plan_placement(state, load_catalog(DEFAULT_CATALOG), settings, now, 1.0, quarantined=quarantined)
+        assert canonical(plan) == canonical(fresh)
+        before = dict(kept_catalog.derived[("placement_decisions", settings)])  # type: ignore[call-overload]
+        for entry in plan.changes[: len(plan.changes) // 2]:
+            state = apply(state, AssignmentSeen(entry.agent_id, Assign(model=entry.target_model, assignment_id="c",
+                                                                        also=list(entry.also))), now)
+        now += 30.0
+        state = _jiggle(state, rng, now)
+        plan_placement(state, kept_catalog, settings, now, 1.0, quarantined=quarantined)
+        after = kept_catalog.derived[("placement_decisions", settings)]  # type: ignore[index]
+        kept_total += sum(1 for agent_id, decided in after.items() if before.get(agent_id) is decided)
+    assert kept_total > 6 * 400 * 0.4, kept_total
+
+
+def test_a_plan_overlapping_another_decides_afresh_and_keeps_nothing() -> None:
+    """A what-if from a UI thread while a re-plan runs: it must not read decisions the other plan updates."""
+    from broker.scheduling import placement
+
+    settings = SETTINGS["defaults"]
+    catalog = load_catalog(DEFAULT_CATALOG)
+    state, quarantined = cluster(6, 100, "mixed")
+    expected = canonical(plan_placement(state, load_catalog(DEFAULT_CATALOG), settings, 200.0, 1.0,
+                                        quarantined=quarantined))
+    with placement._KEPT_DECISIONS:  # another plan is running
+        overlapping = plan_placement(state, catalog, settings, 200.0, 1.0, quarantined=quarantined)
+    assert canonical(overlapping) == expected
+    assert ("placement_decisions", settings) not in catalog.derived
+    assert canonical(plan_placement(state, catalog, settings, 200.0, 1.0, quarantined=quarantined)) == expected
+    assert ("placement_decisions", settings) in catalog.derived
+
+
 def test_the_golden_clusters_exercise_every_rule(golden: dict[str, Any]) -> None:
     """The recorded plans hold what they are meant to guard: changes, deferrals, local runtimes, extras, mix
     and several kinds of exclusion (so a golden of trivial plans cannot pass for a check)."""

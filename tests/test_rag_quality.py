@@ -147,6 +147,7 @@ def test_query_embedding_shortcut_matches_the_model(held_out_store: RagStore) ->
         direct = embedder.encode_query(text)
         assert float(direct @ embedder.encode([text])[0]) == pytest.approx(1.0, abs=1e-5)
         assert embedder.encode_query(text) is direct  # the second ask comes from the cache
+    assert embedder.query_path == "traced"  # the fast path is really taken on this CPU-only machine
 
 
 # -- second held-out set: manual pages, questions written before any retrieval over them ---------------------------

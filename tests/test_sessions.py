@@ -1,4 +1,6 @@
-"""Chat sessions on a real SQLite file: CRUD, titles, prompt history, concurrent writers."""
+"""Chat sessions on a real SQLite file and a real PostgreSQL database: CRUD, titles, prompt history, concurrent
+writers. Every test that takes ``store`` runs against both backends (same answers, same errors); what only one of
+them has (a SQLite file's migration, PostgreSQL shared by two stores) is tested on its own."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,19 +18,37 @@ from app.store.sessions import (
     SHARED_USER,
     ChatSettings,
     SessionStore,
+    SqlSessionStore,
     estimate_tokens,
     make_title,
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> SessionStore:
-    sessions = SessionStore(tmp_path / "chat.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> SqlSessionStore:
+    if request.param == "postgres":
+        from app.store.sessions_postgres import PostgresSessionStore
+
+        sessions: SqlSessionStore = PostgresSessionStore(request.getfixturevalue("postgres_url"))
+    else:
+        sessions = SessionStore(tmp_path / "chat.sqlite3")
     yield sessions
     sessions.close()
 
 
-def test_create_list_get(store: SessionStore) -> None:
+def raw_sql(store: SqlSessionStore, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run ``sql`` (``?`` placeholders) on the store's database behind its back, committed; the rows it gives."""
+    if isinstance(store, SessionStore):
+        with sqlite3.connect(store.db_path) as raw:
+            return [tuple(row) for row in raw.execute(sql, parameters).fetchall()]
+    import psycopg
+
+    with psycopg.connect(store.url) as raw:  # type: ignore[attr-defined]
+        cursor = raw.execute(sql.replace("?", "%s"), parameters)
+        return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+
+
+def test_create_list_get(store: SqlSessionStore) -> None:
     first = store.create_session()
     second = store.create_session("Planning")
     assert first.title == DEFAULT_TITLE and not first.title_is_custom
@@ -38,7 +59,7 @@ def test_create_list_get(store: SessionStore) -> None:
     assert len(store.list_sessions(limit=1)) == 1
 
 
-def test_list_orders_by_latest_activity_and_counts_messages(store: SessionStore) -> None:
+def test_list_orders_by_latest_activity_and_counts_messages(store: SqlSessionStore) -> None:
     old = store.create_session()
     new = store.create_session()
     time.sleep(0.01)
@@ -50,7 +71,7 @@ def test_list_orders_by_latest_activity_and_counts_messages(store: SessionStore)
     assert listed[0].updated_at > listed[0].created_at
 
 
-def test_title_from_first_question_unless_renamed(store: SessionStore) -> None:
+def test_title_from_first_question_unless_renamed(store: SqlSessionStore) -> None:
     session = store.create_session()
     store.add_message(session.id, "system", "You are helpful.")
     store.add_message(session.id, "user", "   How do I   install the agent\non a Raspberry Pi?  ")
@@ -72,7 +93,7 @@ def test_long_question_title_is_cut_at_a_word() -> None:
     assert make_title("   ") == DEFAULT_TITLE
 
 
-def test_history_keeps_answer_metadata(store: SessionStore) -> None:
+def test_history_keeps_answer_metadata(store: SqlSessionStore) -> None:
     session = store.create_session()
     question = store.add_message(session.id, "user", "What is MQTT?")
     answer = store.add_message(
@@ -103,7 +124,7 @@ def test_history_keeps_answer_metadata(store: SessionStore) -> None:
     assert store.get_history(session.id)[-1].citations == [citation.model_dump(mode="json")] == with_model.citations
 
 
-def test_delete_cascades_to_messages(store: SessionStore, tmp_path: Path) -> None:
+def test_delete_cascades_to_messages(store: SqlSessionStore) -> None:
     session = store.create_session()
     for index in range(3):
         store.add_message(session.id, "user", f"question {index}")
@@ -112,13 +133,13 @@ def test_delete_cascades_to_messages(store: SessionStore, tmp_path: Path) -> Non
     store.delete_session(session.id)
     with pytest.raises(NotFoundError):
         store.get_history(session.id)
-    with sqlite3.connect(tmp_path / "chat.sqlite3") as raw:
-        assert raw.execute("SELECT COUNT(*) FROM messages WHERE session_id = ?", (session.id,)).fetchone()[0] == 0
-        assert raw.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 1
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw_sql(store, "SELECT COUNT(*) FROM messages WHERE session_id = ?", (session.id,)) == [(0,)]
+    assert raw_sql(store, "SELECT COUNT(*) FROM messages") == [(1,)]
+    if isinstance(store, SessionStore):
+        assert raw_sql(store, "PRAGMA journal_mode") == [("wal",)]
 
 
-def test_unknown_ids_raise_not_found(store: SessionStore) -> None:
+def test_unknown_ids_raise_not_found(store: SqlSessionStore) -> None:
     for call in (
         lambda: store.get_session("nope"),
         lambda: store.get_history("nope"),
@@ -132,7 +153,7 @@ def test_unknown_ids_raise_not_found(store: SessionStore) -> None:
     assert issubclass(NotFoundError, StoreError)
 
 
-def test_bad_input_is_refused(store: SessionStore) -> None:
+def test_bad_input_is_refused(store: SqlSessionStore) -> None:
     session = store.create_session()
     with pytest.raises(BadInputError, match="role"):
         store.add_message(session.id, "robot", "x")  # type: ignore[arg-type]
@@ -150,7 +171,7 @@ def test_bad_input_is_refused(store: SessionStore) -> None:
     assert store.get_session(session.id).title == DEFAULT_TITLE
 
 
-def test_history_for_prompt_fits_budget_oldest_first(store: SessionStore) -> None:
+def test_history_for_prompt_fits_budget_oldest_first(store: SqlSessionStore) -> None:
     session = store.create_session()
     for index in range(10):
         store.add_message(session.id, "user", f"question {index} " + "q" * 80)
@@ -166,7 +187,7 @@ def test_history_for_prompt_fits_budget_oldest_first(store: SessionStore) -> Non
     assert store.history_for_prompt(session.id, budget_tokens=10**6) == history
 
 
-def test_history_for_prompt_always_keeps_newest_question(store: SessionStore) -> None:
+def test_history_for_prompt_always_keeps_newest_question(store: SqlSessionStore) -> None:
     session = store.create_session()
     store.add_message(session.id, "user", "earlier")
     store.add_message(session.id, "assistant", "reply")
@@ -177,7 +198,7 @@ def test_history_for_prompt_always_keeps_newest_question(store: SessionStore) ->
     assert estimate_tokens("abcd" * 10) == 10
 
 
-def test_many_threads_write_and_lose_nothing(store: SessionStore) -> None:
+def test_many_threads_write_and_lose_nothing(store: SqlSessionStore) -> None:
     threads_count, per_thread = 8, 50
     sessions = [store.create_session() for _ in range(2)]
     errors: list[BaseException] = []
@@ -264,7 +285,7 @@ def test_a_database_of_the_previous_version_opens_and_keeps_its_chats(tmp_path: 
         again.close()
 
 
-def test_chat_settings_round_trip_and_bad_values_change_nothing(store: SessionStore) -> None:
+def test_chat_settings_round_trip_and_bad_values_change_nothing(store: SqlSessionStore) -> None:
     chosen = ChatSettings(system_prompt="You answer in French.", temperature=0.7, max_tokens=256, mode="quality",
                           agent="gpu-desktop", use_rag=True, aggregation="synthesize")
     session = store.create_session("Réglages", settings=chosen)
@@ -286,12 +307,12 @@ def test_chat_settings_round_trip_and_bad_values_change_nothing(store: SessionSt
         store.create_session(settings={"temperature": -1})
     assert len(store.list_sessions()) == 1
 
-    with sqlite3.connect(store.db_path) as raw:  # settings a newer version wrote: this chat gets the defaults
-        raw.execute("UPDATE sessions SET settings = ? WHERE id = ?", ('{"future": 1}', session.id))
+    # Settings a newer version wrote: this chat gets the defaults.
+    raw_sql(store, "UPDATE sessions SET settings = ? WHERE id = ?", ('{"future": 1}', session.id))
     assert store.get_session(session.id).settings == ChatSettings()
 
 
-def test_a_failed_answer_is_kept_with_its_error_and_left_out_of_later_prompts(store: SessionStore) -> None:
+def test_a_failed_answer_is_kept_with_its_error_and_left_out_of_later_prompts(store: SqlSessionStore) -> None:
     session = store.create_session()
     store.add_message(session.id, "user", "first question")
     store.add_message(session.id, "assistant", "first answer", agents=["desk"])
@@ -320,7 +341,7 @@ def test_a_failed_answer_is_kept_with_its_error_and_left_out_of_later_prompts(st
         store.add_message(session.id, "user", "x", status="error")
 
 
-def test_truncate_from_removes_a_message_and_everything_after(store: SessionStore) -> None:
+def test_truncate_from_removes_a_message_and_everything_after(store: SqlSessionStore) -> None:
     session = store.create_session()
     ids = [store.add_message(session.id, role, f"{role} {index}").id
            for index in range(3) for role in ("user", "assistant")]
@@ -342,7 +363,7 @@ def test_truncate_from_removes_a_message_and_everything_after(store: SessionStor
     assert store.get_session(session.id).title == "a different start"
 
 
-def test_users_see_only_their_own_chats(store: SessionStore) -> None:
+def test_users_see_only_their_own_chats(store: SqlSessionStore) -> None:
     alice = store.create_session("alice's", owner="alice")
     store.add_message(alice.id, "user", "secret plan", owner="alice")
     bob = store.create_session("bob's", owner="bob")

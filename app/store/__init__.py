@@ -1,4 +1,5 @@
-"""Chat sessions (SQLite) and documents for retrieval-augmented answers (LanceDB).
+"""Chat sessions (SQLite; PostgreSQL when several app instances share them) and documents for retrieval-augmented
+answers (LanceDB).
 
 The web UI and the HTTP API call these synchronous, thread-safe classes from
 worker threads. Heavy imports (LanceDB, sentence-transformers) happen when a
@@ -22,7 +23,9 @@ from app.store.sessions import (
     MessageStatus,
     SessionInfo,
     SessionStore,
+    SqlSessionStore,
     estimate_tokens,
+    open_session_store,
 )
 
 __all__ = [
@@ -40,9 +43,11 @@ __all__ = [
     "SearchMode",
     "SessionInfo",
     "SessionStore",
+    "SqlSessionStore",
     "StoreError",
     "TooLargeError",
     "UnsupportedFormatError",
     "build_rag_prompt",
     "estimate_tokens",
+    "open_session_store",
 ]

@@ -2,8 +2,9 @@
 
 Layout under ``data_dir/lancedb``: a ``documents`` table (one row per
 document) and a ``chunks`` table (text, source location, embedding) with a
-native full-text (BM25) index on the chunk text. Search is vector, full-text
-or both fused by reciprocal rank (hybrid).
+native full-text index on the chunk text. Search is vector, keyword (BM25) or
+both fused by reciprocal rank (hybrid), over an in-memory snapshot of the
+chunks (app/store/retrieval.py, app/store/keywords.py).
 
 No half documents: a document's chunks are written in batches while it is
 embedded, but its ``documents`` row is written last. Until then its id is in
@@ -37,10 +38,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,10 +76,12 @@ from app.store.library import (
 from app.store.retrieval import (
     VectorSnapshot,
     fused_ranking,
-    keyword_rows,
     reciprocal_rank_fusion,
 )
 from app.store.sessions import SHARED_USER
+
+if TYPE_CHECKING:
+    from app.store.shared_documents import SharedDocuments
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +176,9 @@ class RagStore:
         self._documents: dict[str, Document] = {}
         self._pending: set[str] = set()
         self._inflight: dict[str, threading.Event] = {}
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rag-search")
         self._vectors: VectorSnapshot | None = None
         self._vectors_lock = threading.Lock()
+        self.shared: SharedDocuments | None = None  # the library several instances share (issue 16), when set
 
         self._db = lancedb.connect(str(self.db_dir))
         names = set(self._table_names())
@@ -292,6 +294,8 @@ class RagStore:
         """
         if not isinstance(document_id, str) or not _DOCUMENT_ID.match(document_id):
             raise NotFoundError(f"document {document_id!r} does not exist")
+        if self.shared is not None and not self.shared.applying():  # the database first, then here (issue 16)
+            return self.shared.delete_everywhere(self.get_document(document_id, user))
         with self._state_lock:
             document = self._documents.get(document_id)
             if document is None or not document.visible_to(user):
@@ -318,13 +322,21 @@ class RagStore:
         """Chunks stored (all documents)."""
         return 0 if self._chunks_table is None else int(self._chunks_table.count_rows())
 
+    def sync_status(self) -> dict[str, Any] | None:
+        """How far this instance is behind the shared library (None: not shared); app/store/shared_documents.py."""
+        return None if self.shared is None else self.shared.status().model_dump(mode="json")
+
     def warm_up(self) -> None:
-        """Load the embedding model now rather than on the first upload or search."""
+        """Load the embedding model and the in-memory search snapshot now rather than on the first upload or search."""
         self.embedder.warm_up()
+        table = self._chunks_table
+        if table is not None:
+            self._vector_snapshot(table)
 
     def close(self) -> None:
-        """Stop the search worker threads; every write is already committed, so nothing is flushed."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop background work (the shared-library thread); every write is already committed, nothing is flushed."""
+        if self.shared is not None:
+            self.shared.stop()
         logger.debug("RAG store at %s closed", self.db_dir)
 
     # -- public API: search --------------------------------------------------------
@@ -361,28 +373,16 @@ class RagStore:
             if table is None or not self._documents:
                 return []
             names = {doc_id: doc.name for doc_id, doc in self._documents.items() if doc.visible_to(user)}
-            hidden = [doc_id for doc_id in self._documents if doc_id not in names]
-            excluded = sorted(self._pending.union(hidden))
         if not names:
             return []
-        where = "doc_id NOT IN ({})".format(", ".join(f"'{doc_id}'" for doc_id in excluded)) if excluded else None
         candidates = k if mode != "hybrid" else max(20, 3 * k)
         candidates += 5  # slack for hits dropped below (documents deleted a moment ago)
-        fts_rows: list[dict[str, Any]] = []
-        vector_rows: list[dict[str, Any]] = []
-        # Hybrid: the keyword search runs in a worker while this thread embeds the query (torch releases the GIL).
-        fts_future = (
-            self._executor.submit(keyword_rows, table, query, where, candidates, True) if mode == "hybrid" else None
-        )
-        if mode == "fts":
-            fts_rows = keyword_rows(table, query, where, candidates)
+        snapshot = self._vector_snapshot(table)
         query_vector = self.embedder.encode_query(query) if mode != "fts" else None
-        if query_vector is not None:
-            vector_rows = self._vector_snapshot(table).search(query_vector, names, candidates)
-        if fts_future is not None:
-            fts_rows = fts_future.result()
-            for row in fts_rows:  # a keyword hit's meaning is measured too, so the floor treats both lists alike
-                row["relevance"] = float(np.dot(np.asarray(row.pop("vector"), dtype=np.float32), query_vector))
+        similarities = snapshot.similarities(query_vector) if query_vector is not None else None
+        vector_rows = snapshot.search(query_vector, names, candidates, similarities) if mode != "fts" else []
+        # A keyword hit's meaning is measured too (hybrid), so the floor treats both lists alike.
+        fts_rows = snapshot.keyword_search(query, names, candidates, similarities) if mode != "vector" else []
         rows = fused_ranking([vector_rows, fts_rows], self.rrf_k) if mode == "hybrid" else vector_rows or fts_rows
         terms = identifier_terms(query)
         hits: list[SearchHit] = []
@@ -432,7 +432,7 @@ class RagStore:
         converting; a matrix product over the same vectors takes ~2 ms (docs/rag.md, Search speed).
         """
         with self._write_lock:
-            snapshot = VectorSnapshot.load(self._chunks_table)
+            snapshot = VectorSnapshot.load(self._chunks_table, self._vectors)
             self._vectors = snapshot
         return snapshot
 
@@ -579,7 +579,7 @@ class RagStore:
             document_id, name, document.format, size_bytes, len(chunks), elapsed,
         )  # fmt: skip
         report(1.0, f"ready: {len(chunks)} chunks")
-        return document
+        return document if self.shared is None else self.shared.published(document)  # to the other instances
 
     def _same_upload(self, sha256: str, owner: str, private: bool) -> Document | None:
         """An earlier upload of the same bytes that this one would duplicate: shared with shared, or the same

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from app.store.keywords import KeywordIndex
+
 RESULT_COLUMNS = ["chunk_id", "doc_id", "chunk_index", "heading", "page", "char_start", "char_end", "text"]
 """The chunk columns a search hit is made from."""
 
@@ -45,13 +47,13 @@ def one_blas_thread() -> contextlib.AbstractContextManager[Any]:
 
 
 class VectorSnapshot:
-    """Every chunk's unit vector as one float32 matrix, and its result columns, as of one table version.
+    """Every chunk's unit vector as one float32 matrix, its result columns and keyword index, as of one table version.
 
     Immutable once built; a write builds a new one and swaps the reference, so searches never lock. Rows of
     documents that are pending, deleted a moment ago or not visible to the asker are masked by document id.
     """
 
-    def __init__(self, table: Any, rows: pa.Table, matrix: np.ndarray) -> None:
+    def __init__(self, table: Any, rows: pa.Table, matrix: np.ndarray, keywords: KeywordIndex | None = None) -> None:
         self.table = table
         self.rows = rows
         self.matrix = matrix
@@ -60,51 +62,72 @@ class VectorSnapshot:
         self.doc_codes = (
             doc_ids.indices.to_numpy(zero_copy_only=False) if doc_ids is not None else np.zeros(0, dtype=np.int32)
         )
+        self.keywords = keywords or KeywordIndex([], [])
 
     @classmethod
-    def load(cls, table: Any) -> VectorSnapshot:
+    def load(cls, table: Any, previous: VectorSnapshot | None = None) -> VectorSnapshot:
+        """Read ``table`` whole; ``previous`` lends its keyword index's tokenized chunks (only new ones are read)."""
         if table is None:
             return cls(None, pa.table({name: [] for name in RESULT_COLUMNS}), np.zeros((0, 0), dtype=np.float32))
         arrow = table.to_arrow()
         vectors = arrow.column("vector").combine_chunks()
         dimension = vectors.type.list_size
         matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
-        return cls(table, arrow.select(RESULT_COLUMNS).combine_chunks(), np.ascontiguousarray(matrix))
+        keywords = KeywordIndex(
+            arrow.column("chunk_id").to_pylist(),
+            arrow.column("search_text").to_pylist(),
+            previous.keywords if previous is not None else None,
+        )
+        return cls(table, arrow.select(RESULT_COLUMNS).combine_chunks(), np.ascontiguousarray(matrix), keywords)
 
-    def search(self, vector: np.ndarray, visible: dict[str, str], limit: int) -> list[dict[str, Any]]:
-        """The ``limit`` most similar chunks of ``visible`` documents, best first, as result rows.
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        """Cosine similarity of every row to the query (vectors are unit length, so the dot product)."""
+        with one_blas_thread():
+            return self.matrix @ vector.astype(np.float32, copy=False)
 
-        Vectors are unit length, so the dot product is the cosine similarity; ties go to the earlier row.
+    def search(
+        self, vector: np.ndarray, visible: dict[str, str], limit: int, similarities: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``limit`` most similar chunks of ``visible`` documents, best first, as result rows; ties go to the
+        earlier row. ``similarities`` (from :meth:`similarities`) saves computing them again."""
+        if not len(self.doc_codes):
+            return []
+        scores = self.similarities(vector) if similarities is None else similarities
+        return self._best(scores, scores, visible, limit)
+
+    def keyword_search(
+        self, query: str, visible: dict[str, str], limit: int, similarities: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``limit`` best BM25 matches of ``visible`` documents (chunks holding no query term never count).
+
+        Each row's ``relevance`` is its cosine similarity when ``similarities`` is given (hybrid), so the floor
+        treats keyword hits like vector hits.
         """
         if not len(self.doc_codes):
             return []
-        with one_blas_thread():
-            scores = self.matrix @ vector.astype(np.float32, copy=False)
+        scores = self.keywords.scores(query)
+        if scores is None:
+            return []
+        return self._best(np.where(scores > 0, scores, -np.inf), similarities, visible, limit)
+
+    def _best(
+        self, scores: np.ndarray, relevance: np.ndarray | None, visible: dict[str, str], limit: int
+    ) -> list[dict[str, Any]]:
         allowed = np.fromiter((doc_id in visible for doc_id in self.doc_ids), dtype=bool, count=len(self.doc_ids))
         if not allowed.all():
-            scores[~allowed[self.doc_codes]] = -np.inf
-        limit = min(limit, int(np.count_nonzero(scores > -np.inf)))
-        if limit <= 0:
+            scores = np.where(allowed[self.doc_codes], scores, -np.inf)
+        candidates = np.flatnonzero(scores > -np.inf)
+        if limit <= 0 or not len(candidates):
             return []
-        top = np.argpartition(-scores, limit - 1)[:limit] if limit < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((top, -scores[top]))]
+        if limit < len(candidates):
+            candidates = candidates[np.argpartition(-scores[candidates], limit - 1)[:limit]]
+        top = candidates[np.lexsort((candidates, -scores[candidates]))]
         rows = self.rows.take(pa.array(top)).to_pylist()
         for row, index in zip(rows, top, strict=True):
-            row["score"] = row["relevance"] = float(scores[index])
+            row["score"] = float(scores[index])
+            if relevance is not None:
+                row["relevance"] = float(relevance[index])
         return rows
-
-
-def keyword_rows(
-    table: Any, query: str, where: str | None, limit: int, with_vectors: bool = False
-) -> list[dict[str, Any]]:
-    builder = table.search(query, query_type="fts", fts_columns="search_text")
-    if where:
-        builder = builder.where(where, prefilter=True)
-    columns = [*RESULT_COLUMNS, "_score", *(["vector"] if with_vectors else [])]
-    rows = builder.select(columns).limit(limit).to_list()
-    for row in rows:
-        row["score"] = float(row.pop("_score"))
-    return rows
 
 
 def fused_ranking(rankings: Sequence[Sequence[dict[str, Any]]], rrf_k: int) -> list[dict[str, Any]]:

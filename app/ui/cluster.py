@@ -77,6 +77,7 @@ def build_cluster_tab(service: AppService) -> dict[str, Any]:
             + (f" ({simulated} simulated)" if simulated else "")
             + f" · broker {'connected' if snapshot.connected else '**not connected**'}"
             + f" · models: {cluster_status.models_summary(snapshot, markdown_literal) or 'none'}"
+            + (f" · {line}" if (line := cluster_status.leadership_line(snapshot, markdown_literal)) else "")
         )
         if not cluster_status.is_healthy(snapshot):
             head += "\n\n" + cluster_status.notice_markdown(snapshot, settings.broker)

@@ -114,8 +114,10 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
     hits = gr.Markdown(elem_id="slb-search-results")
 
     async def library(request: gr.Request) -> tuple[Any, Any]:
+        sync: dict[str, Any] | None = None  # with --database-url: how this instance stands (docs/rag.md)
         try:
             documents = await service.documents.list_documents(user_of(request))
+            sync = await service.documents.sync_status()
         except AppError as error:
             warn(error)
             documents = []
@@ -126,7 +128,8 @@ def build_documents_tab(service: AppService) -> dict[str, Any]:
             (f"{document.name} ({document.id[:8]}{', private' if document.private else ''})", document.id)
             for document in documents
         ]
-        return documents_frame(documents), gr.update(choices=choices, value=None)
+        label = "Library" if sync is None else f"Library (shared: {sync['words']})"
+        return gr.update(value=documents_frame(documents), label=label), gr.update(choices=choices, value=None)
 
     async def upload(
         files_value: Any, private_value: bool, request: gr.Request, progress: gr.Progress = gr.Progress()  # noqa: B008

@@ -336,4 +336,18 @@ class ClusterSnapshot:
     models_total: int = 0
     """How many servable models there are; ``servable_models`` and ``models`` keep the first
     :data:`~broker.coordinator.views.MAX_SNAPSHOT_MODELS` (``Coordinator.models()`` has them all)."""
+    leadership: LeadershipView | None = None
+    """Which instance leads placement, as this one sees it (None for a snapshot built without a coordinator)."""
+
+
+@dataclass(frozen=True)
+class LeadershipView:
+    """Placement leadership as one instance sees it: several instances on one broker, one leads (docs/scale-out.md).
+
+    ``leader_id`` is None while the seat is vacant (the leader died and the claim window is running)."""
+
+    instance_id: str
+    leader_id: str | None
+    leading: bool
+    epoch: int
 

@@ -123,6 +123,7 @@ class QueryExecutor:
         wakeup: Wakeup,
         answer_measured: Callable[[AnswerMeasured], None],
         assignment_pending: Callable[[], bool],
+        settling: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -140,6 +141,8 @@ class QueryExecutor:
         self._wakeup = wakeup
         self._answer_measured = answer_measured
         self._assignment_pending = assignment_pending
+        self._settling = settling
+        """Seconds left of the coordinator's first moments on the broker, while the agents' state still arrives."""
         self._output_tokens = float(settings.expected_output_tokens)
         self._lengths = AnswerLengths(settings.expected_output_tokens)
         self._conversations = ConversationMemory()
@@ -328,6 +331,16 @@ class QueryExecutor:
         held = frozenset(self._trust.quarantined(time.monotonic()))
         return coming_soon(self._state(), model, exclude | held, self._assignment_pending())
 
+    def settling(self) -> bool:
+        """The coordinator has just connected: an agent (or model) it does not know yet may be a moment away."""
+        return self._settling() > 0
+
+    async def wait_for_news(self, timeout: float) -> None:
+        """Until the cluster changes, or ``timeout``; while the agents' state is still arriving, no longer than the
+        rest of that window (its end changes the answer with no message to wake anyone)."""
+        settling = self._settling()
+        await self._wakeup.wait(min(timeout, settling) if settling > 0 else timeout)
+
     def _no_agent_reason(self, model: str | None, exclude: frozenset[str]) -> str:
         return no_agent_reason(self._state(), self.catalog, model, exclude, self._trust.quarantined(time.monotonic()))
 
@@ -353,7 +366,8 @@ class QueryExecutor:
             candidates = self.candidates(wanted, exclude, run.request)
             if pinned is not None:
                 candidates = [c for c in candidates if c.agent_id == pinned]
-                if not candidates and self._coming(wanted, exclude | self._others(pinned)) is None:
+                if not candidates and self._coming(wanted, exclude | self._others(pinned)) is None \
+                        and not self.settling():
                     raise QueryError("no_agent", self._pinned_problem(pinned, wanted))
             if run.request.tools and wanted is None:
                 candidates = prefer_tools(candidates, self.catalog)
@@ -378,7 +392,7 @@ class QueryExecutor:
             elif open_:
                 return self.router.choose(open_, self._expected_output_tokens(run.request))
             waiting_for = None if candidates else self._coming(wanted, exclude)
-            if not candidates and waiting_for is None:
+            if not candidates and waiting_for is None and (now >= give_up or not self.settling()):
                 raise QueryError("no_agent" if not exclude else "failed", self._no_agent_reason(wanted, exclude),
                                  partial_text="")
             if now >= give_up:
@@ -391,7 +405,7 @@ class QueryExecutor:
                         f"waited {self.settings.admission_wait_s:g} s — try again shortly"))
                 raise QueryError("no_agent", f"no agent can serve this yet: {waiting_for}; "
                                              f"waited {self.settings.admission_wait_s:g} s")
-            await self._wakeup.wait(give_up - now)
+            await self.wait_for_news(give_up - now)
 
     # ------------------------------------------------------------------ jobs on agents
 

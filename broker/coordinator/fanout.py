@@ -48,15 +48,15 @@ class FanOut:
             if candidates:
                 return candidates
             coming = self.executor._coming(None, others)
-            if coming is None and pinned is not None:
-                raise QueryError("no_agent", self.executor._pinned_problem(pinned, None))
-            if coming is None:
-                raise QueryError("no_agent", self.executor._no_agent_reason(None, frozenset()))
             now = time.monotonic()
+            if coming is None and not (self.executor.settling() and now < give_up):  # else: state on its way
+                if pinned is not None:
+                    raise QueryError("no_agent", self.executor._pinned_problem(pinned, None))
+                raise QueryError("no_agent", self.executor._no_agent_reason(None, frozenset()))
             if now >= give_up:
                 raise QueryError("no_agent", f"no agent can serve this yet: {coming}; "
                                              f"waited {self.executor.settings.admission_wait_s:g} s")
-            await self.executor._wakeup.wait(give_up - now)
+            await self.executor.wait_for_news(give_up - now)
             if run.cancel_reason:
                 raise QueryError("cancelled", run.cancel_reason)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,6 +35,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from broker.coordinator.attempts import InFlight
 from broker.coordinator.contract import (
     ClusterSnapshot,
+    LeadershipView,
     LoadedModel,
     ManageEvent,
     ModelAvailability,
@@ -146,6 +148,7 @@ class Coordinator:
             wakeup=self._wakeup,
             answer_measured=self._apply,
             assignment_pending=lambda: self._replan_handle is not None,
+            settling=self._settle_left,
         )
         self._operations = ModelOperations(
             self.topics, self.metrics, publish=self._publish, state=lambda: self._state, catalog=self.catalog,
@@ -163,6 +166,7 @@ class Coordinator:
         self._replan_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listening_since: float | None = None  # monotonic time of the last (re)connect; None while offline
+        self._started_at: float | None = None  # monotonic time of start(): the first connect is on its way
         self._heard: dict[str, float] = {}  # when each agent last delivered a result chunk (a sign of life)
         self._quarantined: frozenset[str] = frozenset()  # as the last housekeeping round saw them
         self._resent: dict[str, float] = {}  # when each agent last got its assignment again (state recovery)
@@ -174,6 +178,7 @@ class Coordinator:
         if self._loop is not None:
             raise RuntimeError("coordinator already started")
         self._loop = asyncio.get_running_loop()
+        self._started_at = time.monotonic()
         status_topic = self.topics.coordinator_status()
         self._leadership = Leadership(
             self.settings, self.topics, self.instance_id, self.settings.leader_claim_window_s,
@@ -314,6 +319,15 @@ class Coordinator:
             if record.assignment is not None and self._leads():
                 self._publish(self.topics.assign(record.agent_id), record.assignment, retain=True)
 
+    def _settle_left(self) -> float:
+        """Seconds left in which a query that finds no agent waits rather than fails: the first moments after
+        starting or reconnecting, while every agent's retained state (or, on a broker that does not replay it to
+        wildcard subscriptions, its re-published state) is still on its way; ``state_wait_s`` in all."""
+        since = self._listening_since if self._listening_since is not None else self._started_at
+        if since is None:
+            return 0.0  # cut off from the broker: waiting would not bring the state any sooner
+        return max(0.0, since + self.settings.state_wait_s - time.monotonic())
+
     def _leads(self) -> bool:
         """Whether this coordinator sends assignments: only the placement leader may, and only while connected
         (what it sent while cut off would arrive late, fenced or not)."""
@@ -421,12 +435,30 @@ class Coordinator:
     def _on_disconnected(self) -> None:
         """While we cannot hear anyone, nobody's silence means anything (see :meth:`_housekeep`)."""
         self._listening_since = None
+        self._started_at = None  # from now on a query waits for state only after the next connect
 
     def _on_telemetry(self, agent_id: str, telemetry: Telemetry) -> None:
-        """The heartbeat; its job counts tell routing how busy the agent is beyond our own jobs."""
-        self._apply(TelemetryReceived(agent_id, telemetry))
+        """The heartbeat; its job counts tell routing how busy the agent is beyond our own jobs.
+
+        At 5,000 agents this runs 5,000 times a second, and nearly every time it only refreshes the record: an
+        online agent whose telemetry changes neither its runtime's reachability (its ready model) nor its
+        measured speed (its score) cannot join, leave or change placement, so the registry is advanced without
+        :meth:`_apply`'s reactions; and waiting queries are woken only when the load or slots it reports changed.
+        """
+        before = self._state.agents.get(agent_id)
+        previous = before.telemetry if before is not None else None
+        event = TelemetryReceived(agent_id, telemetry)
+        if before is not None and previous is not None and before.online \
+                and previous.backend_reachable == telemetry.backend_reachable \
+                and previous.tokens_per_s == telemetry.tokens_per_s:
+            self._state = apply(self._state, event, time.monotonic())
+        else:
+            self._apply(event)
         self._execution.report_load(agent_id, telemetry)
-        self._wakeup.notify()
+        if previous is None or previous.jobs_running != telemetry.jobs_running \
+                or previous.jobs_queued != telemetry.jobs_queued or previous.max_parallel != telemetry.max_parallel \
+                or previous.backend_reachable != telemetry.backend_reachable:
+            self._wakeup.notify()
 
     def _on_result(self, agent_id: str, result: Result) -> None:
         """Hand a result chunk to the query waiting for it; only the agent the job went to may answer."""
@@ -593,9 +625,12 @@ class Coordinator:
     def snapshot(self) -> ClusterSnapshot:
         """The cluster now; safe from any thread (the registry is immutable) and free of side effects."""
         now = time.monotonic()
-        return cluster_snapshot(self._state, self._last_plan, self.catalog, cooling=self._breaker.cooling(now),
-                                standings=self._trust.standings(now), connected=self.connected, now=now,
-                                generated_at=time.time())
+        snapshot = cluster_snapshot(self._state, self._last_plan, self.catalog, cooling=self._breaker.cooling(now),
+                                    standings=self._trust.standings(now), connected=self.connected, now=now,
+                                    generated_at=time.time())
+        leadership = LeadershipView(instance_id=self.instance_id, leader_id=self.leader_id,
+                                    leading=self.is_leader, epoch=self.leader_epoch)
+        return dataclasses.replace(snapshot, leadership=leadership)
 
     def model_names(self, chat_only: bool = False) -> list[str]:
         """Every model some online agent can answer with now — ready, loaded or on disk — by display name;

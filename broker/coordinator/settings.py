@@ -97,6 +97,12 @@ class CoordinatorSettings(MqttSettings):
         default=30.0, ge=0,
         description="How long a query waits for a free agent (or a model still loading) before 'busy'.",
     )
+    state_wait_s: float = Field(
+        default=3.0, ge=0, le=60,
+        description="For this long after connecting to the broker, a query that finds no agent waits for the agents' "
+                    "retained (or re-published) state instead of failing: a front end that has just started "
+                    "does not refuse what it can route a moment later (docs/scale-out.md).",
+    )
     # ---- failure handling
     stall_first_token_s: float = Field(
         default=20.0, gt=0,

@@ -1,7 +1,7 @@
 """Model placement: a pure function from a registry snapshot and the catalog to a plan with reasons.
 
-GPUStack-style: agent filters return the agents they kept and the reasons for
-the ones they dropped; model filters say why a model cannot go to an agent.
+GPUStack-style: agent filters say why an agent gets no model, model filters
+why a model cannot go to an agent (broker/scheduling/placement_filters.py).
 The rules (docs/scheduling.md has them with examples):
 
 1. **Tier by score**: an agent gets the first model of the highest tier its
@@ -24,26 +24,42 @@ The rules (docs/scheduling.md has them with examples):
    are ready again.
 5. **No churn**: an agent whose target equals its current model is left alone,
    and a plan without changes publishes nothing.
+
+Each agent's decision (rules 1–2) is kept between plans and taken again only
+when its inputs changed materially (:func:`_still_holds`): at 5,000 agents
+telemetry replaces every record each second, but rarely changes a decision.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from broker.scheduling.catalog import REASONING_TAG, Catalog, CatalogModel
 from broker.scheduling.estimates import agent_score, measured_speed
 from broker.scheduling.names import model_key
+from broker.scheduling.placement_filters import (
+    FAILED_HERE,
+    Candidate,
+    FailedModelFilter,
+    FitFilter,
+    MemoryPool,
+    ModelFilter,
+    SpeedFilter,
+    agent_excluded,
+    free_memory,
+    make_candidate,
+)
+from broker.scheduling.placement_filters import fits_memory as fits_memory
+from broker.scheduling.placement_filters import memory_pool as memory_pool
 from broker.scheduling.registry import AgentRecord, ClusterState
-from broker.scheduling.scoring import MachineFacts, Score, estimate_tokens_per_s, normalise_speed
+from broker.scheduling.scoring import Score
 
 LOCAL_TIER = "local"
 """Tier shown for an agent whose runtime cannot pull: it serves the largest model it has."""
-FAILED_HERE = "failed here"
-"""How a model filter's note says the model failed on this agent (pull or load); reasons put those first."""
 NOTES_PER_TIER = 2
 MAX_ALSO = 8
 """Extra models one assignment may name (``Assign.also``)."""
@@ -137,235 +153,6 @@ class Plan:
             applied=applied,
             created_at=self.created_at,
         )
-
-
-# ---------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class MemoryPool:
-    """Where a model would live on a machine and how much room there is."""
-
-    kind: str  # VRAM, unified memory, RAM
-    total_gb: float | None
-    available_gb: float | None  # None: unknown, assume it fits
-
-
-def memory_pool(record: AgentRecord, facts: MachineFacts, catalog: Catalog, ready: str | None | bool = False
-                ) -> MemoryPool:
-    """Free memory for a model: the current model's share counts as free (switching unloads it).
-
-    Simulated agents are judged on their declared totals: their telemetry
-    describes the host they run on, not the machine they pretend to be. ``ready``: the record's
-    ``ready_model`` when the caller has it already (``False``: look it up).
-    """
-    telemetry = None if record.simulated else record.telemetry
-    if facts.has_gpu_pool:
-        kind, total = "VRAM", facts.vram_gb
-        free = telemetry.vram_free_gb if telemetry is not None else None
-        if free is None and record.hardware is not None and not record.simulated:
-            reported = [gpu.vram_free_gb for gpu in record.hardware.gpus if gpu.vram_free_gb is not None]
-            free = sum(reported) if reported else None
-    elif facts.accelerator == "unified":
-        kind, total = "unified memory", facts.vram_gb
-        free = telemetry.ram_free_gb if telemetry is not None else None
-    else:
-        kind, total = "RAM", facts.ram_gb
-        free = telemetry.ram_free_gb if telemetry is not None else None
-    if total is None:
-        return MemoryPool(kind, None, None)
-    if free is None:
-        return MemoryPool(kind, total, total)
-    if ready is False:
-        ready = record.ready_model
-    loaded = catalog.estimate(ready) if ready else None
-    return MemoryPool(kind, total, min(total, free + (loaded.memory_gb if loaded else 0.0)))
-
-
-def fits_memory(record: AgentRecord, model: CatalogModel, catalog: Catalog, headroom_gb: float = 0.0) -> bool:
-    """Whether ``model`` fits the agent's memory pool now (unknown memory: assume it does)."""
-    pool = memory_pool(record, record.facts, catalog)
-    return pool.available_gb is None or model.memory_gb + headroom_gb <= pool.available_gb
-
-
-# ---------------------------------------------------------------- filters
-
-
-@dataclass(slots=True)
-class Candidate:
-    """An agent that passed the agent filters, with what model filters need (looked up once per plan: a plan
-    of 5,000 agents asks for these tens of thousands of times)."""
-
-    record: AgentRecord
-    score: Score
-    facts: MachineFacts
-    pool: MemoryPool
-    ready: str | None = None
-    """The record's ``ready_model``."""
-    speed_basis: tuple[float, str] | None = None
-    """The measured speed on the reference model and its source, for :func:`candidate_speed`."""
-    order_key: tuple[str, frozenset[str]] = ("", frozenset())
-    """The current model's key and the keys of the models on disk: what a tier's order depends on."""
-
-
-_NOT_GIVEN = object()
-
-
-def make_candidate(record: AgentRecord, score: Score, catalog: Catalog, measured: object = _NOT_GIVEN) -> Candidate:
-    """A :class:`Candidate` with everything the model filters and the tier order read, computed once
-    (``measured``: the record's :func:`measured_speed` when the caller has it)."""
-    ready = record.ready_model
-    if measured is _NOT_GIVEN:
-        measured = measured_speed(record)
-    basis = None if measured is None else (
-        normalise_speed(measured.tokens_per_s, measured.model, catalog),  # type: ignore[attr-defined]
-        f"{measured.source}, scaled")  # type: ignore[attr-defined]
-    current = record.current_model
-    local = record.local_models
-    order_key = (model_key(current or ""), frozenset(model_key(name) for name in local) if local else frozenset())
-    return Candidate(record, score, record.facts, memory_pool(record, record.facts, catalog, ready), ready, basis,
-                     order_key)
-
-
-def candidate_speed(candidate: Candidate, model: CatalogModel, catalog: Catalog) -> tuple[float, str]:
-    """:func:`broker.scheduling.estimates.placement_speed` with the measured part looked up once per candidate."""
-    observed = candidate.record.observed
-    if observed:
-        found = observed.get(model.name)
-        if found is not None and found.tokens_per_s:
-            return found.tokens_per_s, "observed"
-    basis = candidate.speed_basis
-    if basis is not None:
-        return basis[0] * catalog.reference.read_gb / model.read_gb, basis[1]
-    return estimate_tokens_per_s(candidate.facts, model), "estimated"
-
-
-@dataclass(frozen=True)
-class FilterResult:
-    kept: list[AgentRecord]
-    dropped: dict[str, str]
-
-
-class AgentFilter(Protocol):
-    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult: ...
-
-
-class OnlineFilter:
-    """Only agents that are online (status online, telemetry on time) get models."""
-
-    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
-        kept, dropped = [], {}
-        for record in agents:
-            if record.online:
-                kept.append(record)
-            elif record.expired:
-                dropped[record.agent_id] = f"gone: no telemetry for {record.silent_for(now):.0f} s"
-            else:
-                dropped[record.agent_id] = "offline"
-        return FilterResult(kept, dropped)
-
-
-class HardwareReportedFilter:
-    """Placement needs the hardware message (retained; it follows the status within moments)."""
-
-    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
-        kept, dropped = [], {}
-        for record in agents:
-            if record.hardware is not None:
-                kept.append(record)
-            else:
-                dropped[record.agent_id] = "has not reported its hardware yet"
-        return FilterResult(kept, dropped)
-
-
-@dataclass(frozen=True)
-class QuarantineFilter:
-    """An agent in quarantine (its answers showed it lying: broker/scheduling/trust.py) gets no model; the others
-    share the tiers without it."""
-
-    quarantined: Mapping[str, str]
-
-    def filter(self, agents: Sequence[AgentRecord], now: float) -> FilterResult:
-        kept, dropped = [], {}
-        for record in agents:
-            reason = self.quarantined.get(record.agent_id)
-            if reason is None:
-                kept.append(record)
-            else:
-                dropped[record.agent_id] = f"in quarantine: {reason}"
-        return FilterResult(kept, dropped)
-
-
-class ModelFilter(Protocol):
-    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        """``None`` when ``model`` may go to the candidate, else why not."""
-
-
-class FitFilter:
-    """Never assign a model that does not fit the machine's memory (with headroom)."""
-
-    def __init__(self, headroom_gb: float) -> None:
-        self.headroom_gb = headroom_gb
-
-    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        pool = candidate.pool
-        if pool.available_gb is None:
-            return None
-        needed = model.memory_gb + self.headroom_gb
-        if needed <= pool.available_gb:
-            return None
-        return (f"needs {model.memory_gb:g} + {self.headroom_gb:g} GB headroom, "
-                f"{pool.available_gb:.1f} GB {pool.kind} free")
-
-
-class SpeedFilter:
-    """A machine expected (or measured) slower than a tier's ``min_tokens_per_s`` on a model gets a smaller one."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self._floors = _floors(catalog)
-
-    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        known = self._floors.get(model.name)  # an exact catalog name: its tier (tier_of without the name lookup)
-        if known is not None:
-            tier, floor = known
-        else:
-            tier = self.catalog.tier_of(model.name)
-            floor = self.catalog.tier(tier).min_tokens_per_s if tier is not None else None
-        if not floor:
-            return None
-        speed, source = candidate_speed(candidate, model, self.catalog)
-        if speed >= floor:
-            return None
-        return f"would run at {speed:.1f} tok/s ({source}), below the {tier} tier's {floor:g}"
-
-
-def _floors(catalog: Catalog) -> dict[str, tuple[str | None, float | None]]:
-    """Each catalog model's tier and that tier's ``min_tokens_per_s``, by model name (memoised in the catalog)."""
-    found = catalog.derived.get("tier_floors")
-    if found is None:
-        floors: dict[str, tuple[str | None, float | None]] = {}
-        for model in catalog.models:
-            tier = catalog.tier_of(model.name)
-            floors[model.name] = (tier, catalog.tier(tier).min_tokens_per_s if tier is not None else None)
-        found = catalog.derived["tier_floors"] = floors
-    return found  # type: ignore[return-value]
-
-
-class FailedModelFilter:
-    """A model that failed on an agent (pull or load) is not offered to it again for a while."""
-
-    def __init__(self, retry_s: float) -> None:
-        self.retry_s = retry_s
-
-    def check(self, candidate: Candidate, model: CatalogModel, now: float) -> str | None:
-        failed = candidate.record.failed_models
-        if not failed:
-            return None
-        failure = failed.get(model.name)
-        if failure is None or now - failure.at >= self.retry_s:
-            return None
-        return f"{FAILED_HERE} {now - failure.at:.0f} s ago ({failure.error})"
 
 
 # ---------------------------------------------------------------- planning
@@ -491,67 +278,181 @@ def plan_placement(
     quarantined: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide which model each agent should serve, and why; nothing is applied here. Agents in ``quarantined``
-    get nothing (the reason is the value)."""
-    agents: Sequence[AgentRecord] = sorted(state.agents.values(), key=lambda record: record.agent_id)
-    excluded: dict[str, str] = {}
-    agent_filters: list[AgentFilter] = [OnlineFilter(), HardwareReportedFilter()]
-    if quarantined:
-        agent_filters.append(QuarantineFilter(quarantined))
-    for agent_filter in agent_filters:
-        result = agent_filter.filter(agents, now)
-        agents = result.kept
-        excluded.update(result.dropped)
+    get nothing (the reason is the value).
+
+    Each agent's decision is kept in the catalog's memo for the next plan. One plan at a time uses them: a plan
+    that overlaps another (a what-if from a UI thread during a re-plan on the loop) decides everyone afresh,
+    so no kept decision is read while another plan updates it."""
+    if not _KEPT_DECISIONS.acquire(blocking=False):
+        return _plan(state, catalog, settings, now, created_at, scores, quarantined, {})
+    try:
+        return _plan(state, catalog, settings, now, created_at, scores, quarantined, catalog.derived)
+    finally:
+        _KEPT_DECISIONS.release()
+
+
+_KEPT_DECISIONS = threading.Lock()
+
+
+def _plan(state: ClusterState, catalog: Catalog, settings: PlacementSettings, now: float, created_at: float,
+          scores: Mapping[str, Score] | None, quarantined: Mapping[str, str] | None,
+          memo: dict[object, object]) -> Plan:
+    """:func:`plan_placement` with the decisions kept in ``memo`` (``{}``: none kept)."""
     model_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s),
                                         SpeedFilter(catalog)]
     local_filters: list[ModelFilter] = [FitFilter(settings.headroom_gb), FailedModelFilter(settings.failed_retry_s)]
 
+    dropped: tuple[dict[str, str], ...] = ({}, {}, {}, {})  # by agent filter, then those no model fits
     candidates: dict[str, Candidate] = {}
     natural_rank: dict[str, int] = {}
     entries: dict[str, Placement] = {}
-    memo = catalog.derived
     starts: dict[tuple[float, str | None], tuple[str, str]] = {}  # scores repeat: a tier decision per (score, tier)
-    for record in agents:
-        measured = measured_speed(record)
-        if scores and record.agent_id in scores:
-            score = scores[record.agent_id]
-        else:  # agent_score's memo, looked up with the measured speed already at hand (else: agent_score fills it)
-            score = memo.get(("score", record.facts, measured)) or agent_score(record, catalog)  # type: ignore[assignment]
-        candidate = make_candidate(record, score, catalog, measured)
-        if not record.can_pull:
-            placement = _place_local(candidate, catalog, local_filters, now)
-            if isinstance(placement, str):
-                excluded[record.agent_id] = placement
-            else:
-                candidates[record.agent_id] = candidate
-                entries[record.agent_id] = placement
+    cache_key = ("placement_decisions", settings)
+    previous: dict[str, _Decided] = memo.get(cache_key) or {}  # type: ignore[assignment]
+    kept: dict[str, _Decided] = {}
+    decisions: dict[str, _Decided] = {}
+    all_kept = True
+    for record in state.agents.values():  # in the map's order: every order below is by agent id
+        agent_id = record.agent_id
+        if (why := agent_excluded(record, now, quarantined)) is not None:
+            dropped[why[0]][agent_id] = why[1]
             continue
-        current_tier = catalog.tier_of(record.current_model)
-        decided = starts.get((score.total, current_tier))
-        if decided is None:
-            decided = starts[(score.total, current_tier)] = _start_tier(candidate, catalog, settings.hysteresis)
-        start, reason = decided
-        model, notes = _choose(candidate, catalog, start, model_filters, now)
-        if model is None:
-            excluded[record.agent_id] = nothing_placed(notes)
-            continue
-        if notes:
-            reason += "; " + "; ".join(notes) + f"; falls back to {model.name}"
+        inputs = _inputs(record, scores.get(agent_id) if scores else None)
+        decided = previous.get(agent_id)
+        if decided is None or not _still_holds(decided, inputs, record):
+            decided = _decide(record, inputs, scores, catalog, settings, model_filters, local_filters, starts, now)
+            all_kept = False
         else:
-            reason += f": {model.name}"
-        candidates[record.agent_id] = candidate
-        natural_rank[record.agent_id] = catalog.tier_rank(catalog.tier_for_score(score.total).name)
-        entries[record.agent_id] = Placement(
-            record.agent_id, record.current_model, model.name, score.total, catalog.tier_of(model.name) or start,
-            reason, current_also=tuple(record.assignment.also) if record.assignment is not None else ())
+            decided.candidate.record = record  # same decision; the record differs only in what it does not read
+        if decided.placement is not None and not decided.rank[1]:
+            decided.rank = (-decided.placement.score, agent_id)
+        if inputs[-1] is None:  # a failure remembered: its filter reads the clock, so the decision is not kept
+            kept[agent_id] = decided
+        if decided.placement is None:
+            dropped[3][agent_id] = decided.excluded
+            continue
+        candidates[agent_id] = decided.candidate
+        entries[agent_id] = decided.placement
+        decisions[agent_id] = decided
+        if decided.natural_rank is not None:
+            natural_rank[agent_id] = decided.natural_rank
+    memo[cache_key] = kept
 
+    # The plan's order (score, then agent id): the last plan's when every decision was kept for the same agents.
+    order_key = ("placement_order", settings)
+    last_order: tuple[int, list[str]] | None = memo.get(order_key)  # type: ignore[assignment]
+    if all_kept and last_order is not None and last_order[0] == len(entries) and len(previous) == len(kept):
+        order = last_order[1]
+    else:
+        order = sorted(entries, key=lambda agent_id: decisions[agent_id].rank)
+        memo[order_key] = (len(entries), order)
     if settings.mix and len(entries) >= 2:
         _keep_mix(entries, candidates, natural_rank, catalog, model_filters, now)
-    _stagger(entries, candidates, settings.move_fraction)
+    _stagger(entries, candidates, order, settings.move_fraction)
     extra_filters = model_filters[1:]
     for agent_id, entry in entries.items():
-        entries[agent_id] = _with_extras(entry, candidates[agent_id], catalog, settings, extra_filters, now)
-    ordered = sorted(entries.values(), key=lambda entry: (-entry.score, entry.agent_id))
-    return Plan(tuple(ordered), excluded, created_at)
+        decided = decisions[agent_id]
+        if entry is decided.placement and decided.with_extras is not None:
+            entries[agent_id] = decided.with_extras  # neither mixed nor deferred: the same as last time
+            continue
+        if decided.extras is None:
+            decided.extras = {}
+        entries[agent_id] = _with_extras(entry, candidates[agent_id], catalog, settings, extra_filters, now,
+                                         decided.extras)
+        if entry is decided.placement:
+            decided.with_extras = entries[agent_id]
+    excluded: dict[str, str] = {}
+    for reasons in dropped:
+        excluded.update(sorted(reasons.items()))
+    return Plan(tuple(entries[agent_id] for agent_id in order), excluded, created_at)
+
+
+@dataclass(slots=True)
+class _Decided:
+    """One agent's part of a plan before mix, stagger and extras, kept between plans (scored on events): an
+    agent whose placement inputs did not change since the last plan is not decided again. At 5,000 agents
+    telemetry replaces every record each second, but the inputs (:func:`_inputs`) rarely change."""
+
+    inputs: tuple[object, ...]
+    candidate: Candidate
+    placement: Placement | None
+    excluded: str = ""
+    natural_rank: int | None = None
+    extras: dict[tuple[str, str], tuple[str, ...]] | None = None
+    """:func:`_with_extras`'s choice by (target model, tier)."""
+    with_extras: Placement | None = None
+    """``placement`` with its extras, when neither mix nor stagger changed it."""
+    rank: tuple[float, str] = (0.0, "")
+    """Where the agent stands in a plan: the highest score first, then by agent id."""
+
+
+def _inputs(record: AgentRecord, score: Score | None) -> tuple[object, ...]:
+    """Everything of a record that one agent's placement reads but its free memory (compared with ``==``;
+    unchanged messages are the same objects, so the comparison is mostly identity). Of the telemetry only what
+    the measured speed, the ready model and the memory pool's kind read; the failed models last (``None`` when
+    there are none)."""
+    telemetry = record.telemetry
+    return (record.status, record.hardware, record.model_state, record.assignment, record.observed, record.expired,
+            None if telemetry is None else (telemetry.tokens_per_s, telemetry.backend_reachable, telemetry.simulated,
+                                            telemetry.ram_free_gb is None, telemetry.vram_free_gb is None),
+            score, record.failed_models or None)
+
+
+def _still_holds(decided: _Decided, inputs: tuple[object, ...], record: AgentRecord) -> bool:
+    """Whether the decision of the last plan is the one this record would get: the same inputs, and free memory
+    that changed only where no fit check (nor a reason) would tell. The candidate takes the new memory pool."""
+    if decided.inputs != inputs:
+        return False
+    candidate = decided.candidate
+    old = candidate.pool
+    if old.available_gb is None:
+        return True  # memory unknown (nothing to compare); unknown stays unknown while the inputs are the same
+    total = old.total_gb  # the pool's kind and size come from the hardware: the same
+    if total is None:
+        return True
+    free = free_memory(record, candidate.facts)
+    available = total if free is None else min(total, free + candidate.loaded_gb)  # as memory_pool computes it
+    if available != old.available_gb:
+        if not candidate.fits_from <= available < candidate.fits_below:
+            return False
+        if candidate.fit_noted and f"{available:.1f}" != f"{old.available_gb:.1f}":
+            return False
+        candidate.pool = MemoryPool(old.kind, old.total_gb, available)
+    return True
+
+
+def _decide(record: AgentRecord, inputs: tuple[object, ...], scores: Mapping[str, Score] | None, catalog: Catalog,
+            settings: PlacementSettings, model_filters: Sequence[ModelFilter], local_filters: Sequence[ModelFilter],
+            starts: dict[tuple[float, str | None], tuple[str, str]], now: float) -> _Decided:
+    """One agent's tier and model (or why none), from its record alone."""
+    measured = measured_speed(record)
+    if scores and record.agent_id in scores:
+        score = scores[record.agent_id]
+    else:  # agent_score's memo, looked up with the measured speed already at hand (else: agent_score fills it)
+        score = catalog.derived.get(("score", record.facts, measured)) or agent_score(record, catalog)  # type: ignore[assignment]
+    candidate = make_candidate(record, score, catalog, measured)
+    if not record.can_pull:
+        placement = _place_local(candidate, catalog, local_filters, now)
+        if isinstance(placement, str):
+            return _Decided(inputs, candidate, None, placement)
+        return _Decided(inputs, candidate, placement)
+    current_tier = catalog.tier_of(record.current_model)
+    decided = starts.get((score.total, current_tier))
+    if decided is None:
+        decided = starts[(score.total, current_tier)] = _start_tier(candidate, catalog, settings.hysteresis)
+    start, reason = decided
+    model, notes = _choose(candidate, catalog, start, model_filters, now)
+    if model is None:
+        return _Decided(inputs, candidate, None, nothing_placed(notes))
+    if notes:
+        reason += "; " + "; ".join(notes) + f"; falls back to {model.name}"
+    else:
+        reason += f": {model.name}"
+    placement = Placement(
+        record.agent_id, record.current_model, model.name, score.total, catalog.tier_of(model.name) or start,
+        reason, current_also=tuple(record.assignment.also) if record.assignment is not None else ())
+    return _Decided(inputs, candidate, placement,
+                    natural_rank=catalog.tier_rank(catalog.tier_for_score(score.total).name))
 
 
 def _place_local(candidate: Candidate, catalog: Catalog, model_filters: Sequence[ModelFilter],
@@ -623,16 +524,30 @@ def _keep_mix(
 
 
 def _with_extras(entry: Placement, candidate: Candidate, catalog: Catalog, settings: PlacementSettings,
-                 extra_filters: Sequence[ModelFilter], now: float) -> Placement:
+                 extra_filters: Sequence[ModelFilter], now: float,
+                 memo: dict[tuple[str, str], tuple[str, ...]] | None = None) -> Placement:
     """More than one model where memory allows: the default models of the tiers below the main one, as long as
     they fit *beside* it (main + extras + headroom within the machine's memory), so a big machine also answers
     the quick questions a small model serves best. Never for a runtime that cannot pull, never while the main
-    model is still to be moved in (deferred), and the same list again changes nothing."""
+    model is still to be moved in (deferred), and the same list again changes nothing. ``memo``: this agent's
+    earlier choices by (target, tier), kept with its decision between plans."""
     record = candidate.record
     current = tuple(record.assignment.also) if record.assignment is not None else ()
     if entry.local_only or entry.deferred or (settings.extra_models <= 0 and not settings.embedding_model) \
             or candidate.pool.total_gb is None:
         return _placed(entry, current if entry.deferred else (), current)
+    key = (entry.target_model, entry.tier)
+    found = memo.get(key) if memo is not None else None
+    if found is None:
+        found = _extras(entry, candidate, catalog, settings, extra_filters, now)
+        if memo is not None:
+            memo[key] = found
+    return _placed(entry, found, current)
+
+
+def _extras(entry: Placement, candidate: Candidate, catalog: Catalog, settings: PlacementSettings,
+            extra_filters: Sequence[ModelFilter], now: float) -> tuple[str, ...]:
+    """The extra models of :func:`_with_extras` for a main model that is not deferred."""
     main = catalog.model(entry.target_model) or catalog.estimate(entry.target_model)
     room = candidate.pool.total_gb - settings.headroom_gb - main.memory_gb
     main_rank = catalog.tier_rank(entry.tier) if entry.tier in _tier_names(catalog) else -1
@@ -652,7 +567,7 @@ def _with_extras(entry: Placement, candidate: Candidate, catalog: Catalog, setti
         embedding = catalog.estimate(settings.embedding_model)
         if embedding.memory_gb <= room and _problem(candidate, embedding, extra_filters, now) is None:
             extras.append(settings.embedding_model)  # the setting's spelling: it is what the runtime pulls
-    return _placed(entry, tuple(extras), current)
+    return tuple(extras)
 
 
 def _placed(entry: Placement, also: tuple[str, ...], current_also: tuple[str, ...]) -> Placement:
@@ -671,26 +586,40 @@ def _tier_names(catalog: Catalog) -> frozenset[str]:
     return found  # type: ignore[return-value]
 
 
-def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate], move_fraction: float) -> None:
-    """Ready agents switch a few at a time and one always stays ready; the rest wait for the next plan."""
+def _stagger(entries: dict[str, Placement], candidates: Mapping[str, Candidate], order: Sequence[str],
+             move_fraction: float) -> None:
+    """Ready agents switch a few at a time and one always stays ready; the rest wait for the next plan.
+    ``order``: the agents by score (highest first), then id — the order in which movers go first."""
     if len(entries) < 2:
         return
-    ready = {agent_id for agent_id, candidate in candidates.items()
-             if candidate.ready is not None and agent_id in entries}
-    if not ready:
+    ready = 0
+    in_transit = 0  # agents still pulling or loading from an earlier plan use up the budget too
+    moving = 0
+    for agent_id, candidate in candidates.items():  # the same agents as ``entries``
+        model_state = candidate.record.model_state
+        if model_state is not None and model_state.state in ("pulling", "loading"):
+            in_transit += 1
+        if candidate.ready is not None:
+            ready += 1
+            entry = entries[agent_id]
+            if entry.target_model != entry.current_model:
+                moving += 1
+    if not moving:
         return
-    movers = [entries[agent_id] for agent_id in ready if entries[agent_id].change]
-    if not movers:
+    budget = max(1, math.floor((ready + in_transit) * move_fraction)) - in_transit
+    allowed = max(0, min(budget, ready - 1))
+    if allowed >= moving:
         return
-    # Agents still pulling or loading from an earlier plan use up the budget too.
-    in_transit = sum(1 for candidate in candidates.values() if candidate.record.model_state is not None
-                     and candidate.record.model_state.state in ("pulling", "loading"))
-    budget = max(1, math.floor((len(ready) + in_transit) * move_fraction)) - in_transit
-    allowed = max(0, min(budget, len(ready) - 1))
-    movers.sort(key=lambda entry: (-entry.score, entry.agent_id))
-    for index, entry in enumerate(movers):
-        if index >= allowed:
-            entries[entry.agent_id] = replace(
-                entry, deferred=True,
-                reason=entry.reason + f"; deferred: {allowed} of {len(ready)} ready agents may switch at once",
-            )
+    note = f"; deferred: {allowed} of {ready} ready agents may switch at once"
+    index = 0
+    for agent_id in order:
+        if candidates[agent_id].ready is None:
+            continue
+        entry = entries[agent_id]
+        if entry.target_model == entry.current_model:
+            continue
+        index += 1
+        if index > allowed:
+            entries[agent_id] = Placement(entry.agent_id, entry.current_model, entry.target_model, entry.score,
+                                          entry.tier, entry.reason + note, True, entry.local_only, entry.also,
+                                          entry.current_also)

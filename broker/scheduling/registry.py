@@ -269,8 +269,19 @@ SHARDS = 64
 """Shards of :class:`AgentMap`: one event copies about 1/64 of the agents instead of all of them."""
 
 
+_SHARD_OF: dict[str, int] = {}
+SHARD_MEMO_SIZE = 100_000
+
+
 def _shard(agent_id: str) -> int:
-    return zlib.crc32(agent_id.encode()) & (SHARDS - 1)  # not hash(): the same order in every process
+    """The shard of an agent id, memoised: every telemetry message looks it up a few times."""
+    found = _SHARD_OF.get(agent_id)
+    if found is None:
+        if len(_SHARD_OF) >= SHARD_MEMO_SIZE:
+            _SHARD_OF.clear()
+        # not hash(): the same order in every process
+        found = _SHARD_OF[agent_id] = zlib.crc32(agent_id.encode()) & (SHARDS - 1)
+    return found
 
 
 class AgentMap(Mapping[str, AgentRecord]):
@@ -317,7 +328,9 @@ class AgentMap(Mapping[str, AgentRecord]):
         shard = self._shards[index].copy()
         size = self._size + (record.agent_id not in shard)
         shard[record.agent_id] = record
-        return AgentMap((*self._shards[:index], shard, *self._shards[index + 1:]), size)
+        shards = list(self._shards)
+        shards[index] = shard
+        return AgentMap(tuple(shards), size)
 
     def without(self, agent_id: str) -> AgentMap:
         index = _shard(agent_id)
@@ -434,7 +447,10 @@ def _agents(state: ClusterState) -> AgentMap:
 
 
 def _with(state: ClusterState, record: AgentRecord) -> ClusterState:
-    return ClusterState(_agents(state).with_record(record), state.version + 1)
+    """The state with ``record`` (built without the frozen dataclass's ``__init__``: once per telemetry message)."""
+    made = object.__new__(ClusterState)
+    made.__dict__.update(agents=_agents(state).with_record(record), version=state.version + 1)
+    return made
 
 
 def _without(state: ClusterState, agent_id: str) -> ClusterState:

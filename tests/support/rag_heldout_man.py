@@ -112,12 +112,17 @@ class ManPagesMissing(RuntimeError):
 @functools.cache
 def corpus() -> dict[str, str]:
     """``<page>.<section>.txt`` → the page as ``man`` prints it to a pipe (no hyphenation, no justification)."""
+    return render(PAGES)
+
+
+def render(pages: Sequence[str]) -> dict[str, str]:
+    """Render ``pages`` (``man1/tar.1``...) as :func:`corpus` does; shared with tests/support/rag_dev_man.py."""
     if shutil.which("man") is None:
         raise ManPagesMissing("the man-db package (the man command) is not installed")
     environment = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
     environment.pop("MANPAGER", None)
     documents = {}
-    for page in PAGES:
+    for page in pages:
         path = MAN_ROOT / f"{page}.gz"
         if not path.exists():
             raise ManPagesMissing(f"{path} is not installed")
