@@ -30,6 +30,21 @@ from tests.support.postgres import postgres_server, postgres_url  # noqa: E402,F
 SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b": "secret-b"}
 
 
+SLOW_FILES_FIRST = (
+    "test_fuzz_topics.py", "test_real_runtime.py", "test_web_hardening.py", "test_shared_documents.py",
+    "test_coordinator_integration.py", "test_ui_chat_browser.py", "test_faults_broker.py",
+    "test_ui_rendering_browser.py", "test_app_models_live.py", "test_rabbitmq.py", "test_ui_browser.py",
+)
+"""The longest test files (summed durations of an idle 2-worker run, longest first). ``--dist loadfile`` hands
+files to workers in collection order, so starting these first keeps one worker from running a three-minute
+file alone at the end (the suite must stay under 15 minutes on 2 cores)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: other files keep their order
+
+
 def _require_mosquitto() -> None:
     if mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed; run the README's test command (scripts/test.sh) which installs it")

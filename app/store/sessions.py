@@ -104,15 +104,8 @@ CREATE INDEX IF NOT EXISTS sessions_by_activity ON sessions(updated_at DESC);
 
 
 class SessionStore(SqlSessionStore):
-    """Chat sessions in one SQLite file, safe to call from any thread of this process.
-
-    Why SQLite with WAL: the web app answers from many worker threads at once; WAL
-    lets readers run while one writer commits, and a crash never leaves a half
-    written message. Each thread gets its own connection (sqlite3 connections must
-    not be shared across threads without care); writes from this process are
-    serialised by a lock so threads queue in Python instead of spinning on
-    SQLITE_BUSY, and ``busy_timeout`` covers another process on the same file.
-    """
+    """Chat sessions in one SQLite file, safe to call from any thread of this process (why WAL, one connection
+    per thread and a write lock: the module's docstring)."""
 
     _CREATION_ORDER = "s.rowid"
 
