@@ -1,8 +1,8 @@
 """Documents for retrieval-augmented answers, stored in LanceDB.
 
 Layout under ``data_dir/lancedb``: a ``documents`` table (one row per
-document) and a ``chunks`` table (text, source location, embedding) with a
-native full-text index on the chunk text. Search is vector, keyword (BM25) or
+document) and a ``chunks`` table (text, source location, embedding).
+Search is vector, keyword (BM25) or
 both fused by reciprocal rank (hybrid), over an in-memory snapshot of the
 chunks (app/store/retrieval.py, app/store/keywords.py).
 
@@ -465,7 +465,6 @@ class RagStore:
             matrix = np.concatenate(vectors) if vectors else np.zeros((0, dimension), dtype=np.float32)
             table = rows.append_column("vector", vector_array(matrix, dimension)).cast(chunks_schema(dimension))
             self._chunks_table = self._db.create_table(CHUNKS_TABLE, data=table, mode="overwrite")
-            self._create_fts_index(self._chunks_table)
             self._refresh_vectors()
             current = {"embedding_model": self.embedding_model, "embedding_text_version": EMBEDDING_TEXT_VERSION}
             if self._documents_table.count_rows():
@@ -619,14 +618,8 @@ class RagStore:
                         f"{dimension}; call reindex() after changing the embedding model"
                     )
             table = self._db.create_table(CHUNKS_TABLE, schema=chunks_schema(dimension), mode="overwrite")
-            self._create_fts_index(table)
             self._chunks_table = table
             return table
-
-    @staticmethod
-    def _create_fts_index(table: Any) -> None:
-        # Native (Lance) inverted index, BM25; rows added later are searched unindexed until optimize() folds them in.
-        table.create_fts_index("search_text", use_tantivy=False, replace=True, with_position=False)
 
     # -- housekeeping ----------------------------------------------------------------
 
