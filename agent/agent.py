@@ -39,6 +39,7 @@ from agent.models import ModelManager
 from agent.operations import ModelOperations
 from agent.runtime_profile import RuntimeKeeper
 from agent.settings import AgentSettings
+from broker.heap import settle_heap
 from broker.mqtt.client import InboundMessage, MqttAuthError, MqttConnection, OutboundMessage
 from broker.protocol import (
     Assign,
@@ -522,6 +523,7 @@ class Agent:
         )
         logger.info("agent %s (%s backend at %s%s), max %d parallel jobs", self.agent_id, self.backend.name,
                     self.backend.url or "-", ", SIMULATED" if self.backend.simulated else "", self.max_parallel)
+        settle_heap("start-up")  # broker/heap.py: no full collection pass in the middle of a job later
         self.connection.start()
         tasks = [
             loop.create_task(self._probe(), name="probe"),

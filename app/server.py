@@ -40,6 +40,7 @@ from app.settings import LOOPBACK_ORIGINS, AppSettings  # noqa: E402
 from app.store import RagStore, open_session_store  # noqa: E402
 from app.throttle import FailureThrottle  # noqa: E402
 from app.ui import CSS, TITLE, build_ui  # noqa: E402
+from broker.heap import settle_heap
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def create_app(settings: AppSettings, *, coordinator: CoordinatorPort | None = N
         await coordinator.start()
         await service.start()
         sweeper = asyncio.create_task(unread_results.run(), name="unread-gradio-results")
+        settle_heap("start-up")  # before the first request (broker/heap.py)
         logger.info("web app ready on http://%s:%d (broker %s)", settings.host, settings.port, settings.broker)
         try:
             yield

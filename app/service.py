@@ -31,6 +31,7 @@ from app.settings import AppSettings
 from app.store import SHARED_USER, ChatSettings, Citation, RagStore, SessionStore, build_rag_prompt
 from app.store.sessions import MAX_NAME_CHARS
 from broker.coordinator.contract import AGGREGATIONS, Aggregation, QueryRequest, new_request_id
+from broker.heap import settle_heap
 from broker.protocol.messages import ChatMessage
 
 if TYPE_CHECKING:  # app.images imports app.api_common, which imports this module
@@ -135,6 +136,7 @@ class AppService:
         try:
             await self.documents.warm_up()
             logger.info("document search ready (embedding model %s)", self.settings.embedding_model)
+            settle_heap("loading the embedding model", collect=False)  # a full pass here would stop chats
         except Exception:  # noqa: BLE001 - the first upload or search reports the error to the user
             logger.warning("the document store could not be opened; uploads and search will fail", exc_info=True)
 

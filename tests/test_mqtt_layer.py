@@ -216,3 +216,21 @@ def test_works_against_the_embedded_broker_with_mqtt_311(embedded_broker, topic_
     assert decode(Status, next_message(received, topics.status("emb")).payload).state == "online"
     publisher.publish_and_wait(topics.result("emb"), b'{"x":1}')
     assert next_message(received, topics.result("emb")).payload == b'{"x":1}'
+
+
+def test_received_qos1_messages_are_acknowledged_after_their_handler(mqtt_settings: MqttSettings, connect) -> None:
+    """PUBACKs are held for a moment (broker/mqtt/client.py, ACK_DELAY_S) but always sent: without them the broker
+    stops at its in-flight window (100 here) and the rest of these 350 messages would never arrive."""
+    topic = f"{mqtt_settings.topic_prefix}/acks/test"
+    received, handler = inbox()
+    subscriber = connect(mqtt_settings, on_message=handler, subscriptions=[(topic, 1)])
+    publisher = connect(mqtt_settings)
+    tickets = [publisher.publish(topic, f"m{index}".encode(), qos=1) for index in range(350)]
+    for ticket in tickets:
+        ticket.wait(10)
+    got = [next_message(received, topic, timeout=10).payload for _ in range(350)]
+    assert got == [f"m{index}".encode() for index in range(350)]
+    deadline = time.monotonic() + 2
+    while subscriber._acks and time.monotonic() < deadline:  # noqa: SLF001 - the batch is written within ACK_DELAY_S
+        time.sleep(0.01)
+    assert not subscriber._acks  # noqa: SLF001

@@ -3,10 +3,11 @@
 Ollama continues a trailing assistant message, so a partial answer from a
 failed agent is sent as one and only the continuation comes back.
 
-``chat`` reads ``/api/chat``'s JSON lines with httpx and ``json.loads`` instead of
-the ``ollama`` client, which validates a pydantic object per token: the lean
-path is ~0.5 ms sooner to the first token and cheaper per token
-(docs/benchmarks.md, *Overhead*). Errors are mapped the same way.
+``chat`` reads ``/api/chat``'s JSON lines with ``json.loads`` over the lean
+HTTP client (agent/backends/lean_http.py) instead of the ``ollama`` client,
+which validates a pydantic object per token and goes through httpx: ~1.7 ms
+sooner to the first token and cheaper per token (docs/benchmarks.md,
+*Overhead*). Errors are mapped the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from agent.backends.base import (
     as_payload_messages,
     looks_like_context_error,
 )
+from agent.backends.lean_http import LeanHttp, lean_or_httpx
 from broker.protocol import ChatMessage
 from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
@@ -92,6 +94,10 @@ class OllamaBackend:
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
         self._client = ollama.AsyncClient(host=self._base_url, timeout=timeout, auth=self._auth)
         self._stream_client = httpx.AsyncClient(base_url=self._base_url, timeout=timeout, auth=self._auth)
+        # Streamed chat, on every answer's critical path, through the lean client (plain http; https stays on httpx).
+        self._chat_client: LeanHttp | httpx.AsyncClient = (
+            LeanHttp(self._base_url, auth=self._auth, connect_timeout_s=connect_timeout_s)
+            if lean_or_httpx(self._base_url) else self._stream_client)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         """Map client and transport errors to the protocol's error codes, keeping Ollama's own message."""
@@ -217,7 +223,7 @@ class OllamaBackend:
             body["keep_alive"] = keep_alive
         started = finished = False
         try:
-            async with self._stream_client.stream("POST", "/api/chat", json=body) as response:
+            async with self._chat_client.stream("POST", "/api/chat", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise self._status_error(response.status_code, response.text)
@@ -278,3 +284,5 @@ class OllamaBackend:
             await self._client.close()
         with contextlib.suppress(Exception):
             await self._stream_client.aclose()
+        if isinstance(self._chat_client, LeanHttp):
+            await self._chat_client.aclose()

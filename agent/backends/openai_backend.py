@@ -39,6 +39,7 @@ from agent.backends.base import (
     as_payload_messages,
     looks_like_context_error,
 )
+from agent.backends.lean_http import LeanHttp, lean_or_httpx
 from broker.protocol import ChatMessage
 from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
@@ -136,6 +137,10 @@ class OpenAIBackend:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
         self._client = httpx.AsyncClient(base_url=base_url, auth=auth, headers=headers, timeout=timeout)
+        # Streamed chat, on every answer's critical path, through the lean client (plain http; https stays on httpx).
+        self._chat_client: LeanHttp | httpx.AsyncClient = (
+            LeanHttp(base_url, auth=auth, headers=headers, connect_timeout_s=connect_timeout_s)
+            if lean_or_httpx(base_url) else self._client)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         if isinstance(error, BackendError):
@@ -316,7 +321,7 @@ class OpenAIBackend:
         pieces = 0
         done = False
         try:
-            async with self._client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with self._chat_client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise self._status_error(response.status_code, response.text, model)
@@ -382,3 +387,5 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if isinstance(self._chat_client, LeanHttp):
+            await self._chat_client.aclose()
