@@ -180,6 +180,7 @@ async def host(broker_url: str, prefix: str, expected: int, window_s: float, fol
                profile: Path | None = None, protocol: str = "auto") -> dict[str, Any]:
     from broker.coordinator.runtime import Coordinator
     from broker.coordinator.settings import CoordinatorSettings
+    from broker.heap import settle_heap
 
     process = psutil.Process()
     coordinator = Coordinator(CoordinatorSettings(broker_url=broker_url, topic_prefix=prefix, data_dir=folder,
@@ -203,6 +204,7 @@ async def host(broker_url: str, prefix: str, expected: int, window_s: float, fol
 
     coordinator._on_message = measured  # type: ignore[method-assign]  # noqa: SLF001
     await coordinator.start()
+    settle_heap("start-up")  # as python -m broker and python -m app do (broker/heap.py)
     await coordinator.wait_connected(10)
     await asyncio.sleep(1.0)
     rss_idle = process.memory_info().rss

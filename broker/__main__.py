@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from broker.coordinator.console import Console, stdin_lines
 from broker.coordinator.runtime import Coordinator
 from broker.coordinator.settings import CoordinatorSettings
+from broker.heap import settle_heap
 from broker.mqtt.cli import configure_logging, parse_settings
 from broker.scheduling.catalog import Catalog, CatalogError
 
@@ -36,6 +37,7 @@ async def serve(coordinator: Coordinator, console: bool) -> int:
         except (NotImplementedError, RuntimeError, ValueError):  # Windows
             signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
     await coordinator.start()
+    settle_heap("start-up")  # broker/heap.py
     console_task: asyncio.Task[None] | None = None
     if console:
         interactive = sys.stdin is not None and sys.stdin.isatty()
