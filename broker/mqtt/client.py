@@ -16,6 +16,9 @@ Why it looks like this:
   instead of ~87 ms (Nagle on both ends; ``bench/bench_mqtt_rtt.py``).
 * Refused credentials stop the client with a clear message instead of
   retrying forever.
+* Received QoS 1 messages are acknowledged up to ``ACK_DELAY_S`` after their
+  handler, in a batch: the PUBACK's write no longer goes ahead of the work the
+  message started (docs/protocol.md, docs/benchmarks.md §1).
 """
 
 from __future__ import annotations
