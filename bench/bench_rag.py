@@ -314,10 +314,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller ingestion and query sets; under a minute")
     parser.add_argument("--chunks", type=int, help="chunks in the latency corpus (default 20000; 5000 with --quick)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, help="default bench/results/rag.json (--quick: results/quick/)")
     parser.add_argument("--heldout", action="store_true", help="also the held-out recall run in quick mode (~2 min)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: the store's default, 1)")
     args = parser.parse_args()
+    if args.output is None:  # quick runs stay out of the tracked full-mode record, as with python -m bench
+        args.output = RESULTS.parent / "quick" / RESULTS.name if args.quick else RESULTS
     chunks = args.chunks or (5000 if args.quick else 20_000)
     rng = random.Random(20240601)
     total_started = time.perf_counter()
