@@ -337,7 +337,19 @@ async def test_request_bytes_match_httpx(given: str) -> None:
         await bearer_only.aclose()
 
 
-async def test_lean_only_for_plain_http_and_refused_is_connect_error() -> None:
+def test_a_proxy_from_the_environment_keeps_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert lean_or_httpx("http://gpu-box:11434")
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    assert not lean_or_httpx("http://gpu-box:11434")  # httpx would go through the proxy; the lean client cannot
+    monkeypatch.setenv("no_proxy", "gpu-box,localhost")
+    assert lean_or_httpx("http://gpu-box:11434") and not lean_or_httpx("http://other-box:11434")
+
+
+async def test_lean_only_for_plain_http_and_refused_is_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     assert lean_or_httpx("http://127.0.0.1:11434") and lean_or_httpx("http://u:p@host/ollama")
     assert not lean_or_httpx("https://127.0.0.1:11434")
     for url in ("https://x", "http://", "ftp://x"):

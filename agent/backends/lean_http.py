@@ -4,7 +4,8 @@ httpx (through httpcore and anyio) costs ~1.2 ms more to the first token than
 plain asyncio streams on a kept-alive connection to the same server, on this
 project's 2-core reference box (docs/benchmarks.md, *Overhead*). The agent
 pays that on every answer, so streamed chat goes through this client; every
-other call (health, lists, pulls, embeddings, https runtimes) stays on httpx.
+other call (health, lists, pulls, embeddings), ``https://`` runtimes and
+runtimes behind a proxy from the environment stay on httpx.
 
 It speaks only what a runtime's streaming endpoint needs: one request with a
 JSON body, a response framed by ``Transfer-Encoding: chunked``,
@@ -23,6 +24,7 @@ import base64
 import contextlib
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -277,5 +279,11 @@ def _dumps(value: Any) -> bytes:
 
 
 def lean_or_httpx(base_url: str) -> bool:
-    """Whether streamed chat to ``base_url`` can go through :class:`LeanHttp` (plain http only)."""
-    return urlsplit(base_url).scheme == "http"
+    """Whether streamed chat to ``base_url`` can go through :class:`LeanHttp`: plain http, and no proxy from the
+    environment (``HTTP_PROXY`` / ``ALL_PROXY`` not bypassed by ``NO_PROXY``), which httpx would use and this
+    client does not speak."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http":
+        return False
+    proxies = urllib.request.getproxies()
+    return not (("http" in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname or ""))
