@@ -23,15 +23,12 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-
-logger = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers
 MAX_ERROR_BODY_BYTES = 1 << 20  # an error answer's body is read this far, then cut
@@ -287,3 +284,12 @@ def lean_or_httpx(base_url: str) -> bool:
         return False
     proxies = urllib.request.getproxies()
     return not (("http" in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname or ""))
+
+
+def chat_client(base_url: str, fallback: httpx.AsyncClient, *, auth: tuple[str, str] | None,
+                headers: dict[str, str] | None = None, connect_timeout_s: float) -> LeanHttp | httpx.AsyncClient:
+    """The client a backend streams chat with: :class:`LeanHttp` where :func:`lean_or_httpx` allows, else
+    ``fallback`` (the backend's httpx client, configured the same way)."""
+    if lean_or_httpx(base_url):
+        return LeanHttp(base_url, auth=auth, headers=headers, connect_timeout_s=connect_timeout_s)
+    return fallback

@@ -40,7 +40,7 @@ from agent.backends.base import (
     as_payload_messages,
     looks_like_context_error,
 )
-from agent.backends.lean_http import LeanHttp, lean_or_httpx
+from agent.backends.lean_http import LeanHttp, chat_client
 from broker.protocol import ChatMessage
 from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
@@ -94,10 +94,9 @@ class OllamaBackend:
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
         self._client = ollama.AsyncClient(host=self._base_url, timeout=timeout, auth=self._auth)
         self._stream_client = httpx.AsyncClient(base_url=self._base_url, timeout=timeout, auth=self._auth)
-        # Streamed chat, on every answer's critical path, through the lean client (plain http; https stays on httpx).
-        self._chat_client: LeanHttp | httpx.AsyncClient = (
-            LeanHttp(self._base_url, auth=self._auth, connect_timeout_s=connect_timeout_s)
-            if lean_or_httpx(self._base_url) else self._stream_client)
+        # Streamed chat, on every answer's critical path, through the lean client where it can (lean_http.py).
+        self._chat_client = chat_client(self._base_url, self._stream_client, auth=self._auth,
+                                        connect_timeout_s=connect_timeout_s)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         """Map client and transport errors to the protocol's error codes, keeping Ollama's own message."""

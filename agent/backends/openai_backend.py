@@ -39,7 +39,7 @@ from agent.backends.base import (
     as_payload_messages,
     looks_like_context_error,
 )
-from agent.backends.lean_http import LeanHttp, lean_or_httpx
+from agent.backends.lean_http import LeanHttp, chat_client
 from broker.protocol import ChatMessage
 from broker.protocol.messages import ToolCall
 from broker.protocol.redaction import redact_url, split_credentials
@@ -137,10 +137,9 @@ class OpenAIBackend:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=30.0)
         self._client = httpx.AsyncClient(base_url=base_url, auth=auth, headers=headers, timeout=timeout)
-        # Streamed chat, on every answer's critical path, through the lean client (plain http; https stays on httpx).
-        self._chat_client: LeanHttp | httpx.AsyncClient = (
-            LeanHttp(base_url, auth=auth, headers=headers, connect_timeout_s=connect_timeout_s)
-            if lean_or_httpx(base_url) else self._client)
+        # Streamed chat, on every answer's critical path, through the lean client where it can (lean_http.py).
+        self._chat_client = chat_client(base_url, self._client, auth=auth, headers=headers,
+                                        connect_timeout_s=connect_timeout_s)
 
     def _translate(self, error: BaseException, *, mid_stream: bool = False) -> BackendError:
         if isinstance(error, BackendError):
