@@ -8,7 +8,10 @@ request so machine load hits them alike:
 * ``agent``: the bench publishes a Job over MQTT to a real agent process
   (``--backend ollama``) and reads its result chunks — MQTT + agent only;
 * ``web``: ``POST /v1/chat/completions`` (SSE) on a real ``python -m app``
-  → coordinator → MQTT → agent → double and back.
+  → coordinator → MQTT → agent → double and back;
+* ``floor``: the same request through ``bench/floor_proxy.py``, the least an
+  HTTP → MQTT → agent hop can do in Python (no framework, routing or checks):
+  what the architecture costs on this machine, before anything the app does.
 
 Per request: TTFT (first text) and total time (end of stream). Figures are the
 paired differences (``web − direct``) and ratios; ``agent − direct`` splits the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import tempfile
 import time
 import uuid
@@ -231,6 +235,25 @@ def start_app(folder: Path, broker_url: str, prefix: str) -> tuple[ChildProcess,
     return app, url
 
 
+def start_floor(folder: Path, procs: list[ChildProcess], broker_url: str, prefix: str, model: str) -> str:
+    """Start bench/floor_proxy.py for the agent's model; its URL once it accepts connections."""
+    port = free_port()
+    floor = spawn("floor", ["-m", "bench.floor_proxy", broker_url, prefix, AGENT_ID, model, str(port)], folder)
+    procs.append(floor)
+
+    def up() -> bool:
+        if not floor.alive():
+            raise RuntimeError(f"the floor proxy exited:\n{floor.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_until(up, 30, "the floor proxy", interval=0.1)
+    return f"http://127.0.0.1:{port}"
+
+
 def ready_model(url: str) -> str | None:
     try:
         agents = httpx.get(f"{url}/status", timeout=2).json().get("agents", [])
@@ -258,29 +281,34 @@ def run(quick: bool) -> BenchResult:
         procs.append(spawn(AGENT_ID, agent_args(broker.url, prefix, AGENT_ID, folder, backend="ollama",
                                                 extra=["--backend-url", double_url]), folder))
         model = wait_until(lambda: ready_model(app_url), 60, "the agent's model to be ready", interval=0.2)
+        floor_url = start_floor(folder, procs, broker.url, prefix, model)
         probe = AgentProbe(broker.url, prefix, AGENT_ID)
         probe.start()
-        timings: dict[str, list[Timing]] = {"direct": [], "agent": [], "web": []}
+        timings: dict[str, list[Timing]] = {"direct": [], "agent": [], "web": [], "floor": []}
         try:
-            with httpx.Client(timeout=30) as direct_client, httpx.Client(timeout=30) as web_client:
+            with httpx.Client(timeout=30) as direct_client, httpx.Client(timeout=30) as web_client, \
+                    httpx.Client(timeout=30) as floor_client:
                 askers = {
                     "direct": lambda index: ask_direct(direct_client, double_url, model, index),
                     "agent": lambda index: probe.ask(model, index),
                     "web": lambda index: ask_web(web_client, app_url, index),
+                    "floor": lambda index: ask_web(floor_client, floor_url, index),
                 }
                 for index in range(5):  # warm-up: connections, first-call imports, the coordinator's estimates
                     for ask in askers.values():
                         ask(index)
                 order = list(askers)
                 for index in range(rounds):
-                    rotated = order[index % 3:] + order[:index % 3]
+                    turn = index % len(order)
+                    rotated = order[turn:] + order[:turn]
                     for key in rotated:
                         timings[key].append(askers[key](index))
         finally:
             probe.stop()
         echo = mqtt_echo(broker.url, 100 if quick else 1000)
         expected = timings["direct"][0].text
-        mismatched = sum(1 for key in ("agent", "web") for timing in timings[key][:1] if timing.text != expected)
+        mismatched = sum(1 for key in ("agent", "web", "floor") for timing in timings[key][:1]
+                         if timing.text != expected)
     details: dict[str, object] = {
         "rounds": rounds, "reply_tokens": REPLY_TOKENS, "double_tokens_per_s": TOKENS_PER_S, "double_ttft_ms": TTFT_MS,
         "model": model, "app_start_s": round(app_start_s, 1), "text_mismatches": mismatched,
@@ -289,7 +317,7 @@ def run(quick: bool) -> BenchResult:
     for metric in ("ttft_ms", "total_ms"):
         for key in timings:
             details[f"{key}_{metric}"] = spread([getattr(t, metric) for t in timings[key]])
-        for key in ("agent", "web"):
+        for key in ("agent", "web", "floor"):
             added = [getattr(a, metric) - getattr(b, metric) for a, b in zip(timings[key], timings["direct"],
                                                                                strict=True)]
             ratio = [getattr(a, metric) / getattr(b, metric) for a, b in zip(timings[key], timings["direct"],
@@ -306,6 +334,8 @@ def run(quick: bool) -> BenchResult:
         result.add(f"{label} ratio web/direct p50", ratio["p50"], "×")  # type: ignore[index]
         result.add(f"{label} ratio p99", ratio["p99"], "×")  # type: ignore[index]
         result.add(f"{label} added by MQTT+agent only p50", details[f"agent_added_{metric}"]["p50"], "ms")  # type: ignore[index]
+        result.add(f"{label} added by a minimal Python proxy (floor) p50", details[f"floor_added_{metric}"]["p50"],  # type: ignore[index]
+                   "ms", note="bench/floor_proxy.py: the same hops, none of the app's work")
     result.add("direct total p50 (baseline)", details["direct_total_ms"]["p50"], "ms")  # type: ignore[index]
     result.add("MQTT echo, responder on asyncio loop (project) p50", echo["layer"]["p50"], "ms",
                note=f"in paho's thread (raw) {echo['raw']['p50']:.2f} ms")
