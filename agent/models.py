@@ -161,6 +161,15 @@ class ModelManager:
             self._set("ready", progress=1.0)
             self._start_extras(assign)
             return
+        if assign is not None and current is not None and same_model(assign.model, current.model) and self.busy:
+            # Already preparing this very model (a restarted agent gets its retained assignment, then the
+            # coordinator's fresh one): carry on under the new id rather than pull and warm up all over again.
+            self.assignment = assign
+            self.state = self.state.model_copy(update={"model": assign.model, "assignment_id": assign.assignment_id,
+                                                       "ts": time.time()})
+            self._publish(self.state)
+            logger.info("assigned %s again (%s) while preparing it: carrying on", assign.model, assign.assignment_id)
+            return
         self.assignment = assign
         self._lost_backend = False
         if assign is None:

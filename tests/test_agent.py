@@ -335,6 +335,30 @@ def test_pull_with_progress_replace_and_fail(mqtt_settings: MqttSettings, tmp_pa
     watcher.close()
 
 
+def test_the_same_model_assigned_again_while_preparing_is_not_prepared_twice(
+        mqtt_settings: MqttSettings, tmp_path: Path, agents) -> None:
+    """A restarted agent reads its retained assignment, then the coordinator places the same model under a new
+    id while the first preparation still runs: one pull and one warm-up, ready under the newer id."""
+    prefix = mqtt_settings.topic_prefix
+    watcher = Watcher(mqtt_settings, prefix)
+    with OllamaDouble(models=[], pull_total_bytes=10_000_000, pull_bytes_per_s=5_000_000) as double:
+        agent = start_agent(agents, mqtt_settings.broker_url, prefix, tmp_path, backend_url=double.url)
+        watcher.wait_for(TopicKind.STATUS, agent.agent_id, lambda s: s.state == "online", timeout=15)
+        assign_topic = watcher.topics.assign(agent.agent_id)
+        watcher.publish(assign_topic, Assign(model=MODEL, assignment_id="r1", reason="retained"), retain=True)
+        watcher.wait_for(TopicKind.MODEL, agent.agent_id, lambda m: m.state == "pulling" and m.assignment_id == "r1")
+        watcher.publish(assign_topic, Assign(model=MODEL, assignment_id="r2", reason="placed again"), retain=True)
+        ready = wait_ready(watcher, agent, "r2")
+        assert ready.model == MODEL
+        assert len(double.requests_to("/api/pull")) == 1, "the pull started over"
+        pulling = [m.progress or 0.0 for m in watcher.decoded(TopicKind.MODEL, agent.agent_id)
+                   if m.state == "pulling"]
+        assert pulling == sorted(pulling), f"the progress went back: {pulling}"
+        assert not [m for m in watcher.decoded(TopicKind.MODEL, agent.agent_id)
+                    if m.assignment_id == "r1" and m.state == "ready"]
+    watcher.close()
+
+
 def test_backend_down_at_start_then_up(mqtt_settings: MqttSettings, tmp_path: Path, agents) -> None:
     prefix = mqtt_settings.topic_prefix
     watcher = Watcher(mqtt_settings, prefix)

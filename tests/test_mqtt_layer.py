@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import subprocess
 import sys
 import time
@@ -234,3 +235,16 @@ def test_received_qos1_messages_are_acknowledged_after_their_handler(mqtt_settin
     while subscriber._acks and time.monotonic() < deadline:  # noqa: SLF001 - the batch is written within ACK_DELAY_S
         time.sleep(0.01)
     assert not subscriber._acks  # noqa: SLF001
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """An outgoing connection can take a port bind(0) handed out before the server binds it (seen in the suite)."""
+    from broker.mqtt.local_broker import _ephemeral_range
+
+    low, high = _ephemeral_range()
+    ports = [free_port() for _ in range(30)]
+    for port in ports:
+        assert not low <= port <= high or low <= 11_000, (port, low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))  # free: nothing else holds it
+    assert len(set(ports)) > 20, "spread over the range, not one port over and over"

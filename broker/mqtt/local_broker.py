@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,8 +54,34 @@ def open_broker_warning(host: str, port: int) -> str | None:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now."""
+    """A TCP port that is free right now, below the kernel's ephemeral range when there is room.
+
+    Why not the port ``bind(0)`` gives: it comes from the ephemeral range, so between this call and the
+    server's own bind (seconds, for a Python app importing its libraries) any outgoing connection on the
+    machine may take it as its source port, and the server fails with "address already in use" (seen once
+    in the test suite, two files running side by side).
+    """
+    low, _ = _ephemeral_range()
+    if low > 11_000:
+        rng = random.SystemRandom()
+        for _ in range(50):
+            port = rng.randrange(10_000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
