@@ -235,6 +235,10 @@ async def test_models_only_a_quarantined_agent_claims_are_not_offered_and_the_re
     assert isinstance(again[-1], QueryFailed) and again[-1].code == "no_agent"
     assert "in quarantine (no jobs): liar" in again[-1].error
     assert "honest answered the same question" in (coordinator.snapshot().agents[1].quarantine_reason or "")
+    for agent_id, model in (("liar", "llama3.3:70b"), ("honest", "llama3.2:3b")):  # both runtimes hold a model
+        deliver(coordinator, coordinator.topics.model(agent_id), ModelState(
+            model=model, state="ready", local_models=[model], loaded_models=[model]))
+    assert {loaded.agent_id for loaded in coordinator.loaded_models()} == {"honest"}, "/api/ps lists the liar's"
 
 
 async def _answered_empty(coordinator: Coordinator, connection: RecordingConnection, mode: str):  # noqa: ANN202

@@ -645,7 +645,7 @@ class Coordinator:
 
     def loaded_models(self) -> list[LoadedModel]:
         """What is loaded where, from the agents' runtimes (Ollama's ``/api/ps``); for the cluster's ``/api/ps``."""
-        return availability.loaded_models(self._state, self.catalog)
+        return availability.loaded_models(self._state, self.catalog, self._trust.quarantined(time.monotonic()))
 
     # ------------------------------------------------------------------ model management
 

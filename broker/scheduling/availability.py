@@ -114,13 +114,14 @@ def servable_models(state: ClusterState, catalog: Catalog, exclude: Collection[s
     return [model.name for model in model_availability(state, catalog, exclude)]
 
 
-def loaded_models(state: ClusterState, catalog: Catalog) -> list[LoadedModel]:
-    """What is loaded where, from the agents' model states (their runtimes' own reports where they give them)."""
-    shown = {model_key(holder.name): model.name for model in model_availability(state, catalog)
+def loaded_models(state: ClusterState, catalog: Catalog, exclude: Collection[str] = ()) -> list[LoadedModel]:
+    """What is loaded where, from the agents' model states (their runtimes' own reports where they give them);
+    agents in ``exclude`` (in quarantine) are left out, as from :func:`model_availability`: no job goes there."""
+    shown = {model_key(holder.name): model.name for model in model_availability(state, catalog, exclude)
              for holder in model.holders}
     found = []
     for record in sorted(state.agents.values(), key=lambda record: record.agent_id):
-        if not record.reachable:
+        if not record.reachable or record.agent_id in exclude:
             continue
         ready = record.ready_model
         assigned = record.current_model
