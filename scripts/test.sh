@@ -13,4 +13,6 @@ workers="${SLB_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
     exec "$PY" -m pytest "$@"
 fi
-exec "$PY" -m pytest -n "$workers" --dist loadfile "$@"
+# --no-loadscope-reorder: xdist would otherwise hand out files by their number of tests, not in the order
+# tests/conftest.py puts them (longest first), and a long file with few tests ran alone at the end.
+exec "$PY" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

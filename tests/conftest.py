@@ -31,13 +31,15 @@ SECURE_USERS = {"coordinator": "coord-secret", "agent-a": "secret-a", "agent-b":
 
 
 SLOW_FILES_FIRST = (
-    "test_fuzz_topics.py", "test_real_runtime.py", "test_web_hardening.py", "test_shared_documents.py",
-    "test_coordinator_integration.py", "test_ui_chat_browser.py", "test_faults_broker.py",
-    "test_ui_rendering_browser.py", "test_app_models_live.py", "test_rabbitmq.py", "test_ui_browser.py",
+    "test_real_runtime.py", "test_fuzz_topics.py", "test_coordinator_integration.py", "test_shared_documents.py",
+    "test_web_hardening.py", "test_ui_browser.py", "test_faults_broker.py", "test_ui_rendering_browser.py",
+    "test_sessions_postgres.py", "test_rabbitmq.py", "test_agent.py", "test_app_models_live.py",
+    "test_faults_agent_kill.py", "test_structured_output.py", "test_run_all_supervision.py",
 )
-"""The longest test files (summed durations of an idle 2-worker run, longest first). ``--dist loadfile`` hands
-files to workers in collection order, so starting these first keeps one worker from running a three-minute
-file alone at the end (the suite must stay under 15 minutes on 2 cores)."""
+"""The longest test files (summed durations of an idle 2-worker run, longest first). ``--dist loadfile
+--no-loadscope-reorder`` (scripts/test.sh) hands files to workers in collection order, so starting these first
+keeps one worker from running a long file alone at the end (the suite must stay under 15 minutes on 2 cores);
+without ``--no-loadscope-reorder`` xdist orders files by their number of tests instead."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
