@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 import uuid
@@ -293,13 +294,24 @@ def test_malformed_control_payloads_do_not_kill_it(fresh: Served) -> None:
 # ---------------------------------------------------------------- agents of their own
 
 
+@contextlib.contextmanager
+def pulling_agent(mqtt_settings: MqttSettings, tmp_path: Path, agents: list[AgentProcess],
+                  bytes_per_s: int) -> Iterator[tuple[Watcher, OllamaDouble, AgentProcess, str]]:
+    """An online agent on a runtime that has no model yet and pulls 10 MB at ``bytes_per_s``; with its
+    assignment topic."""
+    watcher = Watcher(mqtt_settings, mqtt_settings.topic_prefix)
+    try:
+        with OllamaDouble(models=[], pull_total_bytes=10_000_000, pull_bytes_per_s=bytes_per_s) as double:
+            agent = start_agent(agents, mqtt_settings.broker_url, mqtt_settings.topic_prefix, tmp_path,
+                                backend_url=double.url)
+            watcher.wait_for(TopicKind.STATUS, agent.agent_id, lambda s: s.state == "online", timeout=15)
+            yield watcher, double, agent, watcher.topics.assign(agent.agent_id)
+    finally:
+        watcher.close()
+
+
 def test_pull_with_progress_replace_and_fail(mqtt_settings: MqttSettings, tmp_path: Path, agents) -> None:
-    prefix = mqtt_settings.topic_prefix
-    watcher = Watcher(mqtt_settings, prefix)
-    with OllamaDouble(models=[], pull_total_bytes=10_000_000, pull_bytes_per_s=8_000_000) as double:
-        agent = start_agent(agents, mqtt_settings.broker_url, prefix, tmp_path, backend_url=double.url)
-        watcher.wait_for(TopicKind.STATUS, agent.agent_id, lambda s: s.state == "online", timeout=15)
-        assign_topic = watcher.topics.assign(agent.agent_id)
+    with pulling_agent(mqtt_settings, tmp_path, agents, 8_000_000) as (watcher, double, agent, assign_topic):
         watcher.publish(assign_topic, Assign(model=MODEL, assignment_id="a1", reason="test"), retain=True)
         wait_ready(watcher, agent, "a1")
         states: list[ModelState] = [m for m in watcher.decoded(TopicKind.MODEL, agent.agent_id)
@@ -332,19 +344,13 @@ def test_pull_with_progress_replace_and_fail(mqtt_settings: MqttSettings, tmp_pa
                                               lambda m: m.assignment_id == "a4" and m.state == "failed")
         assert failed.error and "file does not exist" in failed.error
         assert agent.alive()
-    watcher.close()
 
 
 def test_the_same_model_assigned_again_while_preparing_is_not_prepared_twice(
         mqtt_settings: MqttSettings, tmp_path: Path, agents) -> None:
     """A restarted agent reads its retained assignment, then the coordinator places the same model under a new
     id while the first preparation still runs: one pull and one warm-up, ready under the newer id."""
-    prefix = mqtt_settings.topic_prefix
-    watcher = Watcher(mqtt_settings, prefix)
-    with OllamaDouble(models=[], pull_total_bytes=10_000_000, pull_bytes_per_s=5_000_000) as double:
-        agent = start_agent(agents, mqtt_settings.broker_url, prefix, tmp_path, backend_url=double.url)
-        watcher.wait_for(TopicKind.STATUS, agent.agent_id, lambda s: s.state == "online", timeout=15)
-        assign_topic = watcher.topics.assign(agent.agent_id)
+    with pulling_agent(mqtt_settings, tmp_path, agents, 5_000_000) as (watcher, double, agent, assign_topic):
         watcher.publish(assign_topic, Assign(model=MODEL, assignment_id="r1", reason="retained"), retain=True)
         watcher.wait_for(TopicKind.MODEL, agent.agent_id, lambda m: m.state == "pulling" and m.assignment_id == "r1")
         watcher.publish(assign_topic, Assign(model=MODEL, assignment_id="r2", reason="placed again"), retain=True)
@@ -356,7 +362,6 @@ def test_the_same_model_assigned_again_while_preparing_is_not_prepared_twice(
         assert pulling == sorted(pulling), f"the progress went back: {pulling}"
         assert not [m for m in watcher.decoded(TopicKind.MODEL, agent.agent_id)
                     if m.assignment_id == "r1" and m.state == "ready"]
-    watcher.close()
 
 
 def test_backend_down_at_start_then_up(mqtt_settings: MqttSettings, tmp_path: Path, agents) -> None:
