@@ -15,13 +15,13 @@ no errors, limits or auth.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import sys
 import time
 import uuid
 
+from broker.heap import settle_heap
 from broker.mqtt.client import InboundMessage, MqttConnection
 from broker.mqtt.settings import MqttSettings
 from broker.protocol import ChatMessage, Job, Result, Topics, decode, encode
@@ -71,8 +71,7 @@ class FloorProxy:
             subscriptions=[(self.topics.result(self.agent_id), 1)], loop=loop)
         self.connection.start()
         server = await loop.create_server(lambda: _Http(self), "127.0.0.1", port)
-        gc.collect()
-        gc.freeze()  # as the app does (broker/heap.py)
+        settle_heap("floor proxy start-up")  # as the app does
         logger.info("floor proxy on 127.0.0.1:%d", port)
         async with server:
             await server.serve_forever()
